@@ -1,0 +1,409 @@
+"""Run configuration: pydantic v2 models loaded from TOML, with ``--set section.key=value`` overrides.
+
+Invariants:
+- every model forbids unknown keys, so a typo is an error, never a silently ignored knob;
+- units live in field names (``timeout_s``, ``bucket_mb``, ``max_staleness`` in versions);
+- cross-field checks live in one place, :meth:`Config._check_cross_fields`;
+- any problem with a file or an override surfaces as one :class:`ConfigError` whose message is a
+  single line naming the file, the key and what is allowed (the CLI prints it and exits 2).
+
+Usage::
+
+    cfg = load_config("configs/tiny.toml", overrides=["learner.lr=1e-5"])
+    write_resolved(cfg, run_dir)  # run_dir/config.toml, loadable again with load_config
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prorl_async.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that cannot be used; ``str(err)`` is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class RunConfig(_Section):
+    run_dir: str = "runs/{timestamp}"
+    """Directory for metrics, logs, checkpoints and the resolved config; ``{timestamp}`` is expanded."""
+    seed: int = 0
+    """Seed for prompt sampling, model initialisation and sampling."""
+    max_steps: int = Field(100, ge=0)
+    """Optimizer steps to run; 0 means no limit (stop on time budget or Ctrl-C)."""
+    time_budget_s: float = Field(0.0, ge=0)
+    """Wall-clock budget of the whole run in seconds; 0 means no limit."""
+    checkpoint_every_steps: int = Field(50, ge=0)
+    """Write a checkpoint every this many steps (and always at shutdown); 0 only at shutdown."""
+    log_every_s: float = Field(10.0, gt=0)
+    """Period of plain log lines when stdout is not a terminal."""
+    tui: Literal["auto", "on", "off"] = "auto"
+    """Live rich TUI: ``auto`` shows it only on a terminal."""
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m-instruct"
+    """A built-in model name (``smollm2-135m-instruct``, ``tiny-random``) or a local Hugging Face directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the learner and the generators."""
+    max_model_len: int = Field(1024, ge=16)
+    """Longest prompt + response the generators accept, in tokens."""
+
+
+class TaskSpec(_Section):
+    domain: Literal["logic", "math", "code", "stem", "instruction"] = "logic"
+    """Reward domain that scores this task."""
+    name: str = "chain_sum"
+    """Task name within its domain (a reasoning-gym generator name for ``logic``/``math``)."""
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight in the task mix."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Task-specific settings (difficulty, sizes), passed to the task's generator."""
+
+
+class TasksConfig(_Section):
+    mix: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec()])
+    """Tasks to train on, sampled by weight."""
+    seed: int = 0
+    """Seed of the task generators; the same seed gives the same prompts."""
+    train_size: int = Field(10_000, ge=1)
+    """Prompts per task in the training split."""
+    validation_size: int = Field(64, ge=0)
+    """Held-out prompts per task that training never draws from."""
+    system_prompt: str = ""
+    """System message put before every prompt (empty: none)."""
+    answer_format: Literal["answer_tag", "boxed"] = "answer_tag"
+    """How the model is asked to state its final answer: ``<answer>...</answer>`` or ``\\boxed{...}``."""
+    prefill: str = ""
+    """Text that starts the assistant turn (for example ``<answer>``) to steer a weak model."""
+
+
+class SamplingConfig(_Section):
+    group_size: int = Field(16, ge=1)
+    """Samples per prompt (n); a group is the unit of advantage, filtering and transport."""
+    temperature: float = Field(1.2, ge=0)
+    """Sampling temperature of training rollouts (ProRL: 1.2)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling; -1 disables it."""
+    max_response_tokens: int = Field(256, ge=1)
+    """Longest response, in tokens."""
+    stop: list[str] = Field(default_factory=list)
+    """Extra stop strings (the tokenizer's EOS always stops)."""
+
+
+class GeneratorConfig(_Section):
+    num_generators: int = Field(1, ge=1)
+    """Generator processes, each with its own vLLM engine."""
+    max_inflight_groups: int = Field(8, ge=1)
+    """Prompts a generator keeps in its engine at once (continuous batching)."""
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """KV-cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE); unset, vLLM takes ~14 GiB."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Fraction of GPU memory a vLLM engine may use (GPU only)."""
+    enforce_eager: bool = True
+    """Disable CUDA graphs / compilation in vLLM (faster start, needed on CPU)."""
+    reward_timeout_s: float = Field(10.0, gt=0)
+    """Wall-clock limit for scoring one sample; a timeout scores 0 with a reason."""
+    reward_workers: int = Field(1, ge=1)
+    """Processes in each generator's scoring pool."""
+    heartbeat_s: float = Field(2.0, gt=0)
+    """Period of heartbeats and per-generator metrics."""
+
+
+class BufferConfig(_Section):
+    max_staleness: int = Field(1, ge=0)
+    """Largest learner_version - policy_version a consumed token may have; 0 is synchronous on-policy."""
+    min_reward_std: float = Field(1e-6, ge=0)
+    """Variance filter: groups whose reward std is at or below this carry no signal and are dropped."""
+    pull_timeout_s: float = Field(600.0, gt=0)
+    """How long the learner waits for a full batch before reporting a starved buffer."""
+
+
+class LossConfig(_Section):
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    """Lower clip range of the ratio (1 - eps_low)."""
+    eps_high: float = Field(0.4, ge=0)
+    """Upper clip range of the ratio (1 + eps_high), decoupled "clip-higher"."""
+    is_correction: Literal["none", "truncated", "decoupled"] = "truncated"
+    """Off-policy correction between behaviour (vLLM) and proximal (learner) log-probs."""
+    is_cap: float = Field(2.0, ge=1)
+    """Truncation C of the importance weight min(exp(old - behav), C)."""
+    kl_beta: float = Field(1e-4, ge=0)
+    """Weight of the k3 KL penalty to the reference policy."""
+    aggregation: Literal["token", "sequence"] = "token"
+    """Token mean over the batch (DAPO) or mean of per-sequence means."""
+    advantage_std_normalize: bool = True
+    """GRPO advantages divide by the group's reward std."""
+    advantage_eps: float = Field(1e-6, gt=0)
+    """Added to the group std in the advantage denominator."""
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0)
+    """AdamW learning rate after warm-up."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps, then a constant learning rate."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Maximum global gradient norm."""
+
+
+class LearnerConfig(_Section):
+    batch_groups: int = Field(8, ge=1)
+    """Groups (prompts) per optimizer step; samples per step = batch_groups x group_size."""
+    mini_batches: int = Field(1, ge=1)
+    """Optimizer updates per batch; above 1 the proximal log-probs come from a no-grad pass first."""
+    micro_batch_tokens: int = Field(4096, ge=16)
+    """Token budget of one forward/backward micro-batch (gradient accumulation beyond it)."""
+    logprob_chunk_tokens: int = Field(1024, ge=16)
+    """Tokens per chunk of the vocabulary projection when computing log-probs."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:N]``."""
+    ops: Literal["auto", "native", "reference"] = "auto"
+    """Advantage/KL ops: the native extension, the PyTorch reference, or native when it builds."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+class ResetConfig(_Section):
+    interval_steps: int = Field(0, ge=0)
+    """Hard-reset the reference policy and optimizer every this many steps; 0 disables the schedule."""
+    kl_share_threshold: float = Field(0.0, ge=0)
+    """Trigger a reset when the KL term's share of the loss stays above this over the window; 0 disables."""
+    kl_window_steps: int = Field(20, ge=1)
+    """Window, in steps, of the KL-share trigger."""
+    val_patience_steps: int = Field(0, ge=0)
+    """Trigger a reset when validation reward has not improved for this many steps; 0 disables."""
+    reset_optimizer: bool = True
+    """Re-initialise the optimizer state on a reset (ProRL does)."""
+
+
+class WeightSyncConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend: ``auto`` picks NCCL for CUDA weights, gloo otherwise."""
+    host: str = "127.0.0.1"
+    """Address of the TCP store that forms the weight group (the learner's host)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port of the TCP store; 0 picks a free one."""
+    bucket_mb: float = Field(64.0, gt=0)
+    """Size of one flat broadcast bucket."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Timeout of every collective; a dead peer is reported within it."""
+    sync_every_steps: int = Field(1, ge=1)
+    """Broadcast weights every this many optimizer steps."""
+
+
+class TransportConfig(_Section):
+    host: str = "127.0.0.1"
+    """Interface the learner binds its sockets to; loopback unless a remote generator must connect."""
+    groups_port: int = Field(0, ge=0, le=65535)
+    """PULL port for trajectory groups; 0 picks a free one (or ipc is used when ``ipc_dir`` is set)."""
+    control_port: int = Field(0, ge=0, le=65535)
+    """PUB port for control messages (WeightsReady, Stop)."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port for metrics messages; 0 picks a free one."""
+    ipc_dir: str = ""
+    """Use ipc:// endpoints in this directory instead of tcp (same machine only)."""
+    high_water_mark: int = Field(1000, ge=1)
+    """ZeroMQ send/receive high-water marks, in messages."""
+    max_message_mb: float = Field(256.0, gt=0)
+    """Largest accepted message; bigger frames are refused by ZeroMQ before they use memory."""
+    linger_ms: int = Field(1000, ge=0)
+    """How long a closing socket may flush pending messages."""
+    curve_secret_key_file: str = ""
+    """ZeroMQ CURVE key file of this side; with the peer's public key, enables authentication + encryption."""
+    curve_server_public_key_file: str = ""
+    """The learner's CURVE public key (generator side)."""
+    curve_authorized_keys_dir: str = ""
+    """Directory of generator public keys the learner accepts (learner side)."""
+
+
+class EvalConfig(_Section):
+    temperature: float = Field(0.6, ge=0)
+    """Sampling temperature for evaluation (the paper: 0.6)."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus mass for evaluation (the paper: 0.95)."""
+    k: list[int] = Field(default_factory=lambda: [1, 16])
+    """pass@k values to report."""
+    samples: int = Field(16, ge=1)
+    """Samples per prompt (n >= max k)."""
+    every_steps: int = Field(0, ge=0)
+    """Validate on the held-out split every this many steps during training; 0 disables."""
+
+
+class Config(_Section):
+    """The whole run. Sections mirror the processes and modules that read them."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Run directory, length, seed, checkpoints."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Which model the learner trains and the generators serve."""
+    tasks: TasksConfig = Field(default_factory=TasksConfig)
+    """Task mix, splits and prompt format."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    """Rollout sampling."""
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    """Generator processes."""
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    """Replay buffer: staleness bound and variance filter."""
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """The ProRL loss."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """AdamW."""
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    """Batching and devices of the learner."""
+    reset: ResetConfig = Field(default_factory=ResetConfig)
+    """Reference-policy resets."""
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    """Weight broadcast to the generators."""
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    """ZeroMQ sockets between processes."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """Evaluation and periodic validation."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Config:
+        if self.sampling.group_size < 2 and self.loss.advantage_std_normalize:
+            raise ValueError("sampling.group_size must be >= 2 for group advantages (got 1)")
+        if self.eval.k and max(self.eval.k) > self.eval.samples:
+            raise ValueError(f"eval.samples ({self.eval.samples}) must be >= the largest eval.k ({max(self.eval.k)})")
+        if any(k < 1 for k in self.eval.k):
+            raise ValueError("eval.k values must be >= 1")
+        if self.learner.batch_groups % self.learner.mini_batches:
+            raise ValueError(
+                f"learner.batch_groups ({self.learner.batch_groups}) must be divisible by "
+                f"learner.mini_batches ({self.learner.mini_batches})"
+            )
+        if self.model.max_model_len <= self.sampling.max_response_tokens:
+            raise ValueError(
+                f"model.max_model_len ({self.model.max_model_len}) must exceed "
+                f"sampling.max_response_tokens ({self.sampling.max_response_tokens})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (or the embedded default, ``configs/default.toml``) and apply ``overrides``."""
+    source = Path(path) if path is not None else CONFIGS_DIR / "default.toml"
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such config file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    for item in overrides or []:
+        _apply_override(data, item, source)
+    return _validate(data, source)
+
+
+def _apply_override(data: dict[str, Any], item: str, source: Path) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = _parse_value(raw.strip())
+
+
+def _parse_value(raw: str) -> Any:
+    """A TOML value (``3``, ``1e-5``, ``true``, ``[1, 2]``, ``"x"``); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _validate(data: dict[str, Any], source: Path) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err, data)}") from None
+
+
+def _describe(err: ValidationError, data: dict[str, Any]) -> str:
+    """One line for the first error: the dotted key, what is wrong, and what is allowed."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"unknown key '{key}' (allowed: {', '.join(allowed)})"
+    msg = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return msg
+    shown = _lookup(data, loc)
+    got = f" (got {shown!r})" if shown is not _MISSING else ""
+    return f"{key}: {msg}{got}"
+
+
+_MISSING = object()
+
+
+def _lookup(data: Any, loc: list[str]) -> Any:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return _MISSING
+    return data
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is None:
+            break
+        model = nested
+    return sorted(model.model_fields)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text that :func:`load_config` reads back to an equal ``Config``."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(mode="json"))
+
+
+def write_resolved(cfg: Config, run_dir: str | Path) -> Path:
+    """Write ``run_dir/config.toml`` with every field resolved (defaults included)."""
+    path = Path(run_dir) / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg))
+    return path
