@@ -84,9 +84,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from prorl_async.config import load_config
-    from prorl_async.orchestrator import run
 
     cfg = load_config(args.config, args.overrides)
+    from prorl_async.orchestrator import run
+
     return run(cfg, resume=args.resume)
 
 

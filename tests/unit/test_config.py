@@ -1,0 +1,100 @@
+"""Config loading: every shipped file parses, overrides are typed, errors are one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prorl_async.config import CONFIGS_DIR, Config, ConfigError, config_to_toml, load_config, write_resolved
+
+CONFIG_FILES = sorted(CONFIGS_DIR.glob("*.toml"))
+
+
+def test_configs_dir_has_the_three_documented_files() -> None:
+    assert {p.name for p in CONFIG_FILES} >= {"default.toml", "tiny.toml", "prorl-1.5b.toml"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    written = write_resolved(cfg, tmp_path)
+    assert load_config(written) == cfg
+
+
+def test_default_is_the_embedded_default() -> None:
+    cfg = load_config()
+    assert cfg == load_config(CONFIGS_DIR / "default.toml")
+    assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_paper_settings() -> None:
+    cfg = load_config(CONFIGS_DIR / "prorl-1.5b.toml")
+    assert (cfg.learner.batch_groups, cfg.sampling.group_size) == (256, 16)
+    assert cfg.sampling.temperature == 1.2
+    assert cfg.optim.lr == 2e-6
+    assert (cfg.loss.eps_low, cfg.loss.eps_high) == (0.2, 0.4)
+    assert cfg.loss.kl_beta > 0 and cfg.reset.interval_steps > 0
+
+
+def test_overrides_are_parsed_as_toml_values_and_type_checked() -> None:
+    cfg = load_config(
+        CONFIGS_DIR / "tiny.toml",
+        ["optim.lr=3e-5", "sampling.group_size=8", "run.tui=off", "eval.k=[1, 2]", "model.name=tiny-random"],
+    )
+    assert cfg.optim.lr == 3e-5 and cfg.sampling.group_size == 8 and cfg.run.tui == "off"
+    assert cfg.eval.k == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.lrr=1"], "unknown key 'optim.lrr' (allowed: betas, grad_clip, lr, warmup_steps, weight_decay)"),
+        (["nosuch.key=1"], "unknown key 'nosuch'"),
+        (["optim.lr=fast"], "optim.lr: Input should be a valid number"),
+        (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
+        (["run.tui=maybe"], "run.tui: Input should be 'auto', 'on' or 'off' (got 'maybe')"),
+        (["learner.batch_groups=5", "learner.mini_batches=2"], "must be divisible by learner.mini_batches"),
+        (["optim"], "expected section.key=value"),
+        (["optim.lr.x=1"], "'lr' is a value, not a section"),
+    ],
+)
+def test_bad_overrides_give_one_line_naming_file_and_key(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS_DIR / "tiny.toml", overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.toml")
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[[tasks.mix]]\nname = 'chain_sum'\nwieght = 2\n")
+    with pytest.raises(ConfigError, match=r"typo\.toml: unknown key 'tasks\.mix\.0\.wieght' \(allowed: domain, "):
+        load_config(typo)
+
+
+def test_every_field_is_documented() -> None:
+    def walk(model: type) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(f"{model.__name__}.{name}")
+            nested = getattr(field.annotation, "model_fields", None)
+            if nested is not None:
+                missing += walk(field.annotation)
+        return missing
+
+    assert walk(Config) == []
+
+
+def test_resolved_config_is_complete_toml() -> None:
+    text = config_to_toml(Config())
+    for section in Config.model_fields:
+        assert f"[{section}]" in text
