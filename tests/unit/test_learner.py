@@ -1,0 +1,188 @@
+"""The learner on the tiny model: log-probs, learning direction, batching invariances, weights, metrics.
+
+The helpers at the top (configs, batches) serve the other learner test modules too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from prorl_async.config import Config
+from prorl_async.learner import Learner, TrainBatch, TrainSample, plan_micro_batches
+
+
+def tiny_config(**sections: dict[str, Any]) -> Config:
+    """A CPU config on the tiny model; ``sections`` override whole sections' fields, e.g. loss={"kl_beta": 0}."""
+    data: dict[str, Any] = {
+        "model": {"name": "tiny-random"},
+        "sampling": {"group_size": 4, "max_response_tokens": 64, "temperature": 1.2},
+        "optim": {"lr": 1e-3},
+        "learner": {"batch_groups": 2, "micro_batch_tokens": 128, "logprob_chunk_tokens": 32, "device": "cpu",
+                    "num_threads": 1},
+        "loss": {"kl_beta": 1e-2},
+    }
+    for name, fields in sections.items():
+        data.setdefault(name, {}).update(fields)
+    return Config.model_validate(data)
+
+
+def random_batch(seed: int = 0, groups: int = 2, group_size: int = 4, behaviour_noise: float = 0.2) -> TrainBatch:
+    """Groups of random prompts/responses of varied lengths, rewards alternating 1/0 within each group.
+
+    Behaviour log-probs are placeholders; :func:`on_policy` replaces them with the learner's own.
+    """
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(groups * group_size):
+        prompt = torch.randint(4, 1024, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g)
+        response = torch.randint(4, 1024, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        behav = -6.9 + behaviour_noise * torch.randn(len(response), generator=g)
+        samples.append(TrainSample(prompt.tolist(), response.tolist(), behav.tolist(), float(i % 2)))
+    return TrainBatch(samples, group_size)
+
+
+def on_policy(learner: Learner, batch: TrainBatch, noise: float = 0.0, seed: int = 0) -> TrainBatch:
+    """``batch`` with behaviour log-probs from the learner's current policy (plus optional noise)."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for s, lp in zip(batch.samples, learner.logprobs(batch), strict=True):
+        behav = lp + noise * torch.randn(lp.shape, generator=g)
+        samples.append(TrainSample(s.prompt_ids, s.response_ids, behav.tolist(), s.reward, s.policy_versions))
+    return TrainBatch(samples, batch.group_size)
+
+
+def hf_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> list[torch.Tensor]:
+    """Per-sample response log-probs from a plain transformers forward, one unpadded sample at a time."""
+    out = []
+    with torch.no_grad():
+        for s in batch.samples:
+            ids = torch.tensor([[*s.prompt_ids, *s.response_ids]])
+            logits = model(ids).logits[0, len(s.prompt_ids) - 1 : -1].float() / temperature
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def learner(tiny_model_dir) -> Learner:
+    return Learner(tiny_config())
+
+
+def test_logprobs_match_a_plain_transformers_forward(learner, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    batch = random_batch(seed=1)  # lengths vary: micro-batches of 128 tokens have padded rows
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = hf_logprobs(model, batch, temperature=1.2)  # the sampling temperature, as vLLM's processed logprobs
+    for got, want in zip(learner.logprobs(batch), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_few_steps_raise_positive_and_lower_negative_samples(tiny_model_dir):
+    learner = Learner(tiny_config(optim={"lr": 3e-3}, loss={"kl_beta": 0.0}))
+    batch = on_policy(learner, random_batch(seed=2))
+    positive = [i for i, s in enumerate(batch.samples) if s.reward > 0]
+    before = [float(lp.sum()) for lp in learner.logprobs(batch)]
+    for _ in range(3):
+        metrics = learner.train_step(batch)
+        assert math.isfinite(metrics.loss) and metrics.grad_norm > 0
+    after = [float(lp.sum()) for lp in learner.logprobs(batch)]
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        assert (a > b) == (i in positive), (i, b, a)
+    assert learner.version == 3 and learner.reference is None
+
+
+def _grads(learner: Learner) -> dict[str, torch.Tensor]:
+    """The accumulated gradient of the last step (optimizer.zero_grad runs at the start of a step)."""
+    return {name: p.grad.clone() for name, p in learner.policy.lm.named_parameters()}
+
+
+def test_micro_batching_does_not_change_the_update(tiny_model_dir):
+    batch = random_batch(seed=3)
+    results = []
+    for budget in (16, 4096):  # one sample per micro-batch vs the whole batch in one
+        learner = Learner(tiny_config(learner={"micro_batch_tokens": budget}))
+        batch_on = on_policy(learner, batch, noise=0.3)
+        metrics = learner.train_step(batch_on)
+        results.append((metrics, _grads(learner)))
+    (m_small, g_small), (m_big, g_big) = results
+    assert m_small.loss == pytest.approx(m_big.loss, rel=1e-5, abs=1e-7)
+    assert m_small.grad_norm == pytest.approx(m_big.grad_norm, rel=1e-5)
+    for name in g_small:  # gradients, not weights: Adam's first step is ~lr * sign(g) even for g ~ 1e-9
+        torch.testing.assert_close(g_small[name], g_big[name], rtol=1e-4, atol=1e-7)
+
+
+def test_mini_batches_step_the_optimizer_against_one_proximal_policy(tiny_model_dir):
+    one = Learner(tiny_config())
+    batch = on_policy(one, random_batch(seed=4), noise=0.1)
+    m_one = one.train_step(batch)
+    assert one.version == 1 and m_one.approx_kl == 0.0  # proximal = current weights: ratio exactly 1
+    two = Learner(tiny_config(learner={"mini_batches": 2}))
+    m_two = two.train_step(batch)
+    assert two.version == 2 and m_two.version == 2
+    assert m_two.approx_kl > 0  # the second mini-batch is scored against the pre-step (proximal) policy
+    assert m_two.tokens == m_one.tokens and math.isfinite(m_two.loss)
+
+
+def test_metrics_describe_the_step(learner):
+    batch = random_batch(seed=5)
+    versions = [[learner.version - 1] * len(s.response_ids) for s in batch.samples]
+    batch = TrainBatch(
+        [TrainSample(s.prompt_ids, s.response_ids, s.behaviour_logprobs, s.reward, v)
+         for s, v in zip(batch.samples, versions, strict=True)],
+        batch.group_size,
+    )
+    m = learner.train_step(batch)
+    assert m.tokens == sum(len(s.response_ids) for s in batch.samples)
+    assert m.total_tokens == m.tokens + sum(len(s.prompt_ids) for s in batch.samples)
+    assert m.samples == 8 and m.reward_mean == 0.5 and m.lr == pytest.approx(1e-3)
+    assert m.staleness_mean == 1.0 and m.staleness_max == 1.0
+    assert 0 < m.ess <= 1 and 0 <= m.is_truncated_frac <= 1 and m.entropy > 0
+    assert m.step_time_s > 0 and m.tokens_per_s > 0 and m.reset == 0.0 and m.reset_reason == ""
+    assert set(m.as_dict()) >= {"loss", "kl", "clip_frac_low", "clip_frac_high", "grad_norm", "reset_reason"}
+
+
+def test_weights_are_the_hf_checkpoint_names(learner, tiny_model_dir):
+    with safe_open(tiny_model_dir / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    weights = dict(learner.weights())
+    assert set(weights) == names  # the tied head appears once, under the embedding, as in the file
+    params = dict(learner.policy.lm.named_parameters())
+    assert all(weights[n].data_ptr() == params[n].data_ptr() for n in names)  # no copies
+
+
+def test_warmup_then_constant_learning_rate(tiny_model_dir):
+    learner = Learner(tiny_config(optim={"lr": 1e-3, "warmup_steps": 2}))
+    batch = random_batch(seed=6)
+    lrs = [learner.train_step(batch).lr for _ in range(3)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda b: b.samples.pop(), "do not split into groups"),
+        (lambda b: b.samples[0].behaviour_logprobs.pop(), "per-token fields"),
+        (lambda b: setattr(b.samples[1], "response_ids", []), "empty prompt or response"),
+        (lambda b: setattr(b.samples[2], "reward", float("nan")), "not finite"),
+    ],
+)
+def test_malformed_batches_are_rejected(learner, mutate, message):
+    batch = random_batch(seed=7)
+    mutate(batch)
+    with pytest.raises(ValueError, match=message):
+        learner.train_step(batch)
+
+
+def test_plan_micro_batches_respects_the_budget():
+    lengths = [5, 40, 7, 7, 12, 3, 100, 9]
+    plans = plan_micro_batches(lengths, budget_tokens=30)
+    assert sorted(i for p in plans for i in p) == list(range(len(lengths)))
+    for plan in plans:
+        padded = max(lengths[i] for i in plan) * len(plan)
+        assert padded <= 30 or len(plan) == 1  # a sample over the budget goes alone
+    assert [6] in plans and [1] in plans

@@ -1,0 +1,199 @@
+"""The ProRL loss against hand-computed values, and its gradients against a naive per-token version."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prorl_async.config import LossConfig
+from prorl_async.loss import k3_kl, merge_stats, prorl_loss, token_logprobs
+
+LN = math.log
+
+
+def _one_token(ratio: float, adv: float, *, is_weight: float = 1.0, **cfg_kw) -> tuple[torch.Tensor, dict, float]:
+    """Loss, stats and d loss / d logp for a single token with the given ratio, advantage and IS weight."""
+    logp = torch.tensor([[LN(ratio)]], requires_grad=True)
+    old = torch.zeros(1, 1)
+    behav = torch.full((1, 1), -LN(is_weight))  # old - behav = ln(is_weight)
+    loss, stats = prorl_loss(logp, old, behav, None, torch.tensor([adv]), torch.ones(1, 1, dtype=torch.bool),
+                             LossConfig(**cfg_kw))
+    loss.backward()
+    return loss, stats, logp.grad.item()
+
+
+@pytest.mark.parametrize(
+    ("ratio", "adv", "loss", "grad", "low", "high"),
+    [
+        (1.2, 1.0, -1.2, -1.2, 0, 0),  # inside the range: -r A, d/dlogp = -r A
+        (1.3, 1.0, -1.3, -1.3, 0, 0),  # above 1 + 0.2 but inside clip-higher's 1 + 0.4
+        (2.0, 1.0, -1.4, 0.0, 0, 1),  # clipped high: constant, no gradient
+        (2.0, -1.0, 2.0, 2.0, 0, 0),  # A < 0: the high clip never binds (min picks r A)
+        (0.5, -1.0, 0.8, 0.0, 1, 0),  # clipped low: -(1 - 0.2) A, no gradient
+        (0.7, -1.0, 0.8, 0.0, 1, 0),  # 0.7 < 0.8: still clipped low
+        (0.5, 1.0, -0.5, -0.5, 0, 0),  # A > 0: the low clip never binds
+        (1.7, 0.0, 0.0, 0.0, 0, 0),  # zero advantage: no loss, no gradient
+    ],
+)
+def test_decoupled_clip(ratio, adv, loss, grad, low, high):
+    value, stats, g = _one_token(ratio, adv)
+    assert value.item() == pytest.approx(loss, abs=1e-6)
+    assert g == pytest.approx(grad, abs=1e-6)
+    assert (stats["clip_frac_low"], stats["clip_frac_high"]) == (low, high)
+
+
+@pytest.mark.parametrize(
+    ("mode", "weight", "expected_w", "corrected"),
+    [
+        ("truncated", 3.0, 2.0, 1.0),  # min(3, C = 2)
+        ("truncated", 1.5, 1.5, 0.0),
+        ("none", 3.0, 1.0, 0.0),
+        ("decoupled", 1.5, 1.5, 0.0),  # untruncated below C ...
+        ("decoupled", 3.0, 0.0, 1.0),  # ... and dropped above it
+    ],
+)
+def test_importance_weight(mode, weight, expected_w, corrected):
+    value, stats, g = _one_token(1.1, 1.0, is_weight=weight, is_correction=mode)
+    assert value.item() == pytest.approx(-1.1 * expected_w, rel=1e-6)
+    assert g == pytest.approx(-1.1 * expected_w, rel=1e-6)
+    assert stats["is_truncated_frac"] == corrected
+
+
+def test_importance_weight_has_no_gradient():
+    old = torch.zeros(1, 2, requires_grad=True)
+    behav = torch.full((1, 2), -0.3, requires_grad=True)
+    logp = torch.zeros(1, 2, requires_grad=True)
+    loss, _ = prorl_loss(logp, old, behav, None, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), LossConfig())
+    loss.backward()
+    assert old.grad is None and behav.grad is None
+
+
+def test_kl_term_k3():
+    d = LN(2.0)  # ref - logp
+    assert k3_kl(torch.tensor(0.0), torch.tensor(d)).item() == pytest.approx(2.0 - d - 1.0, rel=1e-6)
+    logp = torch.zeros(1, 1, requires_grad=True)
+    ref = torch.full((1, 1), d)
+    cfg = LossConfig(kl_beta=0.5)
+    loss, stats = prorl_loss(logp, logp.detach(), logp.detach(), ref, torch.zeros(1), torch.ones(1, 1, dtype=bool), cfg)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.5 * (2.0 - d - 1.0), rel=1e-6)
+    assert stats["kl"] == pytest.approx(2.0 - d - 1.0, rel=1e-6)
+    assert stats["kl_share"] == 1.0  # zero advantage: the KL term is the whole loss
+    # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = -exp(ref - logp) + 1 = -1
+    assert logp.grad.item() == pytest.approx(0.5 * -1.0, rel=1e-6)
+
+
+def test_mask_excludes_padding_even_when_it_holds_inf():
+    logp = torch.tensor([[0.1, float("inf")], [-0.2, float("nan")]], requires_grad=True)
+    mask = torch.tensor([[True, False], [True, False]])
+    zeros = torch.zeros(2, 2)
+    loss, stats = prorl_loss(logp, zeros, zeros, zeros, torch.tensor([1.0, -1.0]), mask, LossConfig(kl_beta=0.1))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+    assert logp.grad[:, 1].abs().sum() == 0
+    assert stats["tokens"] == 2
+
+
+def test_aggregation_token_vs_sequence():
+    # Sample 0 has one token, sample 1 three; per-token pg = -r A with r = 1 and A = (1, 2).
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    adv = torch.tensor([1.0, 2.0])
+    token, _ = prorl_loss(logp, logp, logp, None, adv, mask, LossConfig(aggregation="token"))
+    seq, _ = prorl_loss(logp, logp, logp, None, adv, mask, LossConfig(aggregation="sequence"))
+    assert token.item() == pytest.approx(-(1 + 2 * 3) / 4)
+    assert seq.item() == pytest.approx(-(1 + 2) / 2)
+
+
+def test_stats_ess_and_approx_kl():
+    logp = torch.tensor([[LN(1.5), 0.0]])
+    old = torch.zeros(1, 2)
+    behav = torch.tensor([[-LN(2.0), 0.0]])  # raw IS weights (2, 1)
+    _, stats = prorl_loss(logp, old, behav, None, torch.ones(1), torch.ones(1, 2, dtype=bool), LossConfig())
+    assert stats["ess"] == pytest.approx((1.5**2) / 2.5)  # mean(w)^2 / mean(w^2)
+    assert stats["approx_kl"] == pytest.approx(((1.5 - 1 - LN(1.5)) + 0) / 2, rel=1e-6)
+
+
+def _random_inputs(seed: int, b: int = 3, t: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, t, generator=g) * 3).requires_grad_()
+    old = logp.detach() + torch.randn(b, t, generator=g) * 0.4
+    behav = old + torch.randn(b, t, generator=g) * 0.6
+    ref = logp.detach() + torch.randn(b, t, generator=g) * 0.3
+    adv = torch.randn(b, generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[:, 0] = True
+    return logp, old, behav, ref, adv, mask
+
+
+def _naive_loss(logp, old, behav, ref, adv, mask, cfg: LossConfig):
+    """The loss written token by token with Python floats where no gradient flows."""
+    per_seq, total, count = [], 0.0, 0
+    for i in range(logp.shape[0]):
+        seq_total, n = 0.0, 0
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            raw = math.exp(old[i, t].item() - behav[i, t].item())
+            w = {"none": 1.0, "truncated": min(raw, cfg.is_cap), "decoupled": raw if raw <= cfg.is_cap else 0.0}
+            r = torch.exp(logp[i, t] - old[i, t].item())
+            a = adv[i].item()
+            pg = -w[cfg.is_correction] * torch.minimum(r * a, torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
+            d = ref[i, t].item() - logp[i, t]
+            term = pg + cfg.kl_beta * (torch.exp(d) - d - 1)
+            seq_total, n = seq_total + term, n + 1
+        total, count = total + seq_total, count + n
+        per_seq.append(seq_total / n)
+    return total / count if cfg.aggregation == "token" else sum(per_seq) / len(per_seq)
+
+
+@pytest.mark.parametrize("mode", ["none", "truncated", "decoupled"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_gradients_match_naive_autograd(mode, aggregation):
+    cfg = LossConfig(is_correction=mode, aggregation=aggregation, kl_beta=0.05)
+    logp, old, behav, ref, adv, mask = _random_inputs(seed=hash((mode, aggregation)) % 1000)
+    loss, _ = prorl_loss(logp, old, behav, ref, adv, mask, cfg)
+    (grad,) = torch.autograd.grad(loss, logp)
+    naive = _naive_loss(logp, old, behav, ref, adv, mask, cfg)
+    (naive_grad,) = torch.autograd.grad(naive, logp)
+    assert loss.item() == pytest.approx(naive.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad, naive_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_add_up_to_the_batch():
+    cfg = LossConfig(kl_beta=0.05)
+    logp, old, behav, ref, adv, mask = _random_inputs(seed=7, b=4)
+    whole, whole_stats = prorl_loss(logp, old, behav, ref, adv, mask, cfg)
+    (whole_grad,) = torch.autograd.grad(whole, logp)
+    denominator = float(mask.sum())
+    parts, grads = [], []
+    for rows in (slice(0, 1), slice(1, 4)):
+        loss, stats = prorl_loss(logp[rows], old[rows], behav[rows], ref[rows], adv[rows], mask[rows], cfg,
+                                 denominator=denominator)
+        grads.append(torch.autograd.grad(loss, logp)[0])
+        parts.append(stats)
+    torch.testing.assert_close(grads[0] + grads[1], whole_grad)
+    merged = merge_stats(parts)
+    for key, value in whole_stats.items():
+        if not math.isnan(value):
+            assert merged[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.2])
+def test_chunked_logprobs_match_full_log_softmax(temperature):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    logp, entropy = token_logprobs(hidden, weight, targets, chunk_tokens=8, temperature=temperature, with_entropy=True)
+    full = torch.log_softmax(hidden @ weight.T / temperature, dim=-1)
+    expected = full.gather(-1, targets[:, None]).squeeze(-1)
+    torch.testing.assert_close(logp, expected)
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1).detach())
+    upstream = torch.randn(37, generator=g)
+    got = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+    want = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
