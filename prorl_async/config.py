@@ -178,6 +178,15 @@ class LearnerConfig(_Section):
     """Advantage/KL ops: the native extension, the PyTorch reference, or native when it builds."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    autocast: Literal["auto", "off", "bfloat16"] = "auto"
+    """Mixed precision of forward/backward over fp32 master weights: ``auto`` is bf16 on CUDA, off on CPU."""
+    num_threads: int = Field(0, ge=0)
+    """CPU threads of the learner's torch ops; 0 uses every core this process may run on."""
+    temperature_scaled_logprobs: bool = True
+    """Log-probs of softmax(logits / sampling.temperature), the distribution the generators sample from.
+
+    The behaviour log-probs must then be of that same distribution (vLLM ``logprobs_mode="processed_logprobs"``);
+    turn this off when the generators report raw-logit log-probs instead."""
 
 
 class ResetConfig(_Section):
