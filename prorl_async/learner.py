@@ -320,11 +320,17 @@ class Learner:
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) of every policy parameter, as vLLM's ``load_weights`` expects.
 
-        Tied weights appear once (under the embedding's name). The tensors are the live parameters,
-        detached (gathered in full under FSDP, a collective every rank must join): copy, don't modify.
+        A tied head appears under both names (``model.embed_tokens.weight`` and ``lm_head.weight``): vLLM's
+        CPU build keeps a repacked copy of the head that ``reload_weights`` refreshes only when the head's
+        own name is in the stream (without it, log-probs after a reload were off by ~0.2). The tensors are
+        the live parameters, detached (gathered in full under FSDP, a collective every rank must join):
+        copy them, don't modify them.
         """
-        for name, p in self.policy.lm.named_parameters():
-            yield name, _full(p.detach())
+        gathered: dict[int, torch.Tensor] = {}
+        for name, p in self.policy.lm.named_parameters(remove_duplicate=False):
+            if id(p) not in gathered:
+                gathered[id(p)] = _full(p.detach())
+            yield name, gathered[id(p)]
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write policy (HF layout), reference, optimizer, version and RNG states into ``directory``."""

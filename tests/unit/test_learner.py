@@ -150,7 +150,9 @@ def test_weights_are_the_hf_checkpoint_names(learner, tiny_model_dir):
     with safe_open(tiny_model_dir / "model.safetensors", "pt") as f:
         names = set(f.keys())
     weights = dict(learner.weights())
-    assert set(weights) == names  # the tied head appears once, under the embedding, as in the file
+    # The file has the tied head once, under the embedding; weights() names it twice (vLLM CPU needs both).
+    assert set(weights) == names | {"lm_head.weight"}
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
     params = dict(learner.policy.lm.named_parameters())
     assert all(weights[n].data_ptr() == params[n].data_ptr() for n in names)  # no copies
 
