@@ -137,9 +137,11 @@ class LossConfig(_Section):
     eps_high: float = Field(0.4, ge=0)
     """Upper clip range of the ratio (1 + eps_high), decoupled "clip-higher"."""
     is_correction: Literal["none", "truncated", "decoupled"] = "truncated"
-    """Off-policy correction between behaviour (vLLM) and proximal (learner) log-probs."""
+    """Off-policy correction between behaviour (vLLM) and proximal (learner) log-probs: ``none`` (w = 1),
+    ``truncated`` (w = min(exp(old - behav), is_cap)) or ``decoupled`` (w = exp(old - behav), tokens above
+    is_cap dropped from the loss)."""
     is_cap: float = Field(2.0, ge=1)
-    """Truncation C of the importance weight min(exp(old - behav), C)."""
+    """C of the importance weight: truncation point (``truncated``) or drop threshold (``decoupled``)."""
     kl_beta: float = Field(1e-4, ge=0)
     """Weight of the k3 KL penalty to the reference policy."""
     aggregation: Literal["token", "sequence"] = "token"
@@ -191,7 +193,7 @@ class LearnerConfig(_Section):
 
 class ResetConfig(_Section):
     interval_steps: int = Field(0, ge=0)
-    """Hard-reset the reference policy and optimizer every this many steps; 0 disables the schedule."""
+    """Hard-reset the reference policy and optimizer this many steps after the last reset; 0 disables it."""
     kl_share_threshold: float = Field(0.0, ge=0)
     """Trigger a reset when the KL term's share of the loss stays above this over the window; 0 disables."""
     kl_window_steps: int = Field(20, ge=1)
