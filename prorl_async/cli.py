@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
     models = sub.add_parser("models", help="list the built-in models, or prepare one")
-    models.add_argument("prepare", nargs="?", metavar="NAME", help="build/convert NAME into the cache and print its path")
+    models.add_argument("prepare", nargs="?", metavar="NAME",
+                        help="build/convert NAME into the cache and print its path")
     return parser
 
 

@@ -64,11 +64,15 @@ class TaskSpec(_Section):
     domain: Literal["logic", "math", "code", "stem", "instruction"] = "logic"
     """Reward domain that scores this task."""
     name: str = "chain_sum"
-    """Task name within its domain (a reasoning-gym generator name for ``logic``/``math``)."""
+    """Task within its domain: a reasoning-gym generator for ``logic`` and ``math`` (or ``champ`` for math),
+    ``humaneval`` for ``code``, ``mmlu_stem`` for ``stem``, ``ifeval`` for ``instruction``."""
     weight: float = Field(1.0, gt=0)
     """Relative sampling weight in the task mix."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Task-specific settings (difficulty, sizes), passed to the task's generator."""
+    partial_credit: bool = False
+    """Keep fractional rewards (reasoning-gym's partial scores, IFEval's share of instructions followed);
+    false gives 1 only to a fully correct answer."""
 
 
 class TasksConfig(_Section):
@@ -210,11 +214,14 @@ class WeightSyncConfig(_Section):
     host: str = "127.0.0.1"
     """Address of the TCP store that forms the weight group (the learner's host)."""
     port: int = Field(0, ge=0, le=65535)
-    """Port of the TCP store; 0 picks a free one."""
+    """Port of the learner's TCP store that generators join through; 0 picks a free one (passed on to them)."""
     bucket_mb: float = Field(64.0, gt=0)
-    """Size of one flat broadcast bucket."""
+    """Target size of one flat broadcast bucket in MiB (a bigger tensor travels alone in its own bucket)."""
     timeout_s: float = Field(60.0, gt=0)
-    """Timeout of every collective; a dead peer is reported within it."""
+    """Timeout of every collective (and of joining); a dead peer fails at once, a stuck one within this."""
+    stream: bool = True
+    """Load buckets into the engine as they arrive (fastest, two buckets of memory). False receives the whole
+    update first, so that a learner failing mid-update leaves the engine's weights untouched."""
     sync_every_steps: int = Field(1, ge=1)
     """Broadcast weights every this many optimizer steps."""
 
@@ -231,7 +238,14 @@ class TransportConfig(_Section):
     ipc_dir: str = ""
     """Use ipc:// endpoints in this directory instead of tcp (same machine only)."""
     high_water_mark: int = Field(1000, ge=1)
-    """ZeroMQ send/receive high-water marks, in messages."""
+    """ZeroMQ send/receive high-water marks of the control and metrics sockets, in messages."""
+    groups_high_water_mark: int = Field(4, ge=1)
+    """High-water marks of the groups sockets, in groups per peer and side: small, so that a slow learner
+    blocks the generators' sends (backpressure) before stale groups pile up in queues."""
+    channel_size: int = Field(8, ge=1)
+    """Messages a receive thread may hand to trio before it blocks: the bound of the thread-to-trio bridge."""
+    handshake_timeout_s: float = Field(60.0, gt=0)
+    """How long a generator waits for the learner's first control message (READY handshake)."""
     max_message_mb: float = Field(256.0, gt=0)
     """Largest accepted message; bigger frames are refused by ZeroMQ before they use memory."""
     linger_ms: int = Field(1000, ge=0)
@@ -299,6 +313,12 @@ class Config(_Section):
             raise ValueError(
                 f"learner.batch_groups ({self.learner.batch_groups}) must be divisible by "
                 f"learner.mini_batches ({self.learner.mini_batches})"
+            )
+        curve = self.transport
+        if (curve.curve_server_public_key_file or curve.curve_authorized_keys_dir) and not curve.curve_secret_key_file:
+            raise ValueError(
+                "transport.curve_secret_key_file is required when transport.curve_server_public_key_file or "
+                "transport.curve_authorized_keys_dir is set (CURVE needs this side's key pair)"
             )
         if self.model.max_model_len <= self.sampling.max_response_tokens:
             raise ValueError(

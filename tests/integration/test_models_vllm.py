@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 
 
 def _probe(model_dir: Path, n_prompts: int) -> dict:
-    out = subprocess.run([sys.executable, str(PROBE), str(model_dir), str(n_prompts)], capture_output=True,
-                         text=True, timeout=420)
+    out = subprocess.run(
+        [sys.executable, str(PROBE), str(model_dir), str(n_prompts)], capture_output=True, text=True, timeout=420
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
