@@ -1,0 +1,196 @@
+"""Which prompt a generator starts next, and whether it may start one now.
+
+:class:`PromptSampler` — the prompt order. Pure state, no I/O, no clock.
+
+- Deterministic from ``(seed, shard, num_shards, sizes, weights)`` and its position alone: a draw picks a task
+  spec by weight with an RNG seeded by ``(seed, shard, draw number)``, then the spec's next problem.
+- Epochs and shards: per spec, epoch ``e`` is a permutation of its training split seeded by ``(seed, spec, e)``
+  — the same in every generator. Shard ``g`` of ``N`` owns the permutation's positions ``g, g+N, g+2N, ...``,
+  so within one epoch of a spec no problem is drawn twice, neither by one generator nor by two.
+- Re-queue: a prompt whose group did not finish (aborted as too stale, interrupted by a stop) is handed back
+  with :meth:`PromptSampler.requeue` and is drawn again before any new one.
+- :meth:`PromptSampler.state` is plain data (JSON-able): the position, the re-queued draws and the draws the
+  caller still has in flight (they are re-queued on restore), so a resumed generator loses none of them.
+
+:class:`Admission` — the generator side of DESIGN.md section 4. With ``K = max_staleness`` and ``v`` the
+learner's latest announced version, a group counts while it was *started for* (the generator's loaded weights
+at its start) a version ``>= v - K``; a new group may start only while the counted groups stay below this
+generator's ``budget`` and the loaded weights themselves are not older than ``v - K`` (a group started on them
+would arrive too stale to use). The learner's admission capacity is ``(K + 1) x batch_groups``; with several
+generators :func:`generator_budget` splits it evenly (the first ``capacity mod N`` generators get one more),
+unless ``generator.admission_groups`` sets each generator's budget explicitly.
+
+Usage::
+
+    sampler = PromptSampler(seed=0, shard=gid, num_shards=n_gen, sizes=[mix.train_size(i) ...], weights=[...])
+    draw = sampler.next()                      # Draw(spec=0, index=4711, epoch=0)
+    sampler.requeue(draw)                      # its group was aborted: draw it again first
+    saved = sampler.state(in_flight=[...])     # JSON-able; PromptSampler(...).restore(saved)
+
+    admission = Admission(budget=16, max_staleness=1)
+    if admission.may_start(learner_version=3, loaded_version=3):
+        admission.started(3)
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One prompt: problem ``index`` of task spec ``spec``'s training split, drawn in that spec's ``epoch``."""
+
+    spec: int
+    index: int
+    epoch: int
+
+    def as_list(self) -> list[int]:
+        return [self.spec, self.index, self.epoch]
+
+
+class PromptSampler:
+    """Deterministic, sharded, checkpointable prompt order over a weighted mix of task specs."""
+
+    def __init__(self, seed: int, shard: int, num_shards: int, sizes: Sequence[int], weights: Sequence[float]) -> None:
+        if num_shards < 1 or not 0 <= shard < num_shards:
+            raise ValueError(f"shard must be in [0, {num_shards}) (got {shard})")
+        if not sizes or len(sizes) != len(weights):
+            raise ValueError(f"need one weight per spec and at least one spec (sizes {sizes}, weights {weights})")
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"spec weights must be > 0 (got {list(weights)})")
+        self.seed, self.shard, self.num_shards = seed, shard, num_shards
+        self.sizes, self.weights = list(sizes), list(weights)
+        self._shares = [len(range(shard, size, num_shards)) for size in self.sizes]
+        if min(self._shares) == 0:
+            spec = self._shares.index(0)
+            raise ValueError(
+                f"task spec {spec} has {self.sizes[spec]} training problems, fewer than the {num_shards} generators "
+                "that share it: raise tasks.train_size or use fewer generators"
+            )
+        self._cumulative = [sum(self.weights[: i + 1]) for i in range(len(self.weights))]
+        self.draws = 0  # draws taken from the stream (re-queued ones excluded)
+        self.positions = [0] * len(self.sizes)  # this shard's draws per spec, over all epochs
+        self._requeued: deque[Draw] = deque()
+        self._perm: dict[int, tuple[int, list[int]]] = {}  # spec -> (epoch, permutation), the latest only
+
+    @property
+    def requeued(self) -> int:
+        """Draws waiting to be drawn again."""
+        return len(self._requeued)
+
+    def next(self) -> Draw:
+        """The next prompt: a re-queued one first, else the stream's next draw."""
+        if self._requeued:
+            return self._requeued.popleft()
+        rng = random.Random(f"{self.seed}/{self.shard}/draw/{self.draws}")
+        spec = min(bisect.bisect_right(self._cumulative, rng.random() * self._cumulative[-1]), len(self.sizes) - 1)
+        self.draws += 1
+        position = self.positions[spec]
+        self.positions[spec] += 1
+        epoch, k = divmod(position, self._shares[spec])
+        return Draw(spec, self._permutation(spec, epoch)[self.shard + k * self.num_shards], epoch)
+
+    def requeue(self, draw: Draw) -> None:
+        """Hand back a draw whose group did not finish; it comes out of :meth:`next` before new ones."""
+        self._requeued.append(draw)
+
+    def _permutation(self, spec: int, epoch: int) -> list[int]:
+        cached = self._perm.get(spec)
+        if cached is None or cached[0] != epoch:
+            order = list(range(self.sizes[spec]))
+            random.Random(f"{self.seed}/{spec}/epoch/{epoch}").shuffle(order)
+            cached = self._perm[spec] = (epoch, order)
+        return cached[1]
+
+    def state(self, in_flight: Iterable[Draw] = ()) -> dict[str, Any]:
+        """Plain data to resume from; ``in_flight`` draws (started, not finished) are saved as re-queued."""
+        return {
+            "state_version": STATE_VERSION,
+            "seed": self.seed,
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+            "sizes": list(self.sizes),
+            "draws": self.draws,
+            "positions": list(self.positions),
+            "requeued": [d.as_list() for d in (*in_flight, *self._requeued)],
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`; raises ``ValueError`` if it belongs to another seed, shard or split."""
+        if not isinstance(state, dict) or state.get("state_version") != STATE_VERSION:
+            raise ValueError(f"prompt sampler state: expected a map with state_version {STATE_VERSION}")
+        for key in ("seed", "shard", "num_shards", "sizes"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"prompt sampler state has {key}={state.get(key)!r}, this run {getattr(self, key)!r}")
+        draws, positions, requeued = state.get("draws"), state.get("positions"), state.get("requeued")
+        ok = isinstance(draws, int) and draws >= 0 and isinstance(positions, list) and isinstance(requeued, list)
+        if not ok or len(positions) != len(self.sizes) or not all(isinstance(p, int) and p >= 0 for p in positions):
+            raise ValueError("prompt sampler state: bad draws or positions")
+        restored = deque()
+        for item in requeued:
+            valid = isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) for x in item)
+            if not valid or not 0 <= item[0] < len(self.sizes) or not 0 <= item[1] < self.sizes[item[0]]:
+                raise ValueError(f"prompt sampler state: bad re-queued draw {item!r}")
+            restored.append(Draw(*item))
+        self.draws, self.positions, self._requeued = draws, list(positions), restored
+
+
+# ------------------------------------------------------------------------------------------ admission
+
+
+def generator_budget(capacity: int, num_generators: int, generator_id: int, explicit: int = 0) -> int:
+    """This generator's share of the learner's admission ``capacity`` (``explicit`` > 0 overrides it)."""
+    if explicit > 0:
+        return explicit
+    budget = capacity // num_generators + (1 if generator_id < capacity % num_generators else 0)
+    if budget < 1:
+        raise ValueError(
+            f"admission capacity (max_staleness + 1) x batch_groups = {capacity} leaves generator {generator_id} "
+            f"of {num_generators} no group: use fewer generators, a larger batch, or generator.admission_groups"
+        )
+    return budget
+
+
+class Admission:
+    """Groups started per policy version; decides whether one more may start (module docstring)."""
+
+    def __init__(self, budget: int, max_staleness: int) -> None:
+        if budget < 1 or max_staleness < 0:
+            raise ValueError(f"need budget >= 1 and max_staleness >= 0 (got {budget}, {max_staleness})")
+        self.budget, self.max_staleness = budget, max_staleness
+        self._started: Counter[int] = Counter()
+
+    def oldest_usable(self, learner_version: int) -> int:
+        """The oldest start version still usable at ``learner_version``."""
+        return learner_version - self.max_staleness
+
+    def counted(self, learner_version: int) -> int:
+        """Groups started for versions the learner can still use."""
+        floor = self.oldest_usable(learner_version)
+        return sum(n for v, n in self._started.items() if v >= floor)
+
+    def may_start(self, learner_version: int, loaded_version: int) -> bool:
+        floor = self.oldest_usable(learner_version)
+        return loaded_version >= floor and self.counted(learner_version) < self.budget
+
+    def started(self, version: int) -> None:
+        self._started[version] += 1
+
+    def withdraw(self, version: int) -> None:
+        """A group started for ``version`` was aborted before it was sent: it no longer counts."""
+        if self._started[version] > 0:
+            self._started[version] -= 1
+
+    def forget_before(self, learner_version: int) -> None:
+        """Drop the bookkeeping of versions that no longer count (keeps the counter small)."""
+        floor = self.oldest_usable(learner_version)
+        for v in [v for v in self._started if v < floor]:
+            del self._started[v]

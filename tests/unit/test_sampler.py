@@ -1,0 +1,142 @@
+"""PromptSampler: determinism, disjoint shards within an epoch, weights, re-queue, checkpoint/restore;
+Admission: the (K+1) x batch bound per generator and its release as the learner version moves."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prorl_async.sampler import Admission, Draw, PromptSampler, generator_budget
+
+
+def sampler(shard: int = 0, shards: int = 1, sizes=(10,), weights=None, seed: int = 7) -> PromptSampler:
+    return PromptSampler(seed, shard, shards, list(sizes), list(weights or [1.0] * len(sizes)))
+
+
+def test_same_seed_same_order_other_seed_other_order() -> None:
+    a, b, c = sampler(), sampler(), sampler(seed=8)
+    draws_a = [a.next() for _ in range(30)]
+    assert draws_a == [b.next() for _ in range(30)]
+    assert draws_a != [c.next() for _ in range(30)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(1, 60), shards=st.integers(1, 5), epochs=st.integers(1, 3))
+def test_shards_are_disjoint_and_cover_each_epoch(size: int, shards: int, epochs: int) -> None:
+    if size < shards:
+        with pytest.raises(ValueError, match="fewer than"):
+            sampler(shards - 1, shards, (size,))  # the last shard is the one left without a problem
+        return
+    per_epoch: dict[int, list[int]] = {}
+    for shard in range(shards):
+        s = sampler(shard, shards, (size,))
+        share = len(range(shard, size, shards))
+        for _ in range(share * epochs):
+            d = s.next()
+            per_epoch.setdefault(d.epoch, []).append(d.index)
+    assert sorted(per_epoch) == list(range(epochs))
+    for indices in per_epoch.values():  # every problem exactly once per epoch, over all generators together
+        assert sorted(indices) == list(range(size))
+
+
+def test_epochs_are_reshuffled() -> None:
+    s = sampler(sizes=(50,))
+    first, second = [s.next().index for _ in range(50)], [s.next().index for _ in range(50)]
+    assert sorted(first) == sorted(second) == list(range(50))
+    assert first != second
+
+
+def test_weights_pick_specs_in_proportion() -> None:
+    s = sampler(sizes=(1000, 1000), weights=(3.0, 1.0))
+    counts = Counter(s.next().spec for _ in range(4000))
+    assert 0.70 < counts[0] / 4000 < 0.80
+
+
+def test_requeued_draws_come_first_in_order() -> None:
+    s = sampler(sizes=(20,))
+    a, b, c = s.next(), s.next(), s.next()
+    s.requeue(c)
+    s.requeue(a)
+    assert [s.next(), s.next()] == [c, a]
+    assert s.next() not in (a, b, c)
+
+
+def test_state_round_trips_through_json_with_in_flight_draws() -> None:
+    s = sampler(shard=1, shards=2, sizes=(30, 12), weights=(1.0, 2.0))
+    for _ in range(11):
+        s.next()
+    in_flight = [s.next(), s.next()]
+    s.requeue(s.next())
+    saved = json.loads(json.dumps(s.state(in_flight=in_flight)))
+    resumed = sampler(shard=1, shards=2, sizes=(30, 12), weights=(1.0, 2.0))
+    resumed.restore(saved)
+    expected = [*in_flight]
+    expected.append(s.next())  # the re-queued one
+    expected += [s.next() for _ in range(20)]
+    assert [resumed.next() for _ in range(len(expected))] == expected
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"seed": 1}, "seed"),
+        ({"shard": 0}, "shard"),
+        ({"sizes": [30, 13]}, "sizes"),
+        ({"positions": [-1, 0]}, "positions"),
+        ({"requeued": [[0, 99, 0]]}, "re-queued"),
+        ({"state_version": 9}, "state_version"),
+    ],
+)
+def test_restore_refuses_a_foreign_or_broken_state(change: dict, match: str) -> None:
+    s = sampler(shard=1, shards=2, sizes=(30, 12), weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match=match):
+        s.restore({**s.state(), **change})
+    assert s.next() == sampler(shard=1, shards=2, sizes=(30, 12), weights=(1.0, 2.0)).next()  # nothing changed
+
+
+def test_draw_as_list() -> None:
+    assert Draw(1, 2, 3).as_list() == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------ admission
+
+
+def test_budget_splits_the_capacity_over_generators() -> None:
+    assert [generator_budget(10, 3, g) for g in range(3)] == [4, 3, 3]
+    assert generator_budget(10, 3, 2, explicit=7) == 7
+    with pytest.raises(ValueError, match="no group"):
+        generator_budget(2, 3, 2)
+
+
+def test_admission_holds_the_bound_with_a_frozen_learner_and_releases_as_it_moves() -> None:
+    adm = Admission(budget=4, max_staleness=1)
+    started = 0
+    while adm.may_start(learner_version=0, loaded_version=0):
+        adm.started(0)
+        started += 1
+        assert started <= 4
+    assert started == 4
+    assert not adm.may_start(learner_version=1, loaded_version=1)  # version-0 groups still usable at 1 (K=1)
+    assert adm.may_start(learner_version=2, loaded_version=2)  # now they are too stale: they no longer count
+    assert adm.counted(2) == 0
+
+
+def test_admission_waits_for_weights_that_are_not_too_old() -> None:
+    adm = Admission(budget=4, max_staleness=0)
+    assert not adm.may_start(learner_version=3, loaded_version=2)  # K=0: synchronous, wait for version 3
+    assert adm.may_start(learner_version=3, loaded_version=3)
+
+
+def test_withdrawn_groups_free_their_slot() -> None:
+    adm = Admission(budget=1, max_staleness=2)
+    adm.started(5)
+    assert not adm.may_start(5, 5)
+    adm.withdraw(5)
+    assert adm.may_start(5, 5)
+    adm.started(1)
+    adm.forget_before(5)
+    assert adm.counted(5) == 0
