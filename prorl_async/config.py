@@ -124,6 +124,12 @@ class GeneratorConfig(_Section):
     """Processes in each generator's scoring pool."""
     heartbeat_s: float = Field(2.0, gt=0)
     """Period of heartbeats and per-generator metrics."""
+    admission_groups: int = Field(0, ge=0)
+    """Groups this generator may have started for still-usable versions (DESIGN.md section 4); 0 splits the
+    learner's (max_staleness + 1) x batch_groups evenly over the generators."""
+    reward_function: str = ""
+    """``module:function`` called as ``fn(text, task_dict) -> reward | (reward, reason)`` in the scoring pool;
+    empty uses the built-in verifiers (``prorl_async.rewards.score``)."""
 
 
 class BufferConfig(_Section):

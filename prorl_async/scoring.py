@@ -100,6 +100,7 @@ class ScoringPool:
         self.score_seconds = 0.0
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._all: set[_Worker] = set()
+        self._launched: list[_Worker] = []
         self._replacing: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -108,9 +109,16 @@ class ScoringPool:
         """Workers ready for a request now."""
         return self._idle.qsize()
 
+    async def launch(self) -> None:
+        """Start the worker processes without waiting for them: they import while the caller does other work."""
+        if not self._launched:
+            self._launched = [await self._launch_one() for _ in range(self.workers)]
+
     async def start(self) -> None:
-        """Start every worker and wait until each is ready."""
-        workers = await asyncio.gather(*(self._spawn() for _ in range(self.workers)), return_exceptions=True)
+        """Start every worker (if :meth:`launch` did not) and wait until each is ready."""
+        await self.launch()
+        launched, self._launched = self._launched, []
+        workers = await asyncio.gather(*(self._ready(w) for w in launched), return_exceptions=True)
         errors = [w for w in workers if isinstance(w, BaseException)]
         for w in workers:
             if isinstance(w, _Worker):
@@ -119,15 +127,21 @@ class ScoringPool:
             await self.close()
             raise errors[0]
 
-    async def _spawn(self) -> _Worker:
+    async def _launch_one(self) -> _Worker:
         cmd = [sys.executable, "-m", "prorl_async.scoring", "--timeout-s", repr(self.timeout_s),
                "--reward-function", self.reward_function, "--warm", ",".join(self.warm_domains)]
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE)
         worker = _Worker(proc)
         self._all.add(worker)
+        return worker
+
+    async def _spawn(self) -> _Worker:
+        return await self._ready(await self._launch_one())
+
+    async def _ready(self, worker: _Worker) -> _Worker:
         try:
-            hello = await asyncio.wait_for(_read_frame(proc.stdout), self.start_timeout_s)
+            hello = await asyncio.wait_for(_read_frame(worker.proc.stdout), self.start_timeout_s)
         except (TimeoutError, asyncio.IncompleteReadError, ValueError) as err:
             await self._discard(worker)
             raise ScoringError(f"a scoring worker did not start within {self.start_timeout_s:g} s: {err!r}") from None
@@ -248,7 +262,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         fn = _load_function(args.reward_function, args.timeout_s)
-        if not args.reward_function:
+        if args.warm:  # import the domains' verifiers now: their first import must not count against a timeout
             from prorl_async.rewards import domain_module
 
             for domain in filter(None, args.warm.split(",")):
