@@ -1,0 +1,231 @@
+"""The learner process: groups in, optimizer steps, weights out. One trio nursery, four loops.
+
+    receive_loop (transport thread) ─► ingest_loop ─► WaitingReplayBuffer ─► train_loop ─► Learner.train_step
+                                                                                   │
+                           control PUB ◄── WeightsReady(v) ◄───────────────────────┤
+                           weight group ◄── WeightSender.broadcast(v) ◄────────────┘
+    control.serve_loop answers new subscribers with the latest control message (READY handshake).
+
+Invariants:
+- ``train_step`` and the broadcast run on worker threads (``trio.to_thread``) so that ingestion keeps
+  draining the sockets while the learner computes: generation and training overlap (DESIGN.md section 4).
+- ``WeightsReady(v)`` is published before ``broadcast(v)``: generators learn the version on the control
+  socket and join the collective that the sender is about to start.
+- Every group that arrives is accounted for: admitted, or dropped with a reason (buffer counters), and
+  every step writes one ``step`` record to ``RUN_DIR/metrics.jsonl``.
+- The bound endpoints are written to ``RUN_DIR/endpoints.json`` once listening: that is how the supervisor
+  (and generators) find the learner.
+
+Run as a process: ``python -m prorl_async.learner_service RUN_DIR`` (reads ``RUN_DIR/config.toml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+import zmq
+
+from prorl_async.buffer import BufferStarved, ReplayBuffer, WaitingReplayBuffer
+from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, TrajectoryGroup, WeightsReady
+from prorl_async.metrics import MetricsLog
+
+if TYPE_CHECKING:
+    from prorl_async.config import Config
+    from prorl_async.learner import Learner, TrainBatch
+
+log = logging.getLogger("prorl_async.learner")
+
+
+def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
+    """The learner's plain-data batch of whole groups, in order (sample j of group g at g * n + j)."""
+    from prorl_async.learner import TrainBatch, TrainSample
+
+    if not groups:
+        raise ValueError("no groups")
+    n = len(groups[0].samples)
+    samples = []
+    for group in groups:
+        if len(group.samples) != n:
+            raise ValueError(f"group {group.prompt_id} has {len(group.samples)} samples, expected {n}")
+        prompt = group.prompt_token_ids.tolist()
+        for s in group.samples:
+            samples.append(
+                TrainSample(
+                    prompt_ids=prompt,
+                    response_ids=s.token_ids.tolist(),
+                    behaviour_logprobs=s.logprobs.tolist(),
+                    reward=float(s.reward),
+                    policy_versions=s.versions.tolist(),
+                )
+            )
+    return TrainBatch(samples=samples, group_size=n)
+
+
+def batch_summary(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, Any]:
+    """Reward and staleness figures of one batch, per domain as well."""
+    rewards = [s.reward for g in groups for s in g.samples]
+    by_domain: dict[str, list[float]] = {}
+    for g in groups:
+        by_domain.setdefault(g.domain, []).extend(s.reward for s in g.samples)
+    staleness = [learner_version - int(g.min_version) for g in groups]
+    lengths = [len(s.token_ids) for g in groups for s in g.samples]
+    return {
+        "reward_mean": sum(rewards) / len(rewards),
+        "reward_by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()},
+        "staleness_mean": sum(staleness) / len(staleness),
+        "staleness_max": max(staleness),
+        "response_tokens_mean": sum(lengths) / len(lengths),
+        "samples": len(rewards),
+    }
+
+
+class LearnerService:
+    """Owns the learner, the replay buffer, the sockets and the weight sender of one run.
+
+    Usage (inside trio)::
+
+        service = LearnerService(cfg, run_dir)
+        endpoints = await nursery.start(service.serve)   # returns once bound; endpoints.json written
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path, learner: Learner | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self._learner = learner
+        self.buffer = WaitingReplayBuffer(
+            ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.min_reward_std)
+        )
+        self.metrics = MetricsLog(self.run_dir)
+        self.generators: dict[str, dict[str, Any]] = {}
+        self.arrived = 0
+        self.outcomes: dict[str, int] = {}
+        self.idle_s = 0.0
+
+    @property
+    def learner(self) -> Learner:
+        if self._learner is None:
+            from prorl_async.learner import Learner
+
+            self._learner = Learner(self.cfg)
+        return self._learner
+
+    async def serve(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        from prorl_async.transport import ControlPublisher, Transport, receive_loop
+        from prorl_async.weight_sync import WeightSender
+
+        learner = await trio.to_thread.run_sync(lambda: self.learner)
+        limits = Limits.from_config(self.cfg, vocab_size=None)
+        with Transport(self.cfg.transport, limits) as transport:
+            control = ControlPublisher(transport, transport.endpoint("control"))
+            control.publish(WeightsReady(version=learner.version))
+            sender = WeightSender(self.cfg.weight_sync, device=learner.device)
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(control.serve_loop)
+                    send_channel, receive_channel = trio.open_memory_channel(self.cfg.transport.channel_size)
+                    groups = await nursery.start(
+                        receive_loop, transport, zmq.PULL, transport.endpoint("groups"), send_channel
+                    )
+                    endpoints = {
+                        "groups": groups,
+                        "control": control.endpoint,
+                        "weight_sync": {"host": self.cfg.weight_sync.host, "port": sender.port},
+                    }
+                    (self.run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
+                    self.metrics.write("event", event="learner_ready", version=learner.version, **endpoints)
+                    nursery.start_soon(self.ingest_loop, receive_channel)
+                    task_status.started(endpoints)
+                    await self.train_loop(control, sender)
+                    nursery.cancel_scope.cancel()
+            finally:
+                from prorl_async.messages import Stop
+
+                control.publish(Stop(reason="learner finished"))
+                await trio.sleep(0.2)  # let the Stop leave before the socket closes
+                sender.close()
+                self.metrics.close()
+
+    async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:
+        """Route each message: groups into the buffer (counted by outcome), the rest into metrics."""
+        async with receive_channel:
+            async for msg in receive_channel:
+                if isinstance(msg, TrajectoryGroup):
+                    self.arrived += 1
+                    outcome = await self.buffer.put(msg)
+                    self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+                elif isinstance(msg, Ready):
+                    self.generators[msg.source] = {"joined_s": time.time()}
+                    self.metrics.write("event", event="generator_ready", source=msg.source)
+                elif isinstance(msg, Heartbeat):
+                    self.generators.setdefault(msg.source, {})["heartbeat_s"] = msg.time_s
+                elif isinstance(msg, Metrics):
+                    self.generators.setdefault(msg.source, {}).update(msg.values)
+                    self.metrics.write("generator", source=msg.source, **msg.values)
+
+    async def train_loop(self, control: Any, sender: Any) -> None:
+        """Pull full batches, train, publish and broadcast the new weights; until max_steps or time budget."""
+        cfg, learner = self.cfg, self.learner
+        start = time.monotonic()
+        while not self._done(start):
+            t0 = time.monotonic()
+            try:
+                groups = await self.buffer.pull(cfg.learner.batch_groups, learner.version, cfg.buffer.pull_timeout_s)
+            except BufferStarved as err:
+                self.metrics.write("event", event="buffer_starved", detail=str(err))
+                log.warning("%s", err)
+                continue
+            waited = time.monotonic() - t0
+            self.idle_s += waited
+            summary = batch_summary(groups, learner.version)
+            batch = groups_to_batch(groups)
+            step = await trio.to_thread.run_sync(learner.train_step, batch)
+            sync: dict[str, Any] = {}
+            if learner.version % cfg.weight_sync.sync_every_steps == 0:
+                control.publish(WeightsReady(version=learner.version))
+                stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
+                sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
+                        "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
+            elapsed = time.monotonic() - start
+            self.metrics.write(
+                "step", **step.as_dict(), **summary, **sync, version=learner.version, wait_s=waited,
+                learner_idle_ratio=self.idle_s / max(elapsed, 1e-9), groups_arrived=self.arrived,
+                buffer_held=len(self.buffer.buffer), buffer_counters=self.buffer.buffer.counters,
+            )
+            if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
+                await trio.to_thread.run_sync(self.checkpoint)
+        await trio.to_thread.run_sync(self.checkpoint)
+
+    def checkpoint(self) -> Path:
+        path = self.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}")
+        self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.version)
+        return path
+
+    def _done(self, start: float) -> bool:
+        run = self.cfg.run
+        if run.max_steps and self.learner.version >= run.max_steps:
+            return True
+        return bool(run.time_budget_s and time.monotonic() - start >= run.time_budget_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prorl_async.config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m prorl_async.learner_service RUN_DIR", file=sys.stderr)
+        return 2
+    run_dir = Path(args[0])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    cfg = load_config(run_dir / "config.toml")
+    trio.run(LearnerService(cfg, run_dir).serve)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

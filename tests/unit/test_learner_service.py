@@ -1,0 +1,70 @@
+"""The learner process's pure parts: wire groups -> TrainBatch, batch summaries, the metrics log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prorl_async.learner_service import batch_summary, groups_to_batch
+from prorl_async.messages import Sample, TrajectoryGroup
+from prorl_async.metrics import MetricsLog, read_metrics
+
+
+def _group(prompt_id: str, rewards: list[float], version: int, domain: str = "logic") -> TrajectoryGroup:
+    samples = [
+        Sample(
+            token_ids=np.array([5 + i, 6, 7][: 1 + i % 3], dtype=np.int32),
+            logprobs=np.full(1 + i % 3, -0.5, dtype=np.float32),
+            versions=np.full(1 + i % 3, version, dtype=np.int32),
+            finish_reason="stop",
+            reward=r,
+        )
+        for i, r in enumerate(rewards)
+    ]
+    return TrajectoryGroup(prompt_id=prompt_id, task="chain_sum", domain=domain,
+                           prompt_token_ids=np.array([1, 2, 3], dtype=np.int32), samples=samples,
+                           generator_id=0, seq=0)
+
+
+def test_groups_to_batch_keeps_group_order_and_fields() -> None:
+    batch = groups_to_batch([_group("a", [1.0, 0.0], 3), _group("b", [0.0, 1.0], 4)])
+    batch.validate()
+    assert batch.group_size == 2 and len(batch.samples) == 4
+    assert [s.reward for s in batch.samples] == [1.0, 0.0, 0.0, 1.0]
+    first = batch.samples[0]
+    assert list(first.prompt_ids) == [1, 2, 3] and list(first.response_ids) == [5]
+    assert list(first.behaviour_logprobs) == [-0.5] and list(first.policy_versions) == [3]
+
+
+def test_groups_to_batch_rejects_ragged_groups() -> None:
+    with pytest.raises(ValueError, match="expected 2"):
+        groups_to_batch([_group("a", [1.0, 0.0], 0), _group("b", [0.0, 1.0, 1.0], 0)])
+    with pytest.raises(ValueError, match="no groups"):
+        groups_to_batch([])
+
+
+def test_batch_summary() -> None:
+    s = batch_summary([_group("a", [1.0, 0.0], 3, "logic"), _group("b", [1.0, 1.0], 5, "math")], learner_version=5)
+    assert s["reward_mean"] == 0.75
+    assert s["reward_by_domain"] == {"logic": 0.5, "math": 1.0}
+    assert (s["staleness_mean"], s["staleness_max"]) == (1.0, 2)
+
+
+def test_metrics_log_appends_valid_json(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    log.write("step", step=1, loss=float("nan"), values=np.float32(0.5), nested={"a": 1})
+    log.close()
+    again = MetricsLog(tmp_path)  # resume appends
+    again.write("event", event="x")
+    again.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "step", "torn')  # a crashed writer's last line
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["step", "event"]
+    assert records[0]["loss"] == "nan" and records[0]["values"] == 0.5 and records[0]["nested"] == {"a": 1}
+    assert read_metrics(tmp_path / "metrics.jsonl", kind="event")[0]["event"] == "x"
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2]:
+        json.loads(line)
