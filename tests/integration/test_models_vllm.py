@@ -18,7 +18,9 @@ def _probe(model_dir: Path, n_prompts: int) -> dict:
         [sys.executable, str(PROBE), str(model_dir), str(n_prompts)], capture_output=True, text=True, timeout=420
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = [line for line in out.stdout.splitlines() if line.startswith("PROBE_RESULT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("PROBE_RESULT "))
 
 
 def test_vllm_logprobs_match_transformers_on_tiny_model(tiny_model_dir: Path) -> None:

@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+RESULT_PREFIX = "PROBE_RESULT "  # vLLM logs to stdout too: the result is the line with this prefix
+
 
 def main() -> None:
     model_dir, n_prompts = sys.argv[1], int(sys.argv[2])
@@ -41,7 +43,7 @@ def main() -> None:
             max_diff = max(max_diff, (ref - got).abs().max().item())
             tokens += len(comp.token_ids)
             texts.append(comp.text)
-    print(json.dumps({"max_abs_diff": max_diff, "tokens": tokens, "texts": texts[:4]}), flush=True)
+    print(RESULT_PREFIX + json.dumps({"max_abs_diff": max_diff, "tokens": tokens, "texts": texts[:4]}), flush=True)
 
 
 if __name__ == "__main__":
