@@ -90,6 +90,9 @@ class TasksConfig(_Section):
     """How the model is asked to state its final answer: ``<answer>...</answer>`` or ``\\boxed{...}``."""
     prefill: str = ""
     """Text that starts the assistant turn (for example ``<answer>``) to steer a weak model."""
+    few_shot: int = Field(0, ge=0, le=16)
+    """Worked examples (question, answer in the asked format) from the task's own training split, put before
+    the question as earlier chat turns; a small model learns the answer format from them."""
 
 
 class SamplingConfig(_Section):

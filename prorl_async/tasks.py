@@ -29,7 +29,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from prorl_async.errors import UserError
@@ -112,6 +112,7 @@ class _Split:
         self._held_out: set[str] = set()
         self._train_pool: list[Problem] | None = None  # finite sets
         self._makers: dict[int, Callable[[int], Problem]] = {}  # procedural: one dataset per probe
+        self._shots: list[list[str]] | None = None  # few-shot demonstrations: [question, answer] pairs
 
     def describe(self) -> str:
         return f"tasks.mix[{self.spec_index}] ({self.spec.domain}/{self.spec.name})"
@@ -179,8 +180,18 @@ class _Split:
                             f"of {size}; lower tasks.validation_size or make the task harder (params)")
         return held
 
+    def examples(self) -> list[list[str]]:
+        """``cfg.few_shot`` demonstrations: the first training problems that have a reference answer."""
+        if self._shots is None:
+            self._shots = []  # the demonstrations are tasks themselves: they carry none
+            count = min(self.cfg.few_shot, self.train_size())
+            tasks = (self.train(j) for j in range(count))
+            self._shots = [[t.question, t.answer] for t in tasks if t.answer is not None]
+        return self._shots
+
     def _task(self, problem: Problem, split: str, index: int) -> Task:
         spec = self.spec
+        shots = {"few_shot": self.examples()} if self.cfg.few_shot and problem.answer is not None else {}
         return Task(
             id=f"{spec.domain}/{spec.name}/{self.spec_index}/{split}/{index}",
             domain=spec.domain,
@@ -189,7 +200,7 @@ class _Split:
             answer=problem.answer,
             checker={**problem.checker, "answer_format": self.cfg.answer_format,
                      "partial_credit": spec.partial_credit},
-            metadata={**problem.metadata, "split": split, "index": index, "spec": self.spec_index},
+            metadata={**problem.metadata, **shots, "split": split, "index": index, "spec": self.spec_index},
         )
 
 
@@ -244,9 +255,15 @@ def build_messages(task: Task, cfg: TasksConfig) -> list[dict[str, str]]:
     """Chat messages for ``task``: the optional system prompt, then the question with its answer format."""
     from prorl_async.rewards import domain_module
 
-    content = domain_module(task.domain).prompt(task, cfg.answer_format)
+    module = domain_module(task.domain)
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return [*messages, {"role": "user", "content": content}]
+    for question, answer in task.metadata.get("few_shot", []):
+        shown = f"\\boxed{{{answer}}}" if cfg.answer_format == "boxed" else f"<answer>{answer}</answer>"
+        messages += [
+            {"role": "user", "content": module.prompt(replace(task, question=question), cfg.answer_format)},
+            {"role": "assistant", "content": shown},
+        ]
+    return [*messages, {"role": "user", "content": module.prompt(task, cfg.answer_format)}]
 
 
 def render_prompt(tokenizer: Any, task: Task, cfg: TasksConfig) -> str:

@@ -115,3 +115,19 @@ def test_tokenizer_without_chat_template_is_a_user_error(tokenizer, monkeypatch)
     monkeypatch.setattr(tokenizer, "chat_template", None)
     with pytest.raises(UserError, match="chat template"):
         render_prompt(tokenizer, TaskMix(config()).train_task(0), config())
+
+
+def test_few_shot_demonstrations_come_before_the_question_in_the_asked_format() -> None:
+    spec = TaskSpec(domain="logic", name="chain_sum",
+                    params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    for fmt, opener in (("answer_tag", "<answer>"), ("boxed", "\\boxed{")):
+        cfg = TasksConfig(mix=[spec], few_shot=2, answer_format=fmt, validation_size=8)
+        mix = TaskMix(cfg)
+        for task in (mix.train_task(7), mix.validation_tasks(0)[0]):
+            messages = build_messages(task, cfg)
+            assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+            assert all(m["content"].startswith(opener) for m in messages[1::2])
+            assert task.question in messages[-1]["content"]
+            assert task.question not in messages[0]["content"] + messages[2]["content"]
+    plain = TasksConfig(mix=[spec], validation_size=8)
+    assert len(build_messages(TaskMix(plain).train_task(7), plain)) == 1

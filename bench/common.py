@@ -1,0 +1,31 @@
+"""What every bench script reports about where it ran: CPU model, cores, load, GPU, versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement was taken on (load included: these machines are shared and noisy)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    info: dict[str, Any] = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load_avg_1m": os.getloadavg()[0],
+                            "python": platform.python_version()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def describe(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return f"{info['cpu']}, {info['cores']} cores (load {info['load_avg_1m']:.1f}){gpu}"
