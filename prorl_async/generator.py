@@ -43,6 +43,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,13 @@ class Generator:
              "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped"), 0)
         self.last_update_s = 0.0
         self.started_at = time.monotonic()
+        self.fatal: BaseException | None = None
+        # One thread per blocking socket: a backpressured group send must not starve control reads.
+        self._threads = {name: ThreadPoolExecutor(1, thread_name_prefix=f"gen-{name}")
+                         for name in ("control", "send", "status")}
+
+    async def _blocking(self, name: str, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads[name], fn, *args)
 
     # ------------------------------------------------------------------------------------------ run
 
@@ -119,7 +127,8 @@ class Generator:
             first = await asyncio.to_thread(handshake, self.control, self.groups, self.source,
                                             self.cfg.transport.handshake_timeout_s)
             self.pool = ScoringPool(self.cfg.generator.reward_workers, self.cfg.generator.reward_timeout_s,
-                                    self.cfg.generator.reward_function, [s.domain for s in self.cfg.tasks.mix])
+                                    self.cfg.generator.reward_function,
+                                    [self.mix.train_problem(i, 0).to_dict() for i in range(len(self.mix))])
             self.engine = None
             try:
                 await self.pool.launch()  # the scoring workers import in their own processes while the engine starts
@@ -140,6 +149,13 @@ class Generator:
                 await self.pool.close()
                 if self.engine is not None:
                     self.engine.shutdown()
+                    self.engine = None  # collected now, not at interpreter exit (its __del__ shuts down again)
+                for pool in self._threads.values():
+                    pool.shutdown(wait=True)
+        if self.fatal is not None:
+            log.error("%s: stopped by an error; unfinished prompts are in the last sampler_state: %r", self.source,
+                      self.fatal)
+            return 1
         return 0
 
     def _start_engine(self) -> Any:
@@ -165,7 +181,7 @@ class Generator:
     async def control_loop(self) -> None:
         """Ends after ``Stop`` (not cancelled: its socket read runs on a thread and must finish first)."""
         while not self.stopping.is_set():
-            msg = await asyncio.to_thread(self.control.recv, _CONTROL_POLL_S)
+            msg = await self._blocking("control", self.control.recv, _CONTROL_POLL_S)
             if msg is not None:
                 await self._on_control(msg)
 
@@ -225,7 +241,8 @@ class Generator:
 
     async def _abort_stale(self) -> None:
         floor = self.admission.oldest_usable(self.learner_version)
-        stale = [f for f in self.inflight.values() if f.start_version < floor]
+        # Only groups still generating: a finished one is sent anyway (the learner drops it, counted).
+        stale = [f for f in self.inflight.values() if f.start_version < floor and f.in_engine]
         for f in stale:
             f.task.cancel()
         self.counters["groups_aborted_stale"] += len(stale)
@@ -266,6 +283,11 @@ class Generator:
             self.sampler.requeue(draw)
             self.counters["prompts_requeued"] += 1
             raise
+        except Exception as err:  # the engine died or broke its contract: exit non-zero, the supervisor restarts us
+            log.exception("%s: group %d failed", self.source, seq)
+            self.sampler.requeue(draw)
+            self.fatal = self.fatal or err
+            self.stopping.set()
         finally:
             if not sent:
                 self.admission.withdraw(start_version)
@@ -296,7 +318,8 @@ class Generator:
             final = out
         self.inflight[seq].in_engine = False
         self.changed.set()
-        assert final is not None and len(final.outputs) == s.group_size, "vLLM returned an incomplete group"
+        if final is None or len(final.outputs) != s.group_size:
+            raise RuntimeError(f"vLLM returned {0 if final is None else len(final.outputs)} of {s.group_size} samples")
         task_dict = task.to_dict()
         results = await asyncio.gather(*(self.pool.score(cfg.tasks.prefill + c.text, task_dict)
                                          for c in final.outputs))
@@ -304,7 +327,7 @@ class Generator:
         group = TrajectoryGroup(prompt_id=task.id, task=task.name, domain=task.domain,
                                 prompt_token_ids=np.asarray(prompt_ids, dtype=np.int32), samples=samples,
                                 generator_id=self.gid, seq=seq)
-        if not await asyncio.to_thread(self._send_group, group):
+        if not await self._blocking("send", self._send_group, group):
             return False
         self.counters["groups_sent"] += 1
         self.counters["samples_sent"] += len(samples)
@@ -326,7 +349,7 @@ class Generator:
     async def heartbeat_loop(self) -> None:
         """Ends after ``Stop``; the final status is sent by :meth:`run` once every group is settled."""
         while not self.stopping.is_set():
-            await asyncio.to_thread(self._send_status)
+            await self._blocking("status", self._send_status)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.generator.heartbeat_s)
 

@@ -11,13 +11,14 @@ Invariants:
   answers are length-prefixed JSON over its stdin and stdout (the worker moves ``print`` output of reward
   code to stderr, so that stdout carries only answers). Tasks travel as ``Task.to_dict()``.
 - The timeout runs from the request written to the answer read: a worker is used only once it has said it
-  is ready (its imports and the warm-up of the configured domains are done).
+  is ready: its imports are done and the built-in verifier has scored each ``warm_tasks`` entry once (the
+  verifiers import their libraries lazily; under load that first use alone can take seconds).
 - A request cancelled while a worker scores it (its group was aborted) kills that worker: an answer that
   nobody reads must not be taken as the answer to the next request.
 
 Usage (inside an asyncio loop)::
 
-    pool = ScoringPool(workers=2, timeout_s=10, warm_domains=["logic"])
+    pool = ScoringPool(workers=2, timeout_s=10, warm_tasks=[task.to_dict()])
     await pool.start()                       # raises ScoringError if a worker cannot start
     result = await pool.score("<answer>7</answer>", task.to_dict())  # ScoreResult(1.0, "correct", "ok")
     await pool.close()
@@ -90,11 +91,11 @@ class ScoringPool:
     """``workers`` scoring processes; :meth:`score` hands one sample to an idle one (module docstring)."""
 
     def __init__(self, workers: int, timeout_s: float, reward_function: str = "",
-                 warm_domains: Sequence[str] = (), start_timeout_s: float = 120.0) -> None:
+                 warm_tasks: Sequence[dict[str, Any]] = (), start_timeout_s: float = 120.0) -> None:
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"need workers >= 1 and timeout_s > 0 (got {workers}, {timeout_s})")
         self.workers, self.timeout_s = workers, timeout_s
-        self.reward_function, self.warm_domains = reward_function, list(warm_domains)
+        self.reward_function, self.warm_tasks = reward_function, list(warm_tasks)
         self.start_timeout_s = start_timeout_s
         self.counters: Counter[str] = Counter({s: 0 for s in STATUSES})
         self.score_seconds = 0.0
@@ -129,11 +130,14 @@ class ScoringPool:
 
     async def _launch_one(self) -> _Worker:
         cmd = [sys.executable, "-m", "prorl_async.scoring", "--timeout-s", repr(self.timeout_s),
-               "--reward-function", self.reward_function, "--warm", ",".join(self.warm_domains)]
+               "--reward-function", self.reward_function]
         proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
                                                     stdout=asyncio.subprocess.PIPE)
         worker = _Worker(proc)
         self._all.add(worker)
+        assert proc.stdin is not None
+        data = json.dumps(self.warm_tasks).encode()  # the first frame: tasks to warm the verifiers with
+        proc.stdin.write(_HEADER.pack(len(data)) + data)
         return worker
 
     async def _spawn(self) -> _Worker:
@@ -245,11 +249,11 @@ def _score_one(fn: Callable[[str, dict[str, Any]], Any], request: Any) -> dict[s
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
-    """One scoring worker: answers length-prefixed JSON requests on stdin until EOF."""
+    """One scoring worker: reads the warm-up tasks (first frame), says it is ready, then answers length-prefixed
+    JSON requests on stdin until EOF."""
     parser = argparse.ArgumentParser(description="prorl-async scoring worker (started by ScoringPool)")
     parser.add_argument("--timeout-s", type=float, required=True)
     parser.add_argument("--reward-function", default="")
-    parser.add_argument("--warm", default="")
     args = parser.parse_args(argv)
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints of reward code must not corrupt answers
@@ -262,11 +266,14 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
 
     try:
         fn = _load_function(args.reward_function, args.timeout_s)
-        if args.warm:  # import the domains' verifiers now: their first import must not count against a timeout
-            from prorl_async.rewards import domain_module
+        (size,) = _HEADER.unpack(requests.read(_HEADER.size))
+        warm = json.loads(requests.read(size))
+        if warm:  # the verifiers' first use (lazy imports) must not count against a sample's timeout
+            from prorl_async.rewards import score
 
-            for domain in filter(None, args.warm.split(",")):
-                domain_module(domain)
+            for task in warm:
+                answer_text = task.get("answer") or "0"
+                score(f"<answer>{answer_text}</answer> \\boxed{{{answer_text}}}", task, time_limit_s=None)
     except Exception as err:
         answer({"ready": False, "error": f"{type(err).__name__}: {err}"})
         return 2

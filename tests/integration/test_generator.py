@@ -50,7 +50,7 @@ def make_config(tmp_path: Path) -> Config:
                                                            "max_digits": 1}}],
                   "train_size": 200, "validation_size": 4, "prefill": "<answer>"},
         "sampling": {"group_size": GROUP_SIZE, "temperature": TEMPERATURE, "max_response_tokens": 320},
-        "generator": {"max_inflight_groups": 2, "reward_workers": 2, "reward_timeout_s": 3.0, "heartbeat_s": 0.3,
+        "generator": {"max_inflight_groups": 2, "reward_workers": 2, "reward_timeout_s": 6.0, "heartbeat_s": 0.3,
                       "reward_function": "generator_rewards:reward"},
         "buffer": {"max_staleness": 1},
         "learner": {"batch_groups": 2},
@@ -104,7 +104,7 @@ def reference_logprobs(model, prompt: np.ndarray, tokens: np.ndarray) -> np.ndar
     ids = torch.as_tensor(np.concatenate([prompt, tokens]), dtype=torch.long)[None]
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / TEMPERATURE
-    return torch.log_softmax(logits, -1).gather(-1, torch.as_tensor(tokens, dtype=torch.long)[:, None])[:, 0].numpy()
+    return torch.log_softmax(logits, -1).gather(-1, torch.from_numpy(tokens.astype(np.int64))[:, None])[:, 0].numpy()
 
 
 def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -182,7 +182,7 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             assert (s.reward, s.reward_reason) == score(text, task), s.reward_reason
     assert mixed_samples > 0, "no sample spanned the in-flight update"
     reasons = [s.reward_reason for g in groups for s in g.samples]
-    assert sum("timeout" in r for r in reasons) == 1 and sum("injected by the test" in r for r in reasons) == 1
+    assert sum("timeout" in r for r in reasons) == 1 and sum("injected by the test" in r for r in reasons) == 1, reasons
     final = learner.last_metrics()
     assert final.get("final") == 1 and final["score_timeout"] == 1 and final["score_error"] == 1, final
     state = json.loads(final["sampler_state"])

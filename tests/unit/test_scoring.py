@@ -50,7 +50,7 @@ def test_builtin_scorer_scores_a_real_chain_sum_task() -> None:
     task = TaskMix(cfg).train_task(0)
 
     async def main() -> list:
-        pool = ScoringPool(workers=1, timeout_s=20, warm_domains=["logic"])
+        pool = ScoringPool(workers=1, timeout_s=20, warm_tasks=[task.to_dict()])
         await pool.start()
         try:
             return [await pool.score(f"<answer>{task.answer}</answer>", task.to_dict()),
