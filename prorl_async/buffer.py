@@ -11,8 +11,8 @@ Rules, with ``K = max_staleness`` and ``v`` the learner version of the latest :m
   versions that can still consume a group; ``put`` answers ``"full"`` beyond it and takes nothing (the
   caller keeps the group and waits: that is the backpressure that reaches the generators);
 - ``put`` drops, and counts by reason, groups already staler than K and groups whose reward std
-  (population, ddof 0) is ``<= min_reward_std``: ``all_correct`` (every reward 1), ``all_wrong`` (every
-  reward 0), ``no_variance`` (any other constant reward) — they carry no advantage signal;
+  (population, ddof 0) is ``<= min_reward_std`` (``None`` turns the filter off): ``all_correct`` (every
+  reward 1), ``all_wrong`` (every reward 0), ``no_variance`` (any other constant reward) — no signal;
 - ``pull(n, v)`` first drops, counted as ``stale``, every held group that ``v`` made too stale, then
   returns exactly ``n`` groups in arrival order — or ``None`` and takes nothing: never a short batch;
 - conservation: ``received == len(buffer) + yielded + stale + all_correct + all_wrong + no_variance``.
@@ -38,9 +38,9 @@ def admission_capacity(batch_groups: int, max_staleness: int) -> int:
     return (max_staleness + 1) * batch_groups
 
 
-def variance_outcome(rewards: np.ndarray, min_reward_std: float) -> PutOutcome:
-    """``admitted`` when the rewards of a group vary by more than ``min_reward_std``, else why not."""
-    if len(rewards) and float(np.std(rewards)) > min_reward_std:
+def variance_outcome(rewards: np.ndarray, min_reward_std: float | None) -> PutOutcome:
+    """``admitted`` when the rewards of a group vary by more than ``min_reward_std`` (None: filter off), else why."""
+    if min_reward_std is None or (len(rewards) and float(np.std(rewards)) > min_reward_std):
         return "admitted"
     if np.allclose(rewards, 1.0):
         return "all_correct"
@@ -61,9 +61,9 @@ class ReplayBuffer:
         saved = buf.state()                   # plain data (msgpack-able); ReplayBuffer(...).restore(saved)
     """
 
-    def __init__(self, batch_groups: int, max_staleness: int, min_reward_std: float = 0.0) -> None:
-        if batch_groups < 1 or max_staleness < 0 or min_reward_std < 0:
-            raise ValueError("need batch_groups >= 1, max_staleness >= 0 and min_reward_std >= 0")
+    def __init__(self, batch_groups: int, max_staleness: int, min_reward_std: float | None = 0.0) -> None:
+        if batch_groups < 1 or max_staleness < 0 or (min_reward_std is not None and min_reward_std < 0):
+            raise ValueError("need batch_groups >= 1, max_staleness >= 0 and min_reward_std >= 0 (or None: no filter)")
         self.batch_groups = batch_groups
         self.max_staleness = max_staleness
         self.min_reward_std = min_reward_std

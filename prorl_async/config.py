@@ -115,8 +115,9 @@ class GeneratorConfig(_Section):
     """Generator processes, each with its own vLLM engine."""
     max_inflight_groups: int = Field(8, ge=1)
     """Prompts a generator keeps in its engine at once (continuous batching)."""
-    kv_cache_gib: float = Field(1.0, gt=0)
-    """KV-cache size per engine on CPU (VLLM_CPU_KVCACHE_SPACE); unset, vLLM takes ~14 GiB."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """KV-cache size per engine on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer); unset, vLLM
+    takes ~14 GiB."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """Fraction of GPU memory a vLLM engine may use (GPU only)."""
     enforce_eager: bool = True
@@ -138,6 +139,9 @@ class GeneratorConfig(_Section):
 class BufferConfig(_Section):
     max_staleness: int = Field(1, ge=0)
     """Largest learner_version - policy_version a consumed token may have; 0 is synchronous on-policy."""
+    variance_filter: bool = True
+    """Dynamic sampling: drop groups whose rewards do not vary (they carry no signal). Off keeps every group,
+    for pipeline tests and benches with a model that earns no reward."""
     min_reward_std: float = Field(1e-6, ge=0)
     """Variance filter: groups whose reward std is at or below this carry no signal and are dropped."""
     pull_timeout_s: float = Field(600.0, gt=0)

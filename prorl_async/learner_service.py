@@ -99,7 +99,8 @@ class LearnerService:
         self.run_dir = Path(run_dir)
         self._learner = learner
         self.buffer = WaitingReplayBuffer(
-            ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.max_staleness, cfg.buffer.min_reward_std)
+            ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.max_staleness,
+                         cfg.buffer.min_reward_std if cfg.buffer.variance_filter else None)
         )
         self.metrics = MetricsLog(self.run_dir)
         self.generators: dict[str, dict[str, Any]] = {}
@@ -149,7 +150,6 @@ class LearnerService:
                 control.publish(Stop(reason="learner finished"))
                 await trio.sleep(0.2)  # let the Stop leave before the socket closes
                 sender.close()
-                self.metrics.close()
 
     async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:
         """Route each message: groups into the buffer (counted by outcome), the rest into metrics."""
@@ -223,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
     cfg = load_config(run_dir / "config.toml")
-    trio.run(LearnerService(cfg, run_dir).serve)
+    service = LearnerService(cfg, run_dir)
+    try:
+        trio.run(service.serve)
+    except KeyboardInterrupt:  # the supervisor's SIGINT: keep what was learned
+        if service._learner is not None:
+            log.info("interrupted: writing a checkpoint at version %d", service.learner.version)
+            service.checkpoint()
+        return 130
+    finally:
+        service.metrics.close()
     return 0
 
 

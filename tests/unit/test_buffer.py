@@ -205,3 +205,10 @@ def test_waiting_pull_times_out_loudly() -> None:
         assert len(wbuf.buffer) == 1  # nothing taken
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_variance_filter_off_keeps_zero_variance_groups() -> None:
+    buf = ReplayBuffer(batch_groups=2, max_staleness=0, min_reward_std=None)
+    assert buf.put(group(0, ALL_WRONG, seq=0)) == "admitted"
+    assert buf.put(group(0, (1.0, 1.0), seq=1)) == "admitted"
+    assert len(buf.pull(2, learner_version=0)) == 2
