@@ -1,0 +1,127 @@
+// prorl native ops: the schemas (TORCH_LIBRARY), the argument checks and the CPU implementations, which
+// hand contiguous tensors to the loops in cpu_kernels.cpp; CUDA: ops_cuda.cu; shared math: prorl_math.h.
+// The Python side (prorl_async/_native.py) builds these files and registers the fake kernels and the autograd
+// formula; prorl_async/{advantage,kl}.py hold the plain-PyTorch references the kernels must match.
+//
+//   group_advantage(rewards (G*n,), n, eps, normalize_std) -> (G*n,) float32
+//       (r - mean_g) / (std_g + eps) per group of n contiguous rewards; population std, float64 inside.
+//   kl_reduce(logp (B,T), ref_logp (B,T), mask (B,T) bool)
+//       -> (kl_per_seq (B,) float32, tokens_per_seq (B,) int64, kl_sum () float32, tokens () int64)
+//       sums over the unmasked t of k3(ref_logp - logp) = exp(d) - 1 - d, and the unmasked counts; one pass
+//       over the tokens, then the sums over rows (computed here: one op call from Python instead of three).
+//   kl_reduce_backward(grad (B,), logp, ref_logp, mask) -> grad_logp (B,T), dtype of logp
+//       grad[b] * d k3 / d logp = -grad[b] * expm1(ref - logp), zero where masked (whatever the inputs hold
+//       there); grad = grad_kl_per_seq + grad_kl_sum (autograd.cpp).
+//
+// logp and ref_logp are float32 or bfloat16 (the same dtype); the math and the sums are float32.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace prorl {
+
+void check_token_tensors(const at::Tensor& logp, const at::Tensor& ref, const at::Tensor& mask) {
+  TORCH_CHECK(logp.dim() == 2, "prorl::kl_reduce: logp must be (B, T), got ", logp.sizes());
+  TORCH_CHECK(ref.sizes() == logp.sizes() && mask.sizes() == logp.sizes(),
+              "prorl::kl_reduce: logp, ref_logp and mask must have the same shape, got ", logp.sizes(), ", ",
+              ref.sizes(), ", ", mask.sizes());
+  TORCH_CHECK(logp.scalar_type() == at::kFloat || logp.scalar_type() == at::kBFloat16,
+              "prorl::kl_reduce: logp must be float32 or bfloat16, got ", logp.scalar_type());
+  TORCH_CHECK(ref.scalar_type() == logp.scalar_type(), "prorl::kl_reduce: ref_logp must have logp's dtype ",
+              logp.scalar_type(), ", got ", ref.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "prorl::kl_reduce: mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(ref.device() == logp.device() && mask.device() == logp.device(),
+              "prorl::kl_reduce: all tensors must be on one device");
+}
+
+void check_kl_grad(const at::Tensor& grad, const at::Tensor& logp) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logp.size(0), "prorl::kl_reduce_backward: grad must be (",
+              logp.size(0), ",), got ", grad.sizes());
+  TORCH_CHECK(grad.device() == logp.device(), "prorl::kl_reduce_backward: grad must be on logp's device");
+}
+
+void check_rewards(const at::Tensor& rewards, int64_t group_size) {
+  TORCH_CHECK(rewards.dim() == 1 && group_size >= 1 && rewards.numel() % group_size == 0,
+              "prorl::group_advantage: rewards of shape ", rewards.sizes(), " do not split into groups of ",
+              group_size);
+  TORCH_CHECK(at::isFloatingType(rewards.scalar_type()), "prorl::group_advantage: rewards must be floating, got ",
+              rewards.scalar_type());
+}
+
+namespace {
+
+const uint8_t* mask_bytes(const at::Tensor& mask) {
+  return reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+}
+
+// Calls f(scalar_t{}) for the two token dtypes (checked before).
+template <typename F>
+void dispatch_token_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else {
+    f(c10::BFloat16{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_reduce_cpu(const at::Tensor& logp_in,
+                                                                         const at::Tensor& ref_in,
+                                                                         const at::Tensor& mask_in) {
+  check_token_tensors(logp_in, ref_in, mask_in);
+  const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t B = logp.size(0), T = logp.size(1);
+  at::Tensor kl = logp.new_empty({B}, logp.options().dtype(at::kFloat));
+  at::Tensor tokens = logp.new_empty({B}, logp.options().dtype(at::kLong));
+  at::Tensor kl_sum = logp.new_empty({}, logp.options().dtype(at::kFloat));
+  at::Tensor tokens_sum = logp.new_empty({}, logp.options().dtype(at::kLong));
+  dispatch_token_dtype(logp.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    kl_forward_cpu(logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(), mask_bytes(mask), B, T,
+                   kl.mutable_data_ptr<float>(), tokens.mutable_data_ptr<int64_t>(),
+                   kl_sum.mutable_data_ptr<float>(), tokens_sum.mutable_data_ptr<int64_t>());
+  });
+  return {kl, tokens, kl_sum, tokens_sum};
+}
+
+at::Tensor kl_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logp_in, const at::Tensor& ref_in,
+                                  const at::Tensor& mask_in) {
+  check_token_tensors(logp_in, ref_in, mask_in);
+  check_kl_grad(grad_in, logp_in);
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  at::Tensor grad_logp = logp.new_empty(logp.sizes());
+  dispatch_token_dtype(logp.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    kl_backward_cpu(grad.const_data_ptr<float>(), logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(),
+                    mask_bytes(mask), logp.size(0), logp.size(1), grad_logp.mutable_data_ptr<scalar_t>());
+  });
+  return grad_logp;
+}
+
+at::Tensor group_advantage_cpu_op(const at::Tensor& rewards_in, int64_t group_size, double eps, bool normalize_std) {
+  check_rewards(rewards_in, group_size);
+  const at::Tensor rewards = rewards_in.contiguous();
+  at::Tensor out = rewards.new_empty({rewards.numel()}, rewards.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "group_advantage_cpu", [&] {
+    group_advantage_cpu(rewards.const_data_ptr<scalar_t>(), rewards.numel() / group_size, group_size, eps,
+                        normalize_std, out.mutable_data_ptr<float>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace prorl
+
+TORCH_LIBRARY(prorl, m) {
+  m.def("group_advantage(Tensor rewards, int group_size, float eps, bool normalize_std) -> Tensor");
+  m.def("kl_reduce(Tensor logp, Tensor ref_logp, Tensor mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("kl_reduce_backward(Tensor grad_kl_per_seq, Tensor logp, Tensor ref_logp, Tensor mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prorl, CPU, m) {
+  m.impl("group_advantage", &prorl::group_advantage_cpu_op);
+  m.impl("kl_reduce", &prorl::kl_reduce_cpu);
+  m.impl("kl_reduce_backward", &prorl::kl_reduce_backward_cpu);
+}

@@ -1,0 +1,198 @@
+// CUDA kernels of the prorl ops; the schemas and op contracts are in ops.cpp, the math (k3, its gradient,
+// group advantages) in prorl_math.h, shared with the CPU kernels. The token kernels are memory-bound:
+// 16-byte vector loads when every row is 16-byte aligned; the forward is one block per row.
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers for nothing.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/block/block_reduce.cuh>
+
+#include "ops.h"
+#include "prorl_math.h"
+
+namespace prorl {
+namespace {
+
+constexpr int kThreads = 256;
+
+// V consecutive elements, loaded or stored as one vector.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+// k3 summed over the unmasked tokens of one row, and their count: one block per row.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    kl_forward_kernel(const scalar_t* __restrict__ logp, const scalar_t* __restrict__ ref,
+                      const uint8_t* __restrict__ mask, int64_t T, float* __restrict__ kl_out,
+                      int64_t* __restrict__ tokens_out) {
+  const int64_t row = blockIdx.x;
+  const scalar_t* lp = logp + row * T;
+  const scalar_t* rf = ref + row * T;
+  const uint8_t* m = mask + row * T;
+  float kl = 0.f;
+  int tokens = 0;
+  for (int64_t t = static_cast<int64_t>(threadIdx.x) * V; t < T; t += kThreads * V) {
+    const Pack<scalar_t, V> a = load_pack<scalar_t, V>(lp + t), b = load_pack<scalar_t, V>(rf + t);
+    const Pack<uint8_t, V> keep = load_pack<uint8_t, V>(m + t);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float k = k3_f32(to_f32(b.v[i]) - to_f32(a.v[i]));
+      kl += keep.v[i] != 0 ? k : 0.f;
+      tokens += keep.v[i] != 0;
+    }
+  }
+  using FloatReduce = cub::BlockReduce<float, kThreads>;
+  using IntReduce = cub::BlockReduce<int, kThreads>;
+  __shared__ typename FloatReduce::TempStorage float_storage;
+  __shared__ typename IntReduce::TempStorage int_storage;
+  kl = FloatReduce(float_storage).Sum(kl);
+  tokens = IntReduce(int_storage).Sum(tokens);
+  if (threadIdx.x == 0) {
+    kl_out[row] = kl;
+    tokens_out[row] = tokens;
+  }
+}
+
+// grad_logp = grad[row] * d k3 / d logp where unmasked, 0 elsewhere; V elements per thread step.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    kl_backward_kernel(const float* __restrict__ grad, const scalar_t* __restrict__ logp,
+                       const scalar_t* __restrict__ ref, const uint8_t* __restrict__ mask, int64_t T,
+                       int64_t packs, scalar_t* __restrict__ grad_logp) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packs; p += stride) {
+    const int64_t e = p * V;  // T % V == 0, so a pack never straddles two rows
+    const float g = grad[e / T];
+    const Pack<scalar_t, V> a = load_pack<scalar_t, V>(logp + e), b = load_pack<scalar_t, V>(ref + e);
+    const Pack<uint8_t, V> keep = load_pack<uint8_t, V>(mask + e);
+    Pack<scalar_t, V> out;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const float d = to_f32(b.v[i]) - to_f32(a.v[i]);
+      out.v[i] = from_f32<scalar_t>(keep.v[i] != 0 ? g * k3_grad_logp_f32(d) : 0.f);
+    }
+    *reinterpret_cast<Pack<scalar_t, V>*>(grad_logp + e) = out;
+  }
+}
+
+template <typename scalar_t>
+__global__ void group_advantage_kernel(const scalar_t* __restrict__ rewards, int64_t groups, int64_t n, double eps,
+                                       bool normalize_std, float* __restrict__ out) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g < groups) group_advantage_one(rewards + g * n, n, eps, normalize_std, out + g * n);
+}
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Calls f(scalar_t{}, std::integral_constant<int, V>{}): V = 16 bytes of scalar_t when the rows allow
+// 16-byte loads of logp and ref_logp (and V-byte loads of the mask), else 1.
+template <typename F>
+void dispatch_token_kernel(const at::Tensor& logp, const at::Tensor& ref, const at::Tensor& mask, F&& f) {
+  const int64_t T = logp.size(1);
+  auto with_width = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    constexpr int V = 16 / sizeof(scalar_t);
+    const bool vectorizable = T % V == 0 && aligned(logp.const_data_ptr(), 16) &&
+                              aligned(ref.const_data_ptr(), 16) && aligned(mask.const_data_ptr(), V);
+    if (vectorizable) {
+      f(scalar_t{}, std::integral_constant<int, V>{});
+    } else {
+      f(scalar_t{}, std::integral_constant<int, 1>{});
+    }
+  };
+  if (logp.scalar_type() == at::kFloat) {
+    with_width(float{});
+  } else {
+    with_width(c10::BFloat16{});
+  }
+}
+
+const uint8_t* mask_bytes(const at::Tensor& mask) {
+  return reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_reduce_cuda(const at::Tensor& logp_in,
+                                                                          const at::Tensor& ref_in,
+                                                                          const at::Tensor& mask_in) {
+  check_token_tensors(logp_in, ref_in, mask_in);
+  const c10::cuda::CUDAGuard guard(logp_in.device());
+  const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t B = logp.size(0), T = logp.size(1);
+  at::Tensor kl = logp.new_empty({B}, logp.options().dtype(at::kFloat));
+  at::Tensor tokens = logp.new_empty({B}, logp.options().dtype(at::kLong));
+  if (B == 0) return {kl, tokens, kl.sum(), tokens.sum()};
+  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "prorl::kl_reduce: too many rows: ", B);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_token_kernel(logp, ref, mask, [&](auto tag, auto width) {
+    using scalar_t = decltype(tag);
+    kl_forward_kernel<scalar_t, decltype(width)::value><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
+        logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(), mask_bytes(mask), T,
+        kl.mutable_data_ptr<float>(), tokens.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {kl, tokens, kl.sum(), tokens.sum()};
+}
+
+at::Tensor kl_reduce_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logp_in, const at::Tensor& ref_in,
+                                   const at::Tensor& mask_in) {
+  check_token_tensors(logp_in, ref_in, mask_in);
+  check_kl_grad(grad_in, logp_in);
+  const c10::cuda::CUDAGuard guard(logp_in.device());
+  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t T = logp.size(1);
+  at::Tensor grad_logp = logp.new_empty(logp.sizes());
+  if (logp.numel() == 0) return grad_logp;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, logp.get_device()));
+  const int64_t max_blocks = static_cast<int64_t>(sms) * 16;  // grid-stride beyond that
+  dispatch_token_kernel(logp, ref, mask, [&](auto tag, auto width) {
+    using scalar_t = decltype(tag);
+    constexpr int V = decltype(width)::value;
+    const int64_t packs = logp.numel() / V;
+    const int64_t blocks = std::min<int64_t>((packs + kThreads - 1) / kThreads, max_blocks);
+    kl_backward_kernel<scalar_t, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        grad.const_data_ptr<float>(), logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(),
+        mask_bytes(mask), T, packs, grad_logp.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_logp;
+}
+
+at::Tensor group_advantage_cuda(const at::Tensor& rewards_in, int64_t group_size, double eps, bool normalize_std) {
+  check_rewards(rewards_in, group_size);
+  const c10::cuda::CUDAGuard guard(rewards_in.device());
+  const at::Tensor rewards = rewards_in.contiguous();
+  const int64_t groups = rewards.numel() / group_size;
+  at::Tensor out = rewards.new_empty({rewards.numel()}, rewards.options().dtype(at::kFloat));
+  if (groups == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (groups + kThreads - 1) / kThreads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "group_advantage_cuda", [&] {
+    group_advantage_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        rewards.const_data_ptr<scalar_t>(), groups, group_size, eps, normalize_std, out.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace prorl
+
+TORCH_LIBRARY_IMPL(prorl, CUDA, m) {
+  m.impl("group_advantage", &prorl::group_advantage_cuda);
+  m.impl("kl_reduce", &prorl::kl_reduce_cuda);
+  m.impl("kl_reduce_backward", &prorl::kl_reduce_backward_cuda);
+}
