@@ -48,6 +48,16 @@ SHAPES = [
 QUICK = 3  # --quick: the first three shapes
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def make_batch(rows: int, T: int, dtype: torch.dtype, device: str = "cpu", seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(rows, T, generator=gen) * 4
@@ -215,7 +225,7 @@ def main() -> int:
     _native.configure("native")
     devices = _native.load()
     print(
-        f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, {args.dtype}; load average {load_start}; best of interleaved runs, ms"
     )
     print(
@@ -226,6 +236,8 @@ def main() -> int:
     result: dict = {
         "cpu_speedup_vs_eager": min(row["speedup_vs_eager"] for row in cpu),
         "dtype": args.dtype,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
