@@ -32,7 +32,7 @@ import trio
 import zmq
 
 from prorl_async.buffer import BufferStarved, ReplayBuffer, WaitingReplayBuffer
-from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, TrajectoryGroup, WeightsReady
+from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, WeightsReady
 from prorl_async.metrics import MetricsLog
 
 if TYPE_CHECKING:
@@ -78,8 +78,8 @@ def batch_summary(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
     return {
         "reward_mean": sum(rewards) / len(rewards),
         "reward_by_domain": {d: sum(v) / len(v) for d, v in by_domain.items()},
-        "staleness_mean": sum(staleness) / len(staleness),
-        "staleness_max": max(staleness),
+        "group_staleness_mean": sum(staleness) / len(staleness),
+        "group_staleness_max": max(staleness),
         "response_tokens_mean": sum(lengths) / len(lengths),
         "samples": len(rewards),
     }
@@ -143,12 +143,12 @@ class LearnerService:
                     nursery.start_soon(self.ingest_loop, receive_channel)
                     task_status.started(endpoints)
                     await self.train_loop(control, sender)
+                    # Stop goes out while control.serve_loop still owns the socket (it closes it on cancel);
+                    # after a crash generators get no Stop: the supervisor stops them by pid.
+                    control.publish(Stop(reason="learner finished"))
+                    await trio.sleep(0.5)  # let the Stop leave before the socket closes
                     nursery.cancel_scope.cancel()
             finally:
-                from prorl_async.messages import Stop
-
-                control.publish(Stop(reason="learner finished"))
-                await trio.sleep(0.2)  # let the Stop leave before the socket closes
                 sender.close()
 
     async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:
@@ -192,11 +192,11 @@ class LearnerService:
                 sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
                         "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
             elapsed = time.monotonic() - start
-            self.metrics.write(
-                "step", **step.as_dict(), **summary, **sync, version=learner.version, wait_s=waited,
-                learner_idle_ratio=self.idle_s / max(elapsed, 1e-9), groups_arrived=self.arrived,
-                buffer_held=len(self.buffer.buffer), buffer_counters=self.buffer.buffer.counters,
-            )
+            record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
+            record.update(version=learner.version, wait_s=waited, learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
+                          groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
+                          buffer_counters=self.buffer.buffer.counters)
+            self.metrics.write("step", **record)
             if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
                 await trio.to_thread.run_sync(self.checkpoint)
         await trio.to_thread.run_sync(self.checkpoint)

@@ -200,19 +200,20 @@ class Supervisor:
 
     async def _report_loop(self) -> None:
         """Plain progress lines from the metrics file (the live TUI lands with the orchestrator issue)."""
-        path = self.run_dir / "metrics.jsonl"
-        seen = 0
         while True:
             await trio.sleep(self.cfg.run.log_every_s)
-            if not path.exists():
-                continue
-            steps = read_metrics(path, kind="step")
-            for r in steps[seen:]:
-                print(f"step {r.get('version')}: reward {r.get('reward_mean', float('nan')):.3f}  "
-                      f"loss {r.get('loss', float('nan')):.4f}  kl {r.get('kl', float('nan')):.2e}  "
-                      f"staleness {r.get('staleness_mean', 0):.2f}  step {r.get('step_time_s', 0):.1f} s  "
-                      f"wait {r.get('wait_s', 0):.1f} s  sync {r.get('sync_s', 0):.2f} s", flush=True)
-            seen = len(steps)
+            self._report_new_steps()
+
+    _reported = 0
+
+    def _report_new_steps(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        steps = read_metrics(path, kind="step") if path.exists() else []
+        for r in steps[self._reported :]:
+            print(f"step {r['version']}: reward {r['reward_mean']:.3f}  loss {r['loss']:.4f}  kl {r['kl']:.2e}  "
+                  f"staleness {r['staleness_mean']:.2f}  train {r['step_time_s']:.1f} s  wait {r['wait_s']:.1f} s  "
+                  f"sync {r.get('sync_s', 0.0):.2f} s", flush=True)
+        self._reported = len(steps)
 
     def _learner_failed(self) -> int:
         code = self.learner.process.returncode if self.learner.process else None
@@ -223,6 +224,7 @@ class Supervisor:
         return 1
 
     def _summary(self) -> None:
+        self._report_new_steps()
         path = self.run_dir / "metrics.jsonl"
         steps = read_metrics(path, kind="step") if path.exists() else []
         if steps:

@@ -50,7 +50,7 @@ def test_batch_summary() -> None:
     s = batch_summary([_group("a", [1.0, 0.0], 3, "logic"), _group("b", [1.0, 1.0], 5, "math")], learner_version=5)
     assert s["reward_mean"] == 0.75
     assert s["reward_by_domain"] == {"logic": 0.5, "math": 1.0}
-    assert (s["staleness_mean"], s["staleness_max"]) == (1.0, 2)
+    assert (s["group_staleness_mean"], s["group_staleness_max"]) == (1.0, 2)
 
 
 def test_metrics_log_appends_valid_json(tmp_path: Path) -> None:
