@@ -22,7 +22,7 @@ from typing import Any
 
 from prorl_async.errors import UserError
 from prorl_async.rewards import logic
-from prorl_async.rewards.extract import ask_for, final_answer, parse_number
+from prorl_async.rewards.extract import final_answer, parse_number
 from prorl_async.tasks import FiniteProblems, Problem, ProceduralProblems, Task
 
 MAX_VERIFY_CHARS = 300
@@ -38,9 +38,7 @@ def problems(name: str, params: dict[str, Any]) -> FiniteProblems | ProceduralPr
     return logic.problems(name, params)
 
 
-def prompt(task: Task, answer_format: str) -> str:
-    noun = "NUMBER" if task.answer is not None and parse_number(task.answer) is not None else "ANSWER"
-    return f"{task.question.rstrip()}\n\n{ask_for(answer_format, noun)}"
+prompt = logic.prompt  # the same question + answer-format line as the reasoning-gym logic tasks
 
 
 def score(text: str, task: Task) -> tuple[float, str]:
