@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,10 @@ class LearnerService:
                     self.metrics.write("event", event="learner_ready", version=learner.version, **endpoints)
                     nursery.start_soon(self.ingest_loop, receive_channel)
                     task_status.started(endpoints)
-                    await self.train_loop(control, sender)
+                    with trio.CancelScope() as train_scope:
+                        nursery.start_soon(self.signals_loop, train_scope)
+                        await self.train_loop(control, sender)
+                    await trio.to_thread.run_sync(self.checkpoint)  # at the end and after SIGINT / SIGTERM
                     # Stop goes out while control.serve_loop still owns the socket (it closes it on cancel);
                     # after a crash generators get no Stop: the supervisor stops them by pid.
                     control.publish(Stop(reason="learner finished"))
@@ -182,24 +186,38 @@ class LearnerService:
                 continue
             waited = time.monotonic() - t0
             self.idle_s += waited
-            summary = batch_summary(groups, learner.version)
-            batch = groups_to_batch(groups)
-            step = await trio.to_thread.run_sync(learner.train_step, batch)
-            sync: dict[str, Any] = {}
-            if learner.version % cfg.weight_sync.sync_every_steps == 0:
-                control.publish(WeightsReady(version=learner.version))
-                stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
-                sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
-                        "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
-            elapsed = time.monotonic() - start
-            record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
-            record.update(version=learner.version, wait_s=waited, learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
-                          groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
-                          buffer_counters=self.buffer.buffer.counters)
-            self.metrics.write("step", **record)
-            if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
-                await trio.to_thread.run_sync(self.checkpoint)
-        await trio.to_thread.run_sync(self.checkpoint)
+            with trio.CancelScope(shield=True):  # an interrupt lands between steps, never inside one
+                await self._step(groups, waited, start, control, sender)
+
+    async def _step(self, groups: list[TrajectoryGroup], waited: float, start: float, control: Any,
+                    sender: Any) -> None:
+        """One optimizer step on ``groups``, the weight broadcast, the step record and a periodic checkpoint."""
+        cfg, learner = self.cfg, self.learner
+        summary = batch_summary(groups, learner.version)
+        batch = groups_to_batch(groups)
+        step = await trio.to_thread.run_sync(learner.train_step, batch)
+        sync: dict[str, Any] = {}
+        if learner.version % cfg.weight_sync.sync_every_steps == 0:
+            control.publish(WeightsReady(version=learner.version))
+            stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
+            sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
+                    "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
+        elapsed = time.monotonic() - start
+        record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
+        record.update(version=learner.version, wait_s=waited, learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
+                      groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
+                      buffer_counters=self.buffer.buffer.counters)
+        self.metrics.write("step", **record)
+        if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
+            await trio.to_thread.run_sync(self.checkpoint)
+
+    async def signals_loop(self, train_scope: trio.CancelScope) -> None:
+        """SIGINT / SIGTERM end training after the step in progress; ``serve`` then checkpoints and stops."""
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.metrics.write("event", event="interrupted", signal=int(signum), version=self.learner.version)
+                train_scope.cancel()
+                return
 
     def checkpoint(self) -> Path:
         path = self.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}")
@@ -226,11 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     service = LearnerService(cfg, run_dir)
     try:
         trio.run(service.serve)
-    except KeyboardInterrupt:  # the supervisor's SIGINT: keep what was learned
-        if service._learner is not None:
-            log.info("interrupted: writing a checkpoint at version %d", service.learner.version)
-            service.checkpoint()
-        return 130
     finally:
         service.metrics.close()
     return 0

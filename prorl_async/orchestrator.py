@@ -57,8 +57,11 @@ class Child:
     async def start(self, env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
+            # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops the children
+            # in order (learner first: checkpoint, then Stop to the generators).
             self.process = await trio.lowlevel.open_process(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                                            stdin=subprocess.DEVNULL, env=env)
+                                                            stdin=subprocess.DEVNULL, env=env,
+                                                            start_new_session=True)
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -128,7 +131,7 @@ class Supervisor:
         if code != 0 and not self._interrupted:
             return self._learner_failed()
         self._summary()
-        return 0 if code == 0 else 130
+        return 130 if self._interrupted else 0
 
     _interrupted = False
 
@@ -139,6 +142,7 @@ class Supervisor:
                     cancel_scope.cancel()  # second Ctrl-C: stop waiting, shut down now
                     return
                 self._interrupted = True
+                self.stopping = True  # generators that exit from now on are not restarted
                 print("prorl-async: stopping (the learner writes a checkpoint; Ctrl-C again to abort)", flush=True)
                 if self.learner.process is not None and self.learner.process.returncode is None:
                     self.learner.process.send_signal(signal.SIGINT)
@@ -232,13 +236,18 @@ class Supervisor:
             print(f"done: {len(steps)} steps, reward {first:.3f} -> {last:.3f}; metrics: {path}", flush=True)
 
     async def _shutdown(self) -> None:
+        """Learner first (it checkpoints, then publishes Stop); generators get Stop, then SIGTERM, then SIGKILL."""
         self.stopping = True
-        children = [c for c in [self.learner, *self.generators] if c.process is not None]
         deadline = trio.current_time() + _GRACE_S
-        for child in children:
-            assert child.process is not None
-            with trio.move_on_at(deadline):
+        for child in [self.learner, *self.generators]:
+            if child.process is None:
+                continue
+            with trio.move_on_at(min(deadline, trio.current_time() + _GRACE_S / 3)):
                 await child.process.wait()
+            if child.process.returncode is None:  # e.g. busy in a weight-sync wait when Stop arrived
+                child.process.terminate()
+                with trio.move_on_at(deadline):
+                    await child.process.wait()
             if child.process.returncode is None:
                 print(f"prorl-async: {child.name} (pid {child.process.pid}) did not exit; killing it", flush=True)
                 child.process.kill()
