@@ -126,6 +126,9 @@ class GeneratorConfig(_Section):
     """Wall-clock limit for scoring one sample; a timeout scores 0 with a reason."""
     reward_workers: int = Field(1, ge=1)
     """Processes in each generator's scoring pool."""
+    start_timeout_s: float = Field(600.0, gt=0)
+    """How long the learner waits for every generator to join the weight group before its first step; past it,
+    training starts with those that joined (late ones join at the next update)."""
     heartbeat_s: float = Field(2.0, gt=0)
     """Period of heartbeats and per-generator metrics."""
     admission_groups: int = Field(0, ge=0)
@@ -231,7 +234,8 @@ class WeightSyncConfig(_Section):
     bucket_mb: float = Field(64.0, gt=0)
     """Target size of one flat broadcast bucket in MiB (a bigger tensor travels alone in its own bucket)."""
     timeout_s: float = Field(60.0, gt=0)
-    """Timeout of every collective (and of joining); a dead peer fails at once, a stuck one within this."""
+    """Timeout of the learner's waits (and of joining): a dead generator fails at once, a stuck one within this.
+    Generators wait twice as long (the learner may spend one timeout on a stuck peer between two buckets)."""
     stream: bool = True
     """Load buckets into the engine as they arrive (fastest, two buckets of memory). False receives the whole
     update first, so that a learner failing mid-update leaves the engine's weights untouched."""

@@ -145,6 +145,7 @@ class LearnerService:
                     task_status.started(endpoints)
                     with trio.CancelScope() as train_scope:
                         nursery.start_soon(self.signals_loop, train_scope)
+                        await self.wait_for_generators(sender)
                         await self.train_loop(control, sender)
                     await trio.to_thread.run_sync(self.checkpoint)  # at the end and after SIGINT / SIGTERM
                     # Stop goes out while control.serve_loop still owns the socket (it closes it on cancel);
@@ -171,6 +172,16 @@ class LearnerService:
                 elif isinstance(msg, Metrics):
                     self.generators.setdefault(msg.source, {}).update(msg.values)
                     self.metrics.write("generator", source=msg.source, **msg.values)
+
+    async def wait_for_generators(self, sender: Any) -> None:
+        """Start training once every generator holds the current weights, so all of them see every update."""
+        want, timeout_s = self.cfg.generator.num_generators, self.cfg.generator.start_timeout_s
+        try:
+            members = await trio.to_thread.run_sync(sender.wait_for_members, want, timeout_s, abandon_on_cancel=True)
+            self.metrics.write("event", event="generators_joined", members=members)
+        except TimeoutError as err:
+            self.metrics.write("event", event="generators_missing", detail=str(err))
+            log.warning("%s; training starts without them", err)
 
     async def train_loop(self, control: Any, sender: Any) -> None:
         """Pull full batches, train, publish and broadcast the new weights; until max_steps or time budget."""

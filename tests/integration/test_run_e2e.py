@@ -38,7 +38,7 @@ def test_run_tiny_two_generators(tmp_path: Path) -> None:
         assert s["samples"] == 16 and s["tokens"] > 0  # 4 groups x 4 samples per step (configs/tiny.toml)
         assert s["sync_delivered"] == 2 and not s["sync_failed"]  # both generators got the new weights
     events = {e["event"] for e in read_metrics(run_dir / "metrics.jsonl", kind="event")}
-    assert {"learner_ready", "generator_ready", "checkpoint"} <= events
+    assert {"learner_ready", "generator_ready", "generators_joined", "checkpoint"} <= events
     sources = {r["source"] for r in read_metrics(run_dir / "metrics.jsonl", kind="generator")}
     assert sources == {"generator-0", "generator-1"}
     assert (run_dir / "checkpoints" / "step-000002" / "policy" / "config.json").is_file()
