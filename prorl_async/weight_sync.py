@@ -51,8 +51,9 @@ Generator side (``AsyncLLM`` built with ``worker_extension_cls=EXTENSION``; subs
         await engine.reset_prefix_cache(reset_running_requests=True)  # KV of the old weights is stale
     finally:
         await engine.resume_generation()
-    # got["version"]: the version now loaded; got["inflight_tokens"]: {vLLM request id: output tokens
-    # sampled before the swap}: tokens at or past that index carry got["version"]. Internal ids are
+    # got["version"]: the version now loaded (set it with engine.update_weight_version before resuming to
+    # have vLLM label later tokens); got["inflight_tokens"]: {vLLM request id: output tokens sampled before
+    # the swap}: tokens at or past that index carry got["version"]. Internal ids are
     # "{index}_{request_id}-{8 chars}" for n > 1 (weight_receiver.split_request_id).
     # On an exception from weight_sync_receive: the group is gone; call "weight_sync_join" again.
     await engine.collective_rpc("weight_sync_leave")                  # at shutdown
