@@ -54,7 +54,7 @@ class Child:
     restarts: int = 0
     exit_codes: list[int] = field(default_factory=list)
 
-    async def start(self, env: dict[str, str]) -> None:
+    async def start(self, env: dict[str, str], pids_file: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops the children
@@ -62,6 +62,9 @@ class Child:
             self.process = await trio.lowlevel.open_process(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                                             stdin=subprocess.DEVNULL, env=env,
                                                             start_new_session=True)
+        pids = json.loads(pids_file.read_text()) if pids_file.exists() else {}
+        pids[self.name] = self.process.pid
+        pids_file.write_text(json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -96,6 +99,7 @@ class Supervisor:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.env = child_env(cfg, run_dir)
+        self.pids_file = run_dir / "pids.json"
         py = sys.executable
         self.learner = Child("learner", [py, "-m", "prorl_async.learner_service", str(run_dir)],
                              run_dir / "logs" / "learner.log")
@@ -114,7 +118,7 @@ class Supervisor:
         return code
 
     async def _run(self, nursery: trio.Nursery) -> int:
-        await self.learner.start(self.env)
+        await self.learner.start(self.env, self.pids_file)
         endpoints = await self._wait_for_endpoints()
         if endpoints is None:
             return self._learner_failed()
@@ -122,7 +126,7 @@ class Supervisor:
             log_path = self.run_dir / "logs" / f"generator-{i}.log"
             child = Child(f"generator-{i}", self._generator_argv(i, endpoints), log_path)
             self.generators.append(child)
-            await child.start(self.env)
+            await child.start(self.env, self.pids_file)
             nursery.start_soon(self._watch_generator_loop, child, endpoints)
         nursery.start_soon(self._report_loop)
         assert self.learner.process is not None
@@ -185,7 +189,7 @@ class Supervisor:
             state = self._last_sampler_state(child)
             child.argv = self._generator_argv(int(child.name.rsplit("-", 1)[1]), endpoints, state)
             child.restarts += 1
-            await child.start(self.env)
+            await child.start(self.env, self.pids_file)
 
     def _last_sampler_state(self, child: Child) -> Path | None:
         """The generator's last reported prompt position (unfinished prompts re-queued), from metrics.jsonl."""

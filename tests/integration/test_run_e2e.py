@@ -43,4 +43,6 @@ def test_run_tiny_two_generators(tmp_path: Path) -> None:
     assert sources == {"generator-0", "generator-1"}
     assert (run_dir / "checkpoints" / "step-000002" / "policy" / "config.json").is_file()
     assert (run_dir / "config.toml").is_file()
+    assert set(json.loads((run_dir / "pids.json").read_text())) == {"learner", "generator-0", "generator-1"}
     assert "done: 2 steps" in out.stdout
+
