@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -52,7 +52,6 @@ class Child:
     log_path: Path
     process: trio.Process | None = None
     restarts: int = 0
-    exit_codes: list[int] = field(default_factory=list)
 
     async def start(self, env: dict[str, str], pids_file: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +103,9 @@ class Supervisor:
         self.learner = Child("learner", [py, "-m", "prorl_async.learner_service", str(run_dir)],
                              run_dir / "logs" / "learner.log")
         self.generators: list[Child] = []
-        self.stopping = False
+        self.stopping = False  # generators that exit from now on are not restarted
+        self._interrupted = False
+        self._reported = 0  # step records already printed
 
     async def main(self) -> int:
         try:
@@ -137,8 +138,6 @@ class Supervisor:
         self._summary()
         return 130 if self._interrupted else 0
 
-    _interrupted = False
-
     async def _signals_loop(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -146,7 +145,7 @@ class Supervisor:
                     cancel_scope.cancel()  # second Ctrl-C: stop waiting, shut down now
                     return
                 self._interrupted = True
-                self.stopping = True  # generators that exit from now on are not restarted
+                self.stopping = True
                 print("prorl-async: stopping (the learner writes a checkpoint; Ctrl-C again to abort)", flush=True)
                 if self.learner.process is not None and self.learner.process.returncode is None:
                     self.learner.process.send_signal(signal.SIGINT)
@@ -175,7 +174,6 @@ class Supervisor:
             assert child.process is not None
             started = time.monotonic()
             code = await child.process.wait()
-            child.exit_codes.append(code)
             if self.stopping or code == 0:
                 return
             if time.monotonic() - started > 5 * _MAX_BACKOFF_S:
@@ -196,9 +194,8 @@ class Supervisor:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return None
-        source = child.name.replace("-", "")
         states = [r["sampler_state"] for r in read_metrics(path, kind="generator")
-                  if "sampler_state" in r and r.get("source", "").replace("-", "") == source]
+                  if "sampler_state" in r and r.get("source") == child.name]
         if not states:
             return None
         out = self.run_dir / f"{child.name}-sampler-state.json"
@@ -211,8 +208,6 @@ class Supervisor:
         while True:
             await trio.sleep(self.cfg.run.log_every_s)
             self._report_new_steps()
-
-    _reported = 0
 
     def _report_new_steps(self) -> None:
         path = self.run_dir / "metrics.jsonl"
