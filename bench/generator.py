@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -171,9 +173,8 @@ def main() -> int:
         rows.append(row)
         print(f"{model:24s} raw {raw['tokens_per_s']:9.0f} tok/s   generator {gen['tokens_per_s']:9.0f} tok/s   "
               f"ratio {row['ratio']:.2f}", flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "load_avg": os.getloadavg()}
-    print(f"machine: {machine}")
+    machine = machine_info()
+    print(f"machine: {describe(machine)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"ratio_to_raw_vllm": min(r["ratio"] for r in rows), "machine": machine,
                                                "rows": rows}, indent=2))
