@@ -85,10 +85,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from prorl_async.config import load_config
+    from prorl_async.errors import UserError
+    from prorl_async.orchestrator import resume_config, run
 
-    cfg = load_config(args.config, args.overrides)
-    from prorl_async.orchestrator import run
-
+    if args.resume is not None:
+        if args.config is not None:
+            raise UserError("--resume continues a run with its own RUN_DIR/config.toml: give no CONFIG "
+                            "(change values with --set)")
+        cfg = resume_config(args.resume, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     return run(cfg, resume=args.resume)
 
 
