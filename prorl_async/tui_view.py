@@ -34,7 +34,7 @@ from typing import Any
 
 _READ_CHUNK = 1 << 20  # bytes per read
 _POLL_BYTES = 16 << 20  # at most this much per poll: catching up on a long run never stalls the event loop
-TREND_STEPS = 24  # points of the reward sparklines
+TREND_STEPS = 32  # reward points kept for the sparklines (a narrow panel shows the last few)
 
 
 @dataclass
@@ -188,6 +188,8 @@ class RunView:
     def _on_step(self, record: dict[str, Any]) -> None:
         snap = self.snapshot
         snap.step = record
+        if not snap.learner.supervised:
+            snap.learner.state = "running"
         if isinstance(record.get("reward_mean"), int | float):
             self._trend("all", float(record["reward_mean"]))
         by_domain = record.get("reward_by_domain")
@@ -202,7 +204,9 @@ class RunView:
         snap = self.snapshot
         snap.events.append(record)
         name = record.get("event")
-        if name == "checkpoint":
+        if name == "learner_ready" and not snap.learner.supervised:
+            snap.learner.state = "ready"
+        elif name == "checkpoint":
             snap.last_checkpoint = Path(str(record.get("path", ""))).name or None
         elif name == "generator_ready" and isinstance(record.get("source"), str):
             gen = self._generator(record["source"])
