@@ -1,0 +1,260 @@
+"""The TUI: a RunView following a metrics file, the rendered screen, plain lines and the refresh loops.
+
+The fixture ``test_tui_sample.jsonl`` is a recorded ``configs/tiny.toml`` run (3 steps, 1 generator) whose
+values were edited to be told apart (the tiny model's losses are all 0) and given a second generator, a
+reference reset and a validation record; expected figures are read from it, not typed in.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from rich.console import Console
+
+from prorl_async.tui import live_loop, plain_line, plain_loop, render, sparkline
+from prorl_async.tui_view import RunView
+
+SAMPLE = Path(__file__).with_name("test_tui_sample.jsonl")
+CONFIG = {"run": {"max_steps": 3, "time_budget_s": 0.0}, "model": {"name": "tiny-random"},
+          "generator": {"num_generators": 2}, "learner": {"batch_groups": 4}, "buffer": {"max_staleness": 1}}
+
+
+def _records(kind: str | None = None) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+def _screen(view: RunView, width: int = 120) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(render(view, width))
+    return console.export_text()
+
+
+def _view(tmp_path: Path, lines: list[str] | None = None) -> RunView:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f"{line}\n" for line in (lines if lines is not None else SAMPLE.read_text().splitlines())))
+    view = RunView(tmp_path, title="tiny-probe", config=CONFIG, clock=None)
+    view.poll()
+    return view
+
+
+def _has(screen: str, *parts: str) -> None:
+    """``parts`` on one line of ``screen``, in order, separated by blanks only."""
+    pattern = r"\s+".join(re.escape(p) for p in parts)
+    assert re.search(pattern, screen), f"{parts!r} not on screen:\n{screen}"
+
+
+@pytest.fixture
+def full_view(tmp_path: Path) -> RunView:
+    view = _view(tmp_path)
+    view.set_process_state("learner", "alive", pid=111)
+    view.set_process_state("generator-0", "restarting", pid=222, restarts=2)
+    view.set_process_state("generator-1", "alive", pid=333)
+    return view
+
+
+def test_screen_shows_every_field_with_the_recorded_values(full_view: RunView) -> None:
+    screen = _screen(full_view)
+    step = _records("step")[-1]
+    gens = {r["source"]: r for r in _records("generator")}  # the last record of each generator
+    # header: config, model, elapsed, step / max_steps, learner version and process, time budget
+    _has(screen, "tiny-probe", "model", "tiny-random", "elapsed", "0:01:13", "step", "3/3", "learner", "v3",
+         "alive", "pid", "111", "time budget", "none")
+    # generators: state, pid, restarts, tokens/s, policy version, groups sent, in flight, reward errors,
+    # stale groups aborted, weight update time, idle ratio (not in the records yet), report age
+    for name, state, pid, restarts in [("generator-0", "restarting", "222", "2"), ("generator-1", "alive", "333", "0")]:
+        g = gens[name]
+        errors = g["score_error"] + g["score_timeout"] + g["score_crash"]
+        _has(screen, name, state, pid, restarts, f"{g['tokens_per_s']:.1f}", f"v{g['policy_version']}",
+             str(g["groups_sent"]), str(g["groups_in_flight"]), str(errors), str(g["groups_aborted_stale"]),
+             f"{g['weight_update_s']:.3f} s", "n/a")
+    assert f"{gens['generator-1']['tokens_per_s']:.1f}" != f"{gens['generator-0']['tokens_per_s']:.1f}"
+    # learner
+    _has(screen, "step time", f"{step['step_time_s']:.3f} s")
+    _has(screen, "tokens/s", f"{step['tokens_per_s']:.1f}")
+    _has(screen, "loss", f"{step['loss']:.4f}")
+    _has(screen, "pg / kl loss", f"{step['pg_loss']:.4f} / {step['kl_loss']:.4f}")
+    _has(screen, "KL", f"{step['kl']:.2e}", "share", f"{step['kl_share']:.3f}")
+    _has(screen, "approx KL", f"{step['approx_kl']:.2e}")
+    _has(screen, "entropy", f"{step['entropy']:.4f}")
+    _has(screen, "clip lo / hi", f"{step['clip_frac_low']:.4f} / {step['clip_frac_high']:.4f}")
+    _has(screen, "IS truncated", f"{step['is_truncated_frac']:.4f}")
+    _has(screen, "ESS", f"{step['ess']:.4f}")
+    _has(screen, "grad norm", f"{step['grad_norm']:.4f}")
+    _has(screen, "ref resets", "1", f"(v{step['version']} {step['reset_reason']})")
+    # buffer: fill against (K + 1) x batch, staleness histogram (n/a: not recorded yet), filtered by reason
+    _has(screen, "fill", f"{step['buffer_held']}/8", "█████░░░░░")
+    _has(screen, "staleness", "n/a")
+    _has(screen, "batch stale", "mean", f"{step['group_staleness_mean']:.2f}", "max", str(step["group_staleness_max"]))
+    for key, value in step["buffer_counters"].items():
+        _has(screen, key if key in ("received", "yielded") else f"drop {key}", str(value))
+    _has(screen, "gen aborted", str(sum(g["groups_aborted_stale"] for g in gens.values())))
+    # rewards per domain with their trend over the steps: 0.25, 0.375, 0.5 on the [0, 1] scale
+    _has(screen, "reward", f"{step['reward_mean']:.3f}", sparkline(r["reward_mean"] for r in _records("step")))
+    for domain, value in step["reward_by_domain"].items():
+        trend = sparkline(r["reward_by_domain"][domain] for r in _records("step"))
+        _has(screen, domain, f"{value:.3f}", trend)
+    # weight sync, idle ratios, validation, events
+    _has(screen, "weight sync", f"{step['sync_s']:.3f} s", "3.00 MiB")
+    _has(screen, "sync peers", "ok", str(step["sync_delivered"]), "failed", "0")
+    _has(screen, "learner idle", f"{step['learner_idle_ratio']:.3f}", "wait", f"{step['wait_s']:.2f} s")
+    _has(screen, "gen idle", "n/a")
+    validation = _records("validation")[-1]
+    _has(screen, "validation", "v3", "pass@1", f"{validation['pass_at_1']:.3f}", "pass@4",
+         f"{validation['pass_at_4']:.3f}")
+    _has(screen, "checkpoint v3 step-000003")
+
+
+def test_sparkline_reads_rewards_on_a_fixed_scale() -> None:
+    assert sparkline([0.0, 0.25, 0.5, 1.0]) == "▁▃▅█"
+    assert sparkline([0.0, 0.0]) == "▁▁"  # no reward yet: flat at the bottom, not stretched
+    assert sparkline([-2.0, 2.0]) == "▁█"  # outside [0, 1]: min to max
+    assert sparkline([]) == ""
+
+
+def test_missing_figures_read_na_not_zero(tmp_path: Path) -> None:
+    step = {k: v for k, v in _records("step")[0].items() if k not in ("entropy", "ess", "sync_s", "sync_bytes")}
+    view = _view(tmp_path, [json.dumps(step)])
+    screen = _screen(view)
+    _has(screen, "entropy", "n/a")
+    _has(screen, "ESS", "n/a")
+    _has(screen, "weight sync", "n/a", "n/a")
+    _has(screen, "validation", "pass@1", "n/a", "pass@k", "n/a")  # until a validation record arrives
+    _has(screen, "generator-0", "starting")  # a row for each configured generator before it reports
+    _has(screen, "generator-1", "starting")
+
+
+def test_narrow_screen_keeps_the_main_figures(full_view: RunView) -> None:
+    screen = _screen(full_view, width=80)
+    assert max(len(line) for line in screen.splitlines()) <= 80
+    _has(screen, "generator-1", "alive", "28.5", "v2", "16", "3")
+    _has(screen, "loss", f"{_records('step')[-1]['loss']:.4f}")
+
+
+def test_follow_reads_only_complete_lines(tmp_path: Path) -> None:
+    lines = SAMPLE.read_text().splitlines()
+    path = tmp_path / "metrics.jsonl"
+    view = RunView(tmp_path, config=CONFIG, clock=None)
+    assert view.poll() == 0  # no file yet
+    with path.open("w") as f:
+        f.write(lines[0] + "\n" + lines[1][:40])  # the learner is in the middle of the second line
+        f.flush()
+        assert view.poll() == 1
+        assert view.poll() == 0  # the torn line is not read twice, nor half
+        f.write(lines[1][40:] + "\n")
+        f.flush()
+        assert view.poll() == 1
+        for line in lines[2:]:
+            f.write(line + "\n")
+        f.flush()
+    assert view.poll() == len(lines) - 2
+    snap = view.snapshot
+    assert snap.records == len(lines) and snap.malformed == 0
+    assert snap.step["version"] == 3
+    assert list(snap.reward_trend["all"]) == [r["reward_mean"] for r in _records("step")]
+
+
+def test_malformed_lines_are_counted_and_skipped(tmp_path: Path) -> None:
+    good = SAMPLE.read_text().splitlines()
+    view = _view(tmp_path, [good[0], "{not json", "[1, 2]", '{"no_kind": 1}', "", "\x00\x01", *good[1:]])
+    assert view.snapshot.malformed == 4
+    assert view.snapshot.records == len(good)
+    assert view.snapshot.step["version"] == 3
+    assert "4 malformed lines skipped" in _screen(view)
+
+
+def test_a_replaced_file_is_read_afresh_and_process_states_stay(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    view.set_process_state("generator-0", "exited", pid=9, restarts=1)
+    first_step = _records("step")[0]
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(first_step) + "\n")  # shorter than what was read
+    view.poll()
+    assert view.snapshot.records == 1 and view.snapshot.step["version"] == 1
+    gen = view.snapshot.generators["generator-0"]
+    assert (gen.state, gen.pid, gen.restarts) == ("exited", 9, 1)
+
+
+def test_resets_are_counted_once_per_version(tmp_path: Path) -> None:
+    step = _records("step")[-1]
+    reset = {"kind": "reset", "time_s": step["time_s"], "elapsed_s": step["elapsed_s"], "version": 3,
+             "reason": "kl_share"}
+    later = {"kind": "reset", "time_s": step["time_s"] + 1, "elapsed_s": step["elapsed_s"] + 1, "version": 7,
+             "reason": "schedule"}
+    view = _view(tmp_path, [json.dumps(r) for r in [*_records(), reset, later]])
+    assert view.snapshot.resets == [(3, "kl_share"), (7, "schedule")]
+
+
+def test_plain_line(full_view: RunView) -> None:
+    step = _records("step")[-1]
+    line = plain_line(full_view)
+    assert "\n" not in line
+    for part in ["[0:01:13] step 3/3", f"reward {step['reward_mean']:.3f} (logic 0.375 math 0.625)",
+                 f"loss {step['loss']:.4f}", f"kl {step['kl']:.2e}", f"entropy {step['entropy']:.3f}",
+                 "buffer 4/8", "generators 1/2 up 45.4 tok/s", "sync 0.12 s 3.00 MiB", "resets 1", "pass@1 0.438"]:
+        assert part in line, (part, line)
+
+
+def test_live_loop_redraws_at_least_twice_a_second_and_follows_new_records(tmp_path: Path) -> None:
+    lines = SAMPLE.read_text().splitlines()
+    steps = [i for i, line in enumerate(lines) if '"kind":"step"' in line]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines[: steps[0] + 1]) + "\n")  # up to step 1
+    view = RunView(tmp_path, config=CONFIG, clock=None)
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True, color_system=None)
+    polled_at: list[float] = []
+    poll = view.poll
+
+    def timed_poll() -> int:
+        polled_at.append(trio.current_time())
+        return poll()
+
+    view.poll = timed_poll  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: live_loop(view, console=console, task_status=task_status))
+            await trio.sleep(1.1)
+            assert view.snapshot.step["version"] == 1
+            with path.open("a") as f:
+                f.write("\n".join(lines[steps[0] + 1 :]) + "\n")
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    gaps = [b - a for a, b in itertools.pairwise(polled_at)]
+    assert len(polled_at) >= 1 + 2 * 2 and max(gaps) <= 0.5 + 1e-6, polled_at  # >= 2 polls a second for 2.1 s
+    assert out.getvalue().count("prorl-async run") >= len(polled_at)  # and a frame drawn after each
+    assert view.snapshot.step["version"] == 3
+    assert "step 3/3" in out.getvalue().rsplit("prorl-async run", 1)[1]  # the last frame shows the last step
+
+
+def test_plain_loop_prints_when_records_arrive(tmp_path: Path) -> None:
+    lines = SAMPLE.read_text().splitlines()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(lines[0] + "\n")
+    view = RunView(tmp_path, config=CONFIG, clock=None)
+    out = io.StringIO()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: plain_loop(view, every_s=5.0, file=out, task_status=task_status))
+            await trio.sleep(5.5)  # one line: the first record arrived
+            await trio.sleep(5.0)  # nothing new: no line
+            with path.open("a") as f:
+                f.write("\n".join(lines[1:]) + "\n")
+            await trio.sleep(5.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    printed = out.getvalue().splitlines()
+    assert len(printed) == 2, printed
+    assert "step n/a" in printed[0] and "step 3/3" in printed[1]
