@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -312,28 +312,46 @@ def plain_line(view: RunView) -> str:
 # ------------------------------------------------------------------------------------------ loops
 
 
+def wants_live(mode: str, stream: TextIO | None = None) -> bool:
+    """``run.tui``: ``on`` / ``off``, or ``auto`` — the live screen only when ``stream`` (stdout) is a terminal."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return (stream or sys.stdout).isatty()
+
+
+def _update(view: RunView, before_refresh: Callable[[RunView], None] | None) -> int:
+    if before_refresh is not None:
+        before_refresh(view)  # e.g. the supervisor's process states
+    return view.poll()
+
+
 async def live_loop(view: RunView, *, refresh_per_s: float = 2.0, console: Console | None = None,
+                    before_refresh: Callable[[RunView], None] | None = None,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Poll ``view`` and redraw the screen ``refresh_per_s`` times a second until cancelled (last frame kept)."""
+    """Poll ``view`` and redraw the screen ``refresh_per_s`` times a second until cancelled (last frame kept).
+
+    ``before_refresh(view)`` runs before each poll: the place to call :meth:`RunView.set_process_state`.
+    """
     from rich.live import Live
 
     console = console or Console()
     period = 1.0 / refresh_per_s
-    view.poll()
+    _update(view, before_refresh)
     with Live(render(view, console.width), console=console, auto_refresh=False, transient=False,
               screen=False, vertical_overflow="crop") as live:
         task_status.started()
         try:
             while True:
                 await trio.sleep(period)
-                view.poll()
+                _update(view, before_refresh)
                 live.update(render(view, console.width), refresh=True)
         finally:  # cancelled at the end of the run: draw what the last records said
-            view.poll()
+            _update(view, before_refresh)
             live.update(render(view, console.width), refresh=True)
 
 
 async def plain_loop(view: RunView, *, every_s: float = 10.0, file: TextIO | None = None,
+                     before_refresh: Callable[[RunView], None] | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Every ``every_s``, one :func:`plain_line` if records arrived since the last one; a last line when cancelled."""
     out = file or sys.stdout
@@ -341,10 +359,10 @@ async def plain_loop(view: RunView, *, every_s: float = 10.0, file: TextIO | Non
     try:
         while True:
             await trio.sleep(every_s)
-            if view.poll():
+            if _update(view, before_refresh):
                 print(plain_line(view), file=out, flush=True)
     finally:
-        if view.poll():
+        if _update(view, before_refresh):
             print(plain_line(view), file=out, flush=True)
 
 
