@@ -19,7 +19,7 @@ import trio
 import trio.testing
 from rich.console import Console
 
-from prorl_async.tui import live_loop, plain_line, plain_loop, render, sparkline
+from prorl_async.tui import live_loop, plain_line, plain_loop, render, sparkline, wants_live
 from prorl_async.tui_view import RunView
 
 SAMPLE = Path(__file__).with_name("test_tui_sample.jsonl")
@@ -219,11 +219,16 @@ def test_live_loop_redraws_at_least_twice_a_second_and_follows_new_records(tmp_p
 
     view.poll = timed_poll  # type: ignore[method-assign]
 
+    def states(v: RunView) -> None:  # as the supervisor does: generator-1 dies after a second
+        v.set_process_state("generator-1", "alive" if trio.current_time() < 1.0 else "restarting", pid=7)
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: live_loop(view, console=console, task_status=task_status))
+            await nursery.start(lambda task_status: live_loop(view, console=console, before_refresh=states,
+                                                              task_status=task_status))
             await trio.sleep(1.1)
             assert view.snapshot.step["version"] == 1
+            assert "generator-1  alive" in out.getvalue()
             with path.open("a") as f:
                 f.write("\n".join(lines[steps[0] + 1 :]) + "\n")
             await trio.sleep(1.0)
@@ -234,7 +239,21 @@ def test_live_loop_redraws_at_least_twice_a_second_and_follows_new_records(tmp_p
     assert len(polled_at) >= 1 + 2 * 2 and max(gaps) <= 0.5 + 1e-6, polled_at  # >= 2 polls a second for 2.1 s
     assert out.getvalue().count("prorl-async run") >= len(polled_at)  # and a frame drawn after each
     assert view.snapshot.step["version"] == 3
-    assert "step 3/3" in out.getvalue().rsplit("prorl-async run", 1)[1]  # the last frame shows the last step
+    last_frame = out.getvalue().rsplit("prorl-async run", 1)[1]
+    assert "step 3/3" in last_frame and "generator-1  restarting" in last_frame
+
+
+def test_wants_live() -> None:
+    class Stream(io.StringIO):
+        def __init__(self, tty: bool) -> None:
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    assert wants_live("auto", Stream(True)) and not wants_live("auto", Stream(False))
+    assert wants_live("on", Stream(False)) and not wants_live("off", Stream(True))
 
 
 def test_plain_loop_prints_when_records_arrive(tmp_path: Path) -> None:
