@@ -192,6 +192,13 @@ class LearnerConfig(_Section):
     """Optimizer updates per batch; above 1 the proximal log-probs come from a no-grad pass first."""
     micro_batch_tokens: int = Field(4096, ge=16)
     """Token budget of one forward/backward micro-batch (gradient accumulation beyond it)."""
+    share_prompt: bool = True
+    """Run each group's prompt once per micro-batch row and its responses after it (prefix sharing).
+
+    The n responses of a group attend to one copy of the prompt's activations through a block attention
+    mask, so a GRPO step computes ``prompt + sum(responses)`` tokens per group instead of
+    ``n x (prompt + response)``; the log-probs and gradients are the same. Groups whose samples do not
+    share a prompt, and models whose attention cannot take a custom mask, take the unshared path anyway."""
     logprob_chunk_tokens: int = Field(1024, ge=16)
     """Tokens per chunk of the vocabulary projection when computing log-probs."""
     device: str = "auto"
