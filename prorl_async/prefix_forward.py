@@ -1,0 +1,186 @@
+"""Prefix sharing: a group's prompt runs once, its n responses attend to that one copy (packed rows).
+
+A GRPO group is one prompt and n responses. Run as n separate sequences, the prompt's tokens go through
+the model n times; with prompts ten times longer than responses (few-shot reasoning tasks) that is ~90%
+of the learner's compute. Here a micro-batch row holds a *unit*, one prompt followed by the responses
+of some samples of its group::
+
+    tokens     p0 p1 p2 | a0 a1 a2 | b0 b1 | pad
+    positions   0  1  2 |  3  4  5 |  3  4 |  0
+    segment     0  0  0 |  1  1  1 |  2  2 | -1
+
+and a block attention mask lets every token see the earlier tokens of its own segment plus the whole
+prompt: response ``a`` never sees ``b``, and each response sees exactly what it would see as a sequence
+of its own, at the same positions (explicit ``position_ids``). So each response's log-probs equal the
+unshared ones, and since the prompt's keys and values are ordinary activations of the forward, the
+gradients of all n responses flow back into the one prompt computation and add up there -- the same
+gradient as n copies. The log-prob of response token 0 comes from the prompt's last position (the
+gather index repeats for every response of the unit).
+
+This is what expanding a prompt's KV cache over the group does, in one forward call per micro-batch:
+no cache object (so gradient checkpointing, which turns the cache off, still works) and every FSDP
+module runs once per forward, as in the unshared path.
+
+Invariants:
+
+- a unit never spans groups; a group is split into several units (each with its prompt) only when the
+  prompt plus its responses exceed the micro-batch token budget; the first unit takes as many
+  responses as fit, in sample order;
+- a group whose samples do not all have the same prompt, or ``share=False``, gives one unit per sample:
+  rows of one sequence each, collated exactly as the unshared learner always did (2-D padding mask, no
+  ``position_ids``);
+- ``MicroBatch.rows`` lists the samples in the order of the gathered tokens and of ``resp_mask`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+PACKABLE_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take an arbitrary 4-D mask (flash/flex kernels do not)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One micro-batch row: the prompt of ``samples[0]`` then the response of every sample, in order."""
+
+    samples: tuple[int, ...]
+    length: int
+    """Tokens in the row: the prompt once plus every response."""
+
+
+@dataclass
+class MicroBatch:
+    """Rows of units as model inputs, and where the response tokens' predictions are."""
+
+    rows: list[int]  # sample indices, in the order of gather/targets and of resp_mask's rows
+    input_ids: torch.Tensor  # (U, L)
+    attention_mask: torch.Tensor | None  # (U, L) padding mask, (U, 1, L, L) bool block mask, or None (no padding)
+    position_ids: torch.Tensor | None  # (U, L) with a block mask, else None (0..L-1)
+    gather: torch.Tensor  # (N,) flat indices into the (U * L) hidden states predicting each response token
+    targets: torch.Tensor  # (N,)
+    resp_mask: torch.Tensor  # (R, Tr) bool, R = len(rows)
+    weight: float = 1.0  # 0 for a filler that only keeps ranks in step
+    units: int = 0
+
+
+def plan_units(
+    prompts: Sequence[torch.Tensor],
+    response_lens: Sequence[int],
+    group_size: int,
+    *,
+    share: bool,
+    budget_tokens: int,
+) -> list[Unit]:
+    """Units covering every sample once, group by group (samples ``g * group_size + j``).
+
+    With ``share`` a group whose samples have equal prompts is packed into as few units as the budget
+    allows (at least one response per unit); otherwise every sample is a unit of its own.
+    """
+    units: list[Unit] = []
+    for start in range(0, len(prompts), group_size):
+        group = range(start, start + group_size)
+        p = len(prompts[start])
+        if not share or group_size == 1 or not all(torch.equal(prompts[i], prompts[start]) for i in group):
+            units += [Unit((i,), len(prompts[i]) + response_lens[i]) for i in group]
+            continue
+        members: list[int] = []
+        length = p
+        for i in group:
+            if members and length + response_lens[i] > budget_tokens:
+                units.append(Unit(tuple(members), length))
+                members, length = [], p
+            members.append(i)
+            length += response_lens[i]
+        units.append(Unit(tuple(members), length))
+    return units
+
+
+def collate(
+    units: Sequence[Unit],
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    device: torch.device,
+    weight: float = 1.0,
+) -> MicroBatch:
+    """Right-padded rows of ``units`` (see the module doc); a block mask only when some unit shares."""
+    width = max(u.length for u in units)
+    input_ids = torch.zeros(len(units), width, dtype=torch.long)
+    segment = torch.full((len(units), width), -1, dtype=torch.long)  # 0 prompt, j + 1 response j, -1 padding
+    positions = torch.zeros(len(units), width, dtype=torch.long)
+    gather: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    rows: list[int] = []
+    resp_lens: list[int] = []
+    for r, unit in enumerate(units):
+        prompt = prompts[unit.samples[0]]
+        p = len(prompt)
+        base = r * width
+        input_ids[r, :p] = prompt
+        segment[r, :p] = 0
+        positions[r, :p] = torch.arange(p)
+        offset = p
+        for j, i in enumerate(unit.samples):
+            resp = responses[i]
+            n = len(resp)
+            input_ids[r, offset : offset + n] = resp
+            segment[r, offset : offset + n] = j + 1
+            positions[r, offset : offset + n] = torch.arange(p, p + n)
+            # Token 0 is predicted by the prompt's last position, token t by the response's position t - 1.
+            gather += [torch.tensor([base + p - 1]), torch.arange(base + offset, base + offset + n - 1)]
+            targets.append(resp)
+            rows.append(i)
+            resp_lens.append(n)
+            offset += n
+    resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
+    if any(len(u.samples) > 1 for u in units):
+        attention: torch.Tensor | None = block_attention_mask(segment)
+        position_ids: torch.Tensor | None = positions.to(device)
+    else:  # one sequence per row: the plain causal path, with a padding mask only when some row is short
+        attention = None if min(u.length for u in units) == width else (segment >= 0).long()
+        position_ids = None
+    return MicroBatch(
+        rows=rows,
+        input_ids=input_ids.to(device),
+        attention_mask=None if attention is None else attention.to(device),
+        position_ids=position_ids,
+        gather=torch.cat(gather).to(device),
+        targets=torch.cat(targets).to(device),
+        resp_mask=resp_mask.to(device),
+        weight=weight,
+        units=len(units),
+    )
+
+
+def block_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """(U, 1, L, L) bool, True where query q may attend key k: k <= q, and k in q's segment or the prompt.
+
+    ``segment`` (U, L): 0 for prompt tokens, j + 1 for response j, -1 for padding. Padding queries see
+    earlier padding and the prompt, never a response, and always themselves (no fully masked row, so no
+    NaN in softmax); nothing but padding attends to padding.
+    """
+    length = segment.shape[1]
+    idx = torch.arange(length)
+    causal = idx[None, :] <= idx[:, None]  # (L, L): [q, k]
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    return (causal & ((seg_q == seg_k) | (seg_k == 0)))[:, None]
+
+
+def packing_supported(config: object) -> str | None:
+    """None when the model's attention honours a custom 4-D mask over full attention; else the reason not."""
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in PACKABLE_ATTENTION:
+        return f"attention implementation {impl!r} does not take a custom 4-D mask"
+    layer_types = getattr(config, "layer_types", None) or ()
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    if sliding or any(t != "full_attention" for t in layer_types):
+        return "sliding-window layers would ignore their window under a custom mask"
+    return None
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool block mask as the additive float mask that eager attention expects (0 or the dtype's min)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,185 @@
+"""Prefix sharing: a group's prompt computed once gives the log-probs, gradients and steps of n separate rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_learner import hf_logprobs, on_policy, tiny_config
+
+from prorl_async.learner import Learner, TrainBatch, TrainSample
+from prorl_async.prefix_forward import Unit, block_attention_mask, collate, plan_units
+
+
+def grouped_batch(
+    prompt_lens: list[int], group_size: int, seed: int = 0, shared: list[bool] | None = None, max_response: int = 20
+) -> TrainBatch:
+    """One group per prompt length; every sample of a group has the group's prompt unless ``shared[g]`` is False.
+
+    Response lengths vary from 1 token up, rewards alternate within a group (mixed advantages).
+    """
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for k, p in enumerate(prompt_lens):
+        prompt = torch.randint(4, 1024, (p,), generator=g).tolist()
+        for j in range(group_size):
+            n = 1 if (j + k) % 3 == 0 else int(torch.randint(1, max_response + 1, (1,), generator=g))
+            own = prompt if shared is None or shared[k] else torch.randint(4, 1024, (p,), generator=g).tolist()
+            response = torch.randint(4, 1024, (n,), generator=g).tolist()
+            behav = (-6.9 + 0.2 * torch.randn(n, generator=g)).tolist()
+            samples.append(TrainSample(own, response, behav, float((j + k) % 2)))
+    return TrainBatch(samples, group_size)
+
+
+def learners(**learner_fields) -> tuple[Learner, Learner]:
+    """(shared, unshared) learners with the same weights; ``learner_fields`` go to both configs."""
+    fields = {"micro_batch_tokens": 256, **learner_fields}
+    shared = Learner(tiny_config(learner={**fields, "share_prompt": True}))
+    unshared = Learner(tiny_config(learner={**fields, "share_prompt": False}))
+    return shared, unshared
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir) -> tuple[Learner, Learner]:
+    return learners()
+
+
+@pytest.mark.parametrize(
+    ("prompt_lens", "group_size"),
+    [([3, 17, 9], 4), ([5, 30, 1, 12], 1), ([40], 8)],
+    ids=["mixed-prompts", "group-of-one", "one-long-group"],
+)
+def test_shared_logprobs_equal_unshared_and_plain_transformers(pair, tiny_model_dir, prompt_lens, group_size):
+    from transformers import AutoModelForCausalLM
+
+    shared, unshared = pair
+    batch = grouped_batch(prompt_lens, group_size, seed=len(prompt_lens))
+    got, want = shared.logprobs(batch), unshared.logprobs(batch)
+    plain = hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch, temperature=1.2)
+    assert [len(x) for x in got] == [len(s.response_ids) for s in batch.samples]
+    for a, b, c in zip(got, want, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def _logprob_grads(learner: Learner, batch: TrainBatch, budget: int) -> dict[str, torch.Tensor]:
+    """Gradients of a weighted sum of all response log-probs (a weight per token), micro-batch by micro-batch."""
+    from prorl_async.learner import _Prepared
+
+    learner.policy.zero_grad(set_to_none=True)
+    data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
+    weights = torch.Generator().manual_seed(9)
+    per_sample = [torch.randn(n, generator=weights) for n in data.resp_lens]
+    units = plan_units(data.prompts, data.resp_lens, batch.group_size, share=learner.share_prompt, budget_tokens=budget)
+    for start in range(0, len(units), 3):  # three units per micro-batch: rows of several groups together
+        mb = data.collate(units[start : start + 3])
+        logp, _ = learner.policy(mb.input_ids, mb.attention_mask, mb.gather, mb.targets, False, mb.position_ids)
+        (logp * torch.cat([per_sample[i] for i in mb.rows])).sum().backward()
+    return {name: p.grad.clone() for name, p in learner.policy.lm.named_parameters()}
+
+
+@pytest.mark.parametrize("budget", [4096, 40], ids=["whole-groups", "groups-split-by-budget"])
+def test_shared_gradients_equal_unshared(pair, budget):
+    shared, unshared = pair
+    batch = grouped_batch([3, 17, 9, 25], 5, seed=11)
+    got = _logprob_grads(shared, batch, budget)
+    want = _logprob_grads(unshared, batch, budget)
+    assert any(float(g.abs().max()) > 0 for g in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "learner_fields",
+    [{}, {"mini_batches": 2, "micro_batch_tokens": 64}],
+    ids=["one-mini-batch", "proximal-pass-and-small-budget"],
+)
+def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner_fields):
+    from prorl_async.learner import _Prepared
+
+    shared, unshared = learners(**learner_fields)
+    # Group 1's samples have different prompts: it takes the unshared rows inside the shared learner too.
+    batch = on_policy(unshared, grouped_batch([6, 14, 3, 21], 4, seed=5, shared=[True, False, True, True]), noise=0.3)
+    steps = []
+    for learner in (shared, unshared):
+        _perturb_reference(learner)
+        data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
+        proximal = learner._proximal_logprobs(data, [list(range(len(batch.samples)))])
+        metrics = learner.train_step(batch)
+        steps.append((metrics, proximal, {n: p.grad.clone() for n, p in learner.policy.lm.named_parameters()}))
+    (m_shared, old_shared, g_shared), (m_unshared, old_unshared, g_unshared) = steps
+    for key in ("loss", "pg_loss", "kl", "entropy", "approx_kl", "ess", "clip_frac_low", "clip_frac_high"):
+        assert getattr(m_shared, key) == pytest.approx(getattr(m_unshared, key), rel=1e-4, abs=1e-7), key
+    assert m_shared.kl > 0 and m_shared.grad_norm == pytest.approx(m_unshared.grad_norm, rel=1e-4)
+    assert m_shared.total_tokens == m_unshared.total_tokens == m_unshared.forward_tokens
+    assert m_shared.forward_tokens < m_unshared.forward_tokens  # three groups' prompts ran fewer times
+    assert old_shared.keys() == old_unshared.keys() == set(range(len(batch.samples)))
+    for i in old_unshared:
+        torch.testing.assert_close(old_shared[i], old_unshared[i], rtol=1e-5, atol=1e-5)
+    if shared.version == 1:
+        # The last mini-batch's gradients. After an optimizer step the two paths' weights differ, by up to 2 lr:
+        # Adam's first step is ~lr * sign(g) even where g ~ 1e-9 and rounding decides the sign.
+        for name in g_unshared:
+            torch.testing.assert_close(g_shared[name], g_unshared[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _perturb_reference(learner: Learner) -> None:
+    """Move the reference off the policy (the same way in every learner), so the KL term has a gradient."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in learner.reference.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def test_eager_attention_takes_the_block_mask_as_an_additive_mask(pair):
+    shared, unshared = pair
+    batch = grouped_batch([7, 2], 3, seed=3)
+    want = unshared.logprobs(batch)
+    config = shared.policy.lm.config
+    impl = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        got = shared.logprobs(batch)
+    finally:
+        config._attn_implementation = impl
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_units_packs_groups_within_the_budget():
+    prompts = [torch.tensor([1, 2, 3])] * 4 + [torch.tensor([5, 6])] * 2 + [torch.tensor([7]), torch.tensor([8])]
+    resp = [4, 4, 4, 4, 1, 2, 3, 3]
+    units = plan_units(prompts, resp, 2, share=True, budget_tokens=11)
+    assert units == [Unit((0, 1), 11), Unit((2, 3), 11), Unit((4, 5), 5), Unit((6,), 4), Unit((7,), 4)]
+    units = plan_units(prompts[:4], resp[:4], 4, share=True, budget_tokens=2)  # over budget: one response each
+    assert [u.samples for u in units] == [(0,), (1,), (2,), (3,)] and all(u.length == 7 for u in units)
+    assert plan_units(prompts, resp, 2, share=False, budget_tokens=100) == [
+        Unit((i,), len(p) + n) for i, (p, n) in enumerate(zip(prompts, resp, strict=True))
+    ]
+
+
+def test_collate_rows_positions_and_mask():
+    prompts = [torch.tensor([10, 11, 12])] * 2 + [torch.tensor([20])]
+    responses = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6])]
+    mb = collate([Unit((0, 1), 8), Unit((2,), 2)], prompts, responses, torch.device("cpu"))
+    assert mb.rows == [0, 1, 2] and mb.units == 2
+    assert mb.input_ids.tolist() == [[10, 11, 12, 1, 2, 3, 4, 5], [20, 6, 0, 0, 0, 0, 0, 0]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4], [0, 1, 0, 0, 0, 0, 0, 0]]
+    # Token 0 of each response from the prompt's last position (2, and 8 + 0 in row 1), then its own positions.
+    assert mb.gather.tolist() == [2, 3, 4, 2, 6, 8] and mb.targets.tolist() == [1, 2, 3, 4, 5, 6]
+    assert mb.resp_mask.tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    mask = mb.attention_mask[0, 0].int()
+    assert mask[7].tolist() == [1, 1, 1, 0, 0, 0, 1, 1]  # response 2 sees the prompt and itself, not response 1
+    assert mask[5].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert mask[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    pad = mb.attention_mask[1, 0].int()
+    assert pad[1].tolist() == [1, 1, 0, 0, 0, 0, 0, 0] and pad[4].tolist() == [1, 0, 1, 1, 1, 0, 0, 0]
+    single = collate([Unit((2,), 2), Unit((0,), 6)], prompts, responses, torch.device("cpu"))
+    assert single.position_ids is None and single.attention_mask.shape == (2, 6)  # the plain unshared rows
+
+
+def test_block_mask_never_leaves_a_row_empty():
+    segment = torch.tensor([[0, 0, 1, 2, 2, -1, -1], [0, 1, 1, 1, 1, 1, 1]])
+    mask = block_attention_mask(segment)
+    assert mask.shape == (2, 1, 7, 7) and bool(mask.diagonal(dim1=-2, dim2=-1).all())
+    assert not bool(mask[0, 0, 3, 2])  # response 2 does not see response 1
+    assert not bool(mask[0, 0, :5, 5:].any())  # nothing but padding attends to padding
