@@ -6,11 +6,15 @@ steps (``version`` counts them):
 1. group advantages over the whole batch (``prorl_async.advantage.group_advantage``);
 2. proximal log-probs: with one mini-batch they are the gradient pass's own values, detached (one forward);
    with several, a no-grad pass over the batch first, so that every mini-batch sees the same old policy;
-3. per mini-batch: samples sorted by length into micro-batches of at most ``micro_batch_tokens`` padded
+3. per mini-batch: rows sorted by length into micro-batches of at most ``micro_batch_tokens`` padded
    tokens (rows x longest row, so padding stays small), reference log-probs without gradient, policy
    log-probs with gradient, the ProRL loss over the mini-batch's token count, backward per micro-batch
    (gradient accumulation), clipping, warm-up then constant learning rate, AdamW;
 4. the reset policy (:mod:`prorl_async.reset`) may then hard-reset the reference and the optimizer.
+
+A row is a group's prompt followed by its responses (``learner.share_prompt``, :mod:`prorl_async.prefix_forward`):
+every pass (proximal, reference, policy) computes the prompt once per group, not once per sample, with the
+same log-probs and gradients as one row per sample, which remains the path for groups without a common prompt.
 
 Log-probs never materialise full-vocabulary logits for the batch: only the hidden states that predict
 response tokens go through the vocabulary projection, ``logprob_chunk_tokens`` at a time
@@ -37,6 +41,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from prorl_async import _native
 from prorl_async.advantage import group_advantage
 from prorl_async.loss import (
     MEAN_KEYS,
@@ -56,6 +62,7 @@ from prorl_async.loss import (
     stats_to_sums,
     token_logprobs,
 )
+from prorl_async.prefix_forward import MicroBatch, Unit, additive_mask, collate, packing_supported, plan_units
 from prorl_async.reset import ResetPolicy
 
 if TYPE_CHECKING:
@@ -124,7 +131,9 @@ class StepMetrics:
     tokens: float
     """Response tokens in the loss."""
     total_tokens: float
-    """Prompt + response tokens through forward and backward."""
+    """Prompt + response tokens of every sample (a shared prompt counts once per sample, as in the data)."""
+    forward_tokens: float
+    """Tokens the policy's forward actually ran: with prefix sharing each group's prompt once (per row)."""
     samples: float
     reward_mean: float
     staleness_mean: float
@@ -144,9 +153,10 @@ class StepMetrics:
 class LogprobModel(nn.Module):
     """A causal LM whose forward returns the log-probs of response tokens only (the FSDP root module).
 
-    Forward: ``input_ids`` (R, L), ``attention_mask`` (R, L) or None, ``gather`` (N,) flat indices into
-    the (R * L) hidden states predicting each response token, ``targets`` (N,) -> (N,) log-probs and
-    (N,) entropies (empty without ``with_entropy``).
+    Forward: ``input_ids`` (R, L), ``attention_mask`` (R, L), a (R, 1, L, L) bool block mask or None,
+    ``gather`` (N,) flat indices into the (R * L) hidden states predicting each response token, ``targets``
+    (N,), ``position_ids`` (R, L) or None -> (N,) log-probs and (N,) entropies (empty without
+    ``with_entropy``). A prefix-shared micro-batch is still one call, so FSDP runs every module once.
     """
 
     def __init__(self, lm: nn.Module, chunk_tokens: int, temperature: float) -> None:
@@ -162,9 +172,14 @@ class LogprobModel(nn.Module):
         gather: torch.Tensor,
         targets: torch.Tensor,
         with_entropy: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         body = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        if attention_mask is not None and attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+            attention_mask = additive_mask(attention_mask, torch.float32)  # eager adds the mask to the scores
+        hidden = body(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather)  # (N, H)
         weight = self.lm.get_output_embeddings().weight  # (V, H)
         logp, entropy = token_logprobs(
@@ -174,19 +189,8 @@ class LogprobModel(nn.Module):
         return logp, (entropy if entropy is not None else logp.new_zeros(0))
 
 
-@dataclass
-class _MicroBatch:
-    rows: list[int]  # sample indices, one per row
-    input_ids: torch.Tensor  # (R, L)
-    attention_mask: torch.Tensor | None  # (R, L); None when every row is full
-    gather: torch.Tensor  # (N,)
-    targets: torch.Tensor  # (N,)
-    resp_mask: torch.Tensor  # (R, Tr) bool
-    weight: float = 1.0  # 0 for a filler that only keeps ranks in step
-
-
 def plan_micro_batches(lengths: Sequence[int], budget_tokens: int) -> list[list[int]]:
-    """Sample indices in micro-batches of at most ``budget_tokens`` padded tokens (rows x longest row).
+    """Row indices in micro-batches of at most ``budget_tokens`` padded tokens (rows x longest row).
 
     Longest first, so rows of a micro-batch have similar lengths; a sample longer than the budget goes
     alone. Deterministic (ties broken by index).
@@ -226,6 +230,7 @@ class Learner:
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.learner.num_threads or max(1, available_cores() // self.world))
         torch.manual_seed(cfg.run.seed)
+        _native.configure(cfg.learner.ops)  # the advantage/KL dispatchers read it (process-wide)
         self.model_dir = Path(policy_dir) if policy_dir is not None else resolve_model(cfg.model.name)
         autocast = cfg.learner.autocast
         self.autocast = autocast == "bfloat16" or (autocast == "auto" and self.device.type == "cuda")
@@ -240,6 +245,10 @@ class Learner:
         if cfg.loss.kl_beta > 0:
             self.reference = self._load(Path(reference_dir) if reference_dir is not None else self.model_dir)
             self.reference.requires_grad_(False).eval()
+        self.share_prompt = cfg.learner.share_prompt
+        if self.share_prompt and (why := packing_supported(self.policy.lm.config)) is not None:
+            warnings.warn(f"learner.share_prompt is on but {why}: every sample gets its own row", stacklevel=2)
+            self.share_prompt = False
         if self.world > 1:
             self._fully_shard()
         o = cfg.optim
@@ -257,7 +266,7 @@ class Learner:
         start = time.perf_counter()
         batch.validate()
         version_before = self.version
-        data = _Prepared(batch, self.cfg, self.device)
+        data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
         groups = len(batch.samples) // batch.group_size
         splits = [g.tolist() for g in torch.arange(groups).tensor_split(min(self.cfg.learner.mini_batches, groups))]
         minis = [[g * batch.group_size + j for g in gs for j in range(batch.group_size)] for gs in splits]
@@ -274,7 +283,7 @@ class Learner:
         reset_reason, self._reset_since_last_step = self._reset_since_last_step, ""
         elapsed = time.perf_counter() - start
         staleness = data.staleness(version_before)
-        total_tokens = float(sum(len(s) for s in data.seqs))
+        total_tokens = float(sum(data.prompt_lens) + sum(data.resp_lens))
         return StepMetrics(
             version=self.version,
             **{k: stats[k] for k in ("loss", "pg_loss", "kl_loss", "kl", "kl_share", "entropy", "clip_frac_low",
@@ -282,6 +291,7 @@ class Learner:
             grad_norm=sum(grad_norms) / len(grad_norms),
             lr=self._lr(self.version - 1),
             total_tokens=total_tokens,
+            forward_tokens=float(sum(u.length for u in data.units)),
             samples=float(len(batch.samples)),
             reward_mean=float(data.rewards.mean()),
             staleness_mean=staleness[0],
@@ -306,7 +316,7 @@ class Learner:
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> list[torch.Tensor]:
         """Log-probs (float32, CPU) of each sample's response tokens under the current policy, no gradient."""
-        data = _Prepared(batch, self.cfg, self.device)
+        data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
         out: dict[int, torch.Tensor] = {}
         for mb in self._micro_batches(data, list(range(len(batch.samples))), shard=False):
             logp, _ = self._forward(self.policy, mb)
@@ -383,19 +393,22 @@ class Learner:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
-    def _micro_batches(self, data: _Prepared, indices: list[int], shard: bool = True) -> list[_MicroBatch]:
-        """This rank's micro-batches for ``indices`` (all of them unless ``shard``).
+    def _micro_batches(self, data: _Prepared, indices: list[int], shard: bool = True) -> list[MicroBatch]:
+        """This rank's micro-batches for the samples ``indices`` (whole groups; all of them unless ``shard``).
 
-        Under FSDP every rank runs as many micro-batches (weight-0 fillers), so the collectives match.
+        Rows are the batch's units (a prompt and its group's responses, or one sample), so a shared prompt
+        counts once against the token budget. Under FSDP every rank runs as many micro-batches (weight-0
+        fillers), so the collectives match.
         """
-        local = _local_share(indices, data, self.rank, self.world) if shard else indices
-        budget = self.cfg.learner.micro_batch_tokens
-        plans = plan_micro_batches([len(data.seqs[i]) for i in local], budget)
+        wanted = set(indices)
+        units = [u for u in data.units if u.samples[0] in wanted]
+        local = _local_share(units, self.rank, self.world) if shard else units
+        plans = plan_micro_batches([u.length for u in local], self.cfg.learner.micro_batch_tokens)
         micro = [data.collate([local[j] for j in plan]) for plan in plans]
         if self.world > 1 and shard:
             count = torch.tensor([len(micro)])
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            micro += [data.collate([indices[0]], weight=0.0) for _ in range(int(count) - len(micro))]
+            micro += [data.collate(units[:1], weight=0.0) for _ in range(int(count) - len(micro))]
         return micro
 
     def _proximal_logprobs(self, data: _Prepared, minis: list[list[int]]) -> dict[int, torch.Tensor]:
@@ -413,7 +426,7 @@ class Learner:
         """One AdamW update on the samples ``indices`` (a mini-batch); appends the loss stats to ``parts``."""
         cfg = self.cfg
         if cfg.loss.aggregation == "token":
-            denominator = float(sum(len(data.seqs[i]) - data.prompt_lens[i] for i in indices))
+            denominator = float(sum(data.resp_lens[i] for i in indices))
         else:
             denominator = float(len(indices))
         self.optimizer.zero_grad(set_to_none=True)
@@ -444,20 +457,20 @@ class Learner:
         return float(grad_norm)
 
     def _forward(
-        self, model: LogprobModel, mb: _MicroBatch, with_entropy: bool = False
+        self, model: LogprobModel, mb: MicroBatch, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(R, Tr) log-probs of a micro-batch's responses, and their entropies ``with_entropy``."""
         with self._autocast():
-            logp, entropy = model(mb.input_ids, mb.attention_mask, mb.gather, mb.targets, with_entropy)
+            logp, entropy = model(mb.input_ids, mb.attention_mask, mb.gather, mb.targets, with_entropy, mb.position_ids)
         return self._padded(logp, mb), (self._padded(entropy, mb) if with_entropy else None)
 
     @staticmethod
-    def _padded(flat: torch.Tensor, mb: _MicroBatch) -> torch.Tensor:
+    def _padded(flat: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """(N,) values in response order -> (R, Tr) with zeros at padding (differentiable)."""
         return flat.new_zeros(mb.resp_mask.shape).masked_scatter(mb.resp_mask, flat)
 
     @staticmethod
-    def _unpadded(padded: torch.Tensor, mb: _MicroBatch) -> list[torch.Tensor]:
+    def _unpadded(padded: torch.Tensor, mb: MicroBatch) -> list[torch.Tensor]:
         """(R, Tr) -> one (n_r,) tensor per row: the inverse of :meth:`_padded`."""
         return list(padded[mb.resp_mask.to(padded.device)].split(mb.resp_mask.sum(1).tolist()))
 
@@ -472,43 +485,29 @@ class Learner:
 
 
 class _Prepared:
-    """A batch as tensors: per-sample token ids and behaviour log-probs, advantages over the whole batch."""
+    """A batch as tensors: prompts, responses, behaviour log-probs, advantages over the whole batch, and units.
 
-    def __init__(self, batch: TrainBatch, cfg: Config, device: torch.device) -> None:
+    ``units`` (:func:`prorl_async.prefix_forward.plan_units`) cover every sample once, group by group: a
+    shared prompt with its group's responses when ``share_prompt``, else one sample each.
+    """
+
+    def __init__(self, batch: TrainBatch, cfg: Config, device: torch.device, share_prompt: bool) -> None:
         self.device = device
-        self.seqs = [torch.as_tensor([*s.prompt_ids, *s.response_ids], dtype=torch.long) for s in batch.samples]
-        self.prompt_lens = [len(s.prompt_ids) for s in batch.samples]
+        self.prompts = [torch.as_tensor(s.prompt_ids, dtype=torch.long) for s in batch.samples]
+        self.responses = [torch.as_tensor(s.response_ids, dtype=torch.long) for s in batch.samples]
+        self.prompt_lens = [len(p) for p in self.prompts]
+        self.resp_lens = [len(r) for r in self.responses]
         self.behav = [torch.as_tensor(s.behaviour_logprobs, dtype=torch.float32).to(device) for s in batch.samples]
         self.rewards = torch.tensor([float(s.reward) for s in batch.samples], dtype=torch.float32)
         loss = cfg.loss
         adv = group_advantage(self.rewards, batch.group_size, loss.advantage_eps, loss.advantage_std_normalize)
         self.advantages = adv.to(device)
         self.versions = [s.policy_versions for s in batch.samples]
+        self.units = plan_units(self.prompts, self.resp_lens, batch.group_size, share=share_prompt,
+                                budget_tokens=cfg.learner.micro_batch_tokens)
 
-    def collate(self, rows: list[int], weight: float = 1.0) -> _MicroBatch:
-        lens = [len(self.seqs[i]) for i in rows]
-        resp_lens = [n - self.prompt_lens[i] for n, i in zip(lens, rows, strict=True)]
-        width = max(lens)
-        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-        attention = torch.zeros(len(rows), width, dtype=torch.long)
-        gather, targets = [], []
-        for r, (i, n) in enumerate(zip(rows, lens, strict=True)):
-            input_ids[r, :n] = self.seqs[i]
-            attention[r, :n] = 1
-            p = self.prompt_lens[i]
-            gather.append(torch.arange(r * width + p - 1, r * width + n - 1))  # position t predicts token t + 1
-            targets.append(self.seqs[i][p:])
-        resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
-        to = self.device
-        return _MicroBatch(
-            rows=rows,
-            input_ids=input_ids.to(to),
-            attention_mask=None if min(lens) == width else attention.to(to),
-            gather=torch.cat(gather).to(to),
-            targets=torch.cat(targets).to(to),
-            resp_mask=resp_mask.to(to),
-            weight=weight,
-        )
+    def collate(self, units: list[Unit], weight: float = 1.0) -> MicroBatch:
+        return collate(units, self.prompts, self.responses, self.device, weight)
 
     def staleness(self, version: int) -> tuple[float, float]:
         """(mean, max) of version - policy_version over response tokens; nan when versions are missing."""
@@ -518,18 +517,18 @@ class _Prepared:
         return float(lags.mean()), float(lags.max())
 
 
-def _local_share(indices: list[int], data: _Prepared, rank: int, world: int) -> list[int]:
-    """This rank's samples of ``indices``: longest first to the least-loaded rank (same answer on every rank)."""
+def _local_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """This rank's units: longest first to the least-loaded rank (same answer on every rank), in input order."""
     if world == 1:
-        return indices
+        return units
     load = [0] * world
-    mine: list[int] = []
-    for i in sorted(indices, key=lambda i: (-len(data.seqs[i]), i)):
-        r = min(range(world), key=lambda k: (load[k], k))
-        load[r] += len(data.seqs[i])
+    mine: set[int] = set()
+    for k in sorted(range(len(units)), key=lambda k: (-units[k].length, k)):
+        r = min(range(world), key=lambda j: (load[j], j))
+        load[r] += units[k].length
         if r == rank:
-            mine.append(i)
-    return sorted(mine)
+            mine.add(k)
+    return [u for k, u in enumerate(units) if k in mine]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
