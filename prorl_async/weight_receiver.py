@@ -74,7 +74,7 @@ class WeightReceiver:
     """
 
     def __init__(self, cfg: WeightSyncConfig, host: str, port: int, member: str,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", holds_version: int | None = None) -> None:
         self.cfg, self.member = cfg, member
         self.group: PairGroup | None = None
         try:
@@ -85,7 +85,8 @@ class WeightReceiver:
                 raise WeightSyncError(f"the learner broadcasts over NCCL but this worker is on {device}")
             self.device = device if self.backend == "nccl" else torch.device("cpu")
             ticket = self._store.add("ws/tickets", 1)
-            self._store.set(f"ws/join/{ticket}", json.dumps({"member": member}))
+            join = {"member": member} if holds_version is None else {"member": member, "version": holds_version}
+            self._store.set(f"ws/join/{ticket}", json.dumps(join))
             # Twice the sender's timeout: the sender may wait one timeout on a stuck member before it sends this
             # member the next bucket, and that must not make a healthy worker give up.
             self.group = PairGroup(self._store, f"ws/g/{ticket}/", 1, self.backend, self.device, 2 * cfg.timeout_s,
@@ -273,13 +274,18 @@ class WeightSyncWorkerExtension:
     group. ``weight_sync``'s docstring has the exact calls.
     """
 
-    def weight_sync_join(self, cfg: dict[str, Any], host: str, port: int, generator_id: int) -> dict[str, Any]:
-        """(Re)join the learner's weight group; returns ``member``, ``after_version`` and ``backend``."""
+    def weight_sync_join(self, cfg: dict[str, Any], host: str, port: int, generator_id: int,
+                         holds_version: int | None = None) -> dict[str, Any]:
+        """(Re)join the learner's weight group; returns ``member``, ``after_version`` and ``backend``.
+
+        ``holds_version``: the version the engine's weights are (the learner catches an older one up).
+        """
         from prorl_async.config import WeightSyncConfig
 
         self.weight_sync_leave()
         member = f"gen{generator_id}.rank{getattr(self, 'rank', 0)}"
-        rx = WeightReceiver(WeightSyncConfig(**cfg), host, port, member, self.device)  # type: ignore[attr-defined]
+        rx = WeightReceiver(WeightSyncConfig(**cfg), host, port, member, self.device,  # type: ignore[attr-defined]
+                            holds_version)
         self._weight_sync = rx
         return {"member": member, "after_version": rx.after_version, "backend": rx.backend}
 

@@ -6,9 +6,15 @@ from that store: a dead or stuck peer breaks only its own group, and a restarted
 again (a new ticket, a new group) while the learner keeps running. Join protocol, on the store:
 the worker takes ticket ``t = add("ws/tickets", 1)`` and writes ``ws/join/{t}``; the sender's accept
 thread builds rank 0 of the group under prefix ``ws/g/{t}/`` while the worker builds rank 1 (gloo: a
-few ms), then writes ``ws/g/{t}/after``: the last version whose broadcast had already started. The
-worker gets every later version and none before it. One backend for all groups: NCCL when the
-learner's weights are on CUDA (``backend=auto``), gloo otherwise, announced in ``ws/backend``.
+few ms), then writes ``ws/g/{t}/after``: the last version whose broadcast had already started, or the
+version the worker says it already holds when that is older. The worker gets every later version and
+none before it. Catch-up: a member that holds an older version than the learner's current one (a
+restarted generator starts from the base weights; a resumed run starts past them) is listed by
+:meth:`WeightSender.behind`, and ``broadcast(current, weights, members=those)`` sends it the current
+version again without disturbing the others — without it a lone restarted generator would wait for an
+update that only comes after the learner's next step, which waits for that generator's groups.
+One backend for all groups: NCCL when the learner's weights are on CUDA (``backend=auto``), gloo
+otherwise, announced in ``ws/backend``.
 
 One update on one group, all broadcasts (src 0 unless said):
 
@@ -39,11 +45,14 @@ Learner side (the caller publishes ``WeightsReady(version)`` on the control sock
     sender = WeightSender(cfg.weight_sync, device=learner_device)   # port 0: sender.port is the real one
     stats = sender.broadcast(version, learner.weights())            # blocks until every member acked
     stats.failed                                                    # {member: error}: dropped, may rejoin
+    if sender.behind(version):                                      # a member joined with older weights
+        sender.broadcast(version, learner.weights(), members=sender.behind(version))  # (re-announce first)
     sender.close()
 
 Generator side (``AsyncLLM`` built with ``worker_extension_cls=EXTENSION``; subscribe to control first)::
 
-    [info] = await engine.collective_rpc("weight_sync_join", args=(cfg.weight_sync.model_dump(), host, port, gid))
+    [info] = await engine.collective_rpc("weight_sync_join",
+                                         args=(cfg.weight_sync.model_dump(), host, port, gid, loaded_version))
     # on WeightsReady(v) with v > max(info["after_version"], loaded_version):
     await engine.pause_generation(mode="keep", clear_cache=False)     # no engine step during the swap
     try:
@@ -228,6 +237,8 @@ class _Member:
     key: str
     group: PairGroup
     ticket: int
+    version: int
+    """The version this member holds: what it said at join (or ``after``), then each acknowledged one."""
     error: str = ""
 
 
@@ -270,23 +281,38 @@ class WeightSender:
             time.sleep(0.01)
         return self.members
 
-    def broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> BroadcastStats:
-        """Send ``version`` to every current member; returns when each acknowledged it or failed.
+    def behind(self, version: int) -> list[str]:
+        """Members that hold an older version than ``version`` (joined late, or restarted): catch them up."""
+        with self._lock:
+            return sorted(m.key for m in self._members.values() if m.version < version)
 
-        The tensors must not change until this returns (it sends contiguous ones in place).
+    def broadcast(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  members: Iterable[str] | None = None) -> BroadcastStats:
+        """Send ``version`` to every current member (or only to ``members``); returns when each acked or failed.
+
+        A broadcast to everyone needs a newer version than the last one; a catch-up (``members`` given) may
+        repeat the last version, to members that hold an older one. The tensors must not change until this
+        returns (it sends contiguous ones in place).
         """
         named = list(named_tensors)
         entries = entries_of(named)
         plan = plan_buckets(entries, self._bucket_bytes)
         manifest = encode_manifest(entries, self._bucket_bytes)
         with self._lock:
-            if version <= self._last_version:
-                raise ValueError(f"weight_sync: version {version} after {self._last_version}: versions must increase")
+            if members is None:
+                if version <= self._last_version:
+                    raise ValueError(
+                        f"weight_sync: version {version} after {self._last_version}: versions must increase")
+                targets = list(self._members.values())
+            else:
+                if version < self._last_version:
+                    raise ValueError(f"weight_sync: catch-up to version {version}, older than {self._last_version}")
+                wanted = set(members)
+                targets = [m for m in self._members.values() if m.key in wanted and m.version < version]
             self._last_version = version
-            members = list(self._members.values())
         start = time.perf_counter()
         payload = sum(e.nbytes for e in entries)
-        run = _Broadcast(members)
+        run = _Broadcast(targets)
         header = torch.tensor([MAGIC, version, len(manifest), payload], dtype=torch.int64, device=self.device)
         mbuf = torch.frombuffer(bytearray(manifest), dtype=torch.uint8).to(self.device)
         run.finish(run.start(header, 0, "header") + run.start(mbuf, 0, "manifest"))
@@ -304,9 +330,11 @@ class WeightSender:
         for m in list(run.live):
             if acks[m.key].tolist() != [version, 0]:
                 run.fail(m, f"the worker did not load version {version} (ack {acks[m.key].tolist()})")
+            else:
+                m.version = version
         stats = BroadcastStats(version, payload, len(plan), time.perf_counter() - start,
-                               sorted(m.key for m in members if m.key not in run.failed), dict(run.failed))
-        self._drop([m for m in members if m.key in run.failed])
+                               sorted(m.key for m in targets if m.key not in run.failed), dict(run.failed))
+        self._drop([m for m in targets if m.key in run.failed])
         return stats
 
     def raw_broadcast(self, nbytes: int, repeats: int = 3) -> dict[str, list[float]]:
@@ -388,10 +416,12 @@ class WeightSender:
     def _accept(self, client: Any, ticket: int, info: dict[str, Any]) -> None:
         group = PairGroup(self._store, f"ws/g/{ticket}/", 0, self.backend, self.device, self.cfg.timeout_s,
                        local_address(self.cfg.host, self.port))
+        held = info.get("version")
         with self._lock:
             old = self._members.get(info["member"])
-            self._members[info["member"]] = _Member(info["member"], group, ticket)
-            after = self._last_version
+            after = self._last_version if not isinstance(held, int) else min(held, self._last_version)
+            self._members[info["member"]] = _Member(info["member"], group, ticket, held if isinstance(held, int)
+                                                    else after)
         client.set(f"ws/g/{ticket}/after", str(after))
         log.info("weight_sync: %s joined (ticket %d, gets versions after %d)", info["member"], ticket, after)
         if old is not None:

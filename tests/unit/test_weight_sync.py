@@ -195,8 +195,8 @@ def peer_lines(proc: subprocess.Popen, timeout: float = 60) -> list[dict]:
 class ThreadReceiver:
     """A receiver on a thread of this process: it joins at once and receives on demand."""
 
-    def __init__(self, port: int, member: str, **kw) -> None:
-        self.rx = WeightReceiver(cfg(**kw), "127.0.0.1", port, member)
+    def __init__(self, port: int, member: str, holds_version: int | None = None, **kw) -> None:
+        self.rx = WeightReceiver(cfg(**kw), "127.0.0.1", port, member, holds_version=holds_version)
         self.results: list = []
         self._thread: threading.Thread | None = None
 
@@ -300,6 +300,35 @@ def test_staged_mode_and_versions_must_increase() -> None:
         with pytest.raises(ValueError, match="increase"):
             sender.broadcast(3, weights(3))
         rx.rx.close()
+
+
+def test_a_member_with_older_weights_is_caught_up_alone() -> None:
+    """A restarted generator holds the base weights (version 0) while the learner is at 2: the learner sends it
+    version 2 again, to it alone — it must not have to wait for version 3 (which may never come without it)."""
+    with WeightSender(cfg()) as sender:
+        current = ThreadReceiver(sender.port, "gen0.rank0")
+        for v in (1, 2):
+            current.receive_async()
+            assert sender.broadcast(v, weights(v)).delivered == ["gen0.rank0"]
+            assert current.join() == (v, checksum(weights(v)))
+        assert sender.behind(2) == []
+        restarted = ThreadReceiver(sender.port, "gen1.rank0", holds_version=0)
+        sender.wait_for_members(2, 60)
+        assert restarted.rx.after_version == 0  # so it accepts version 2 when announced
+        assert sender.behind(2) == ["gen1.rank0"]
+        restarted.receive_async()
+        stats = sender.broadcast(2, weights(2), members=sender.behind(2))
+        assert stats.delivered == ["gen1.rank0"] and not stats.failed
+        assert restarted.join() == (2, checksum(weights(2)))
+        assert sender.behind(2) == []
+        with pytest.raises(ValueError, match="older"):
+            sender.broadcast(1, weights(1), members=["gen1.rank0"])
+        current.receive_async()  # the next full update reaches both
+        restarted.receive_async()
+        assert sender.broadcast(3, weights(3)).delivered == ["gen0.rank0", "gen1.rank0"]
+        assert current.join() == restarted.join() == (3, checksum(weights(3)))
+        current.rx.close()
+        restarted.rx.close()
 
 
 # ----------------------------------------------------------------------------------- NCCL (GPU machines)
