@@ -31,14 +31,20 @@ def fsdp_config() -> Config:
 
 
 def skewed_batch(seed: int) -> TrainBatch:
-    """Two groups of four; one long sample, so the ranks get different numbers of micro-batches."""
+    """Three groups of four; one long sample, so the ranks get different numbers of micro-batches.
+
+    Groups 0 and 2 share a prompt (prefix-shared rows, group 0 split in two by the 32-token budget);
+    group 1's prompts differ (one row per sample).
+    """
     g = torch.Generator().manual_seed(seed)
     samples = []
-    for i in range(8):
+    for i in range(12):
         n_resp = 50 if i == 0 else int(torch.randint(3, 9, (1,), generator=g))
         resp = torch.randint(4, 1024, (n_resp,), generator=g).tolist()
         behav = (-6.9 + 0.3 * torch.randn(n_resp, generator=g)).tolist()
-        samples.append(TrainSample(torch.randint(4, 1024, (4,), generator=g).tolist(), resp, behav, float(i % 3 == 0)))
+        own_prompt = torch.randint(4, 1024, (4,), generator=g).tolist()
+        prompt = own_prompt if i % 4 == 0 or 4 <= i < 8 else samples[-1].prompt_ids
+        samples.append(TrainSample(prompt, resp, behav, float(i % 3 == 0)))
     return TrainBatch(samples, group_size=4)
 
 
