@@ -29,17 +29,23 @@ class KLReduce : public torch::autograd::Function<KLReduce> {
     auto [kl_per_seq, tokens_per_seq, kl_sum, tokens] = kl_reduce_below_autograd(logp, ref, mask);
     ctx->save_for_backward({logp, ref, mask});
     ctx->mark_non_differentiable({tokens_per_seq, tokens});
+    // An output that no gradient reached arrives undefined instead of as a tensor of zeros: the usual
+    // loss uses kl_sum only, and the backward op treats a missing gradient as zero without allocating one.
+    ctx->set_materialize_grads(false);
     return {kl_per_seq, tokens_per_seq, kl_sum, tokens};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("prorl::kl_reduce_backward", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                 const at::Tensor&)>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("prorl::kl_reduce_backward", "")
+            .typed<at::Tensor(const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&)>();
+    const auto present = [](const at::Tensor& g) { return g.defined() ? std::optional<at::Tensor>(g) : std::nullopt; };
+    if (!grads[0].defined() && !grads[2].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list saved = ctx->get_saved_variables();
-    // Each row's tokens feed kl_per_seq[b] and kl_sum: their gradients add up per row.
-    const at::Tensor grad_logp = op.call(grads[0].add(grads[2]), saved[0], saved[1], saved[2]);
+    // Each row's tokens feed kl_per_seq[b] and kl_sum: the op adds the two gradients per row.
+    const at::Tensor grad_logp = op.call(present(grads[0]), present(grads[2]), saved[0], saved[1], saved[2]);
     // k3 depends on ref_logp - logp only: the gradient w.r.t. ref_logp is the negation.
     const at::Tensor grad_ref = ctx->needs_input_grad(1) ? -grad_logp : at::Tensor();
     return {ctx->needs_input_grad(0) ? grad_logp : at::Tensor(), grad_ref, at::Tensor()};

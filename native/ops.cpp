@@ -9,12 +9,18 @@
 //       -> (kl_per_seq (B,) float32, tokens_per_seq (B,) int64, kl_sum () float32, tokens () int64)
 //       sums over the unmasked t of k3(ref_logp - logp) = exp(d) - 1 - d, and the unmasked counts; one pass
 //       over the tokens, then the sums over rows (computed here: one op call from Python instead of three).
-//   kl_reduce_backward(grad (B,), logp, ref_logp, mask) -> grad_logp (B,T), dtype of logp
-//       grad[b] * d k3 / d logp = -grad[b] * expm1(ref - logp), zero where masked (whatever the inputs hold
-//       there); grad = grad_kl_per_seq + grad_kl_sum (autograd.cpp).
+//   kl_reduce_backward(grad_kl_per_seq (B,)?, grad_kl_sum ()?, logp, ref_logp, mask) -> grad_logp (B,T), dtype
+//       of logp: g[b] * d k3 / d logp = -g[b] * expm1(ref - logp) with g[b] = grad_kl_per_seq[b] + grad_kl_sum
+//       (a missing gradient counts as 0: autograd.cpp passes what reached the outputs, without materializing
+//       zeros), zero where masked (whatever the inputs hold there).
+//
+// The CPU implementations allocate their outputs with at::detail::empty_cpu (no dispatcher round trip) and
+// copy an input only when it is not contiguous: at a few thousand tokens the fixed cost of an op call is
+// most of its time.
 //
 // logp and ref_logp are float32 or bfloat16 (the same dtype); the math and the sums are float32.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
@@ -36,10 +42,26 @@ void check_token_tensors(const at::Tensor& logp, const at::Tensor& ref, const at
               "prorl::kl_reduce: all tensors must be on one device");
 }
 
-void check_kl_grad(const at::Tensor& grad, const at::Tensor& logp) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == logp.size(0), "prorl::kl_reduce_backward: grad must be (",
-              logp.size(0), ",), got ", grad.sizes());
-  TORCH_CHECK(grad.device() == logp.device(), "prorl::kl_reduce_backward: grad must be on logp's device");
+void check_kl_grads(const std::optional<at::Tensor>& grad_per_seq, const std::optional<at::Tensor>& grad_sum,
+                    const at::Tensor& logp) {
+  if (grad_per_seq.has_value()) {
+    TORCH_CHECK(grad_per_seq->dim() == 1 && grad_per_seq->size(0) == logp.size(0),
+                "prorl::kl_reduce_backward: grad_kl_per_seq must be (", logp.size(0), ",), got ",
+                grad_per_seq->sizes());
+    TORCH_CHECK(grad_per_seq->device() == logp.device(),
+                "prorl::kl_reduce_backward: grad_kl_per_seq must be on logp's device");
+  }
+  if (grad_sum.has_value()) {
+    TORCH_CHECK(grad_sum->numel() == 1, "prorl::kl_reduce_backward: grad_kl_sum must be a scalar, got ",
+                grad_sum->sizes());
+    TORCH_CHECK(grad_sum->device() == logp.device(), "prorl::kl_reduce_backward: grad_kl_sum must be on logp's device");
+  }
+}
+
+const float* float_data_or_null(const std::optional<at::Tensor>& grad, at::Tensor& holder) {
+  if (!grad.has_value()) return nullptr;
+  holder = grad->scalar_type() == at::kFloat ? grad->contiguous() : grad->to(at::kFloat).contiguous();
+  return holder.const_data_ptr<float>();
 }
 
 void check_rewards(const at::Tensor& rewards, int64_t group_size) {
@@ -72,10 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_reduce_cpu(const a
   check_token_tensors(logp_in, ref_in, mask_in);
   const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
   const int64_t B = logp.size(0), T = logp.size(1);
-  at::Tensor kl = logp.new_empty({B}, logp.options().dtype(at::kFloat));
-  at::Tensor tokens = logp.new_empty({B}, logp.options().dtype(at::kLong));
-  at::Tensor kl_sum = logp.new_empty({}, logp.options().dtype(at::kFloat));
-  at::Tensor tokens_sum = logp.new_empty({}, logp.options().dtype(at::kLong));
+  at::Tensor kl = at::detail::empty_cpu({B}, at::kFloat);
+  at::Tensor tokens = at::detail::empty_cpu({B}, at::kLong);
+  at::Tensor kl_sum = at::detail::empty_cpu({}, at::kFloat);
+  at::Tensor tokens_sum = at::detail::empty_cpu({}, at::kLong);
   dispatch_token_dtype(logp.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     kl_forward_cpu(logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(), mask_bytes(mask), B, T,
@@ -85,17 +107,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_reduce_cpu(const a
   return {kl, tokens, kl_sum, tokens_sum};
 }
 
-at::Tensor kl_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logp_in, const at::Tensor& ref_in,
-                                  const at::Tensor& mask_in) {
+at::Tensor kl_reduce_backward_cpu(const std::optional<at::Tensor>& grad_per_seq_in,
+                                  const std::optional<at::Tensor>& grad_sum_in, const at::Tensor& logp_in,
+                                  const at::Tensor& ref_in, const at::Tensor& mask_in) {
   check_token_tensors(logp_in, ref_in, mask_in);
-  check_kl_grad(grad_in, logp_in);
-  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  check_kl_grads(grad_per_seq_in, grad_sum_in, logp_in);
+  at::Tensor grad_per_seq, grad_sum;  // hold the float32 copies, if any, while the kernel runs
+  const float* per_seq = float_data_or_null(grad_per_seq_in, grad_per_seq);
+  const float* sum = float_data_or_null(grad_sum_in, grad_sum);
   const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
-  at::Tensor grad_logp = logp.new_empty(logp.sizes());
+  at::Tensor grad_logp = at::detail::empty_cpu(logp.sizes(), logp.scalar_type());
   dispatch_token_dtype(logp.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    kl_backward_cpu(grad.const_data_ptr<float>(), logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(),
-                    mask_bytes(mask), logp.size(0), logp.size(1), grad_logp.mutable_data_ptr<scalar_t>());
+    kl_backward_cpu(per_seq, sum, logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(), mask_bytes(mask),
+                    logp.size(0), logp.size(1), grad_logp.mutable_data_ptr<scalar_t>());
   });
   return grad_logp;
 }
@@ -103,7 +128,7 @@ at::Tensor kl_reduce_backward_cpu(const at::Tensor& grad_in, const at::Tensor& l
 at::Tensor group_advantage_cpu_op(const at::Tensor& rewards_in, int64_t group_size, double eps, bool normalize_std) {
   check_rewards(rewards_in, group_size);
   const at::Tensor rewards = rewards_in.contiguous();
-  at::Tensor out = rewards.new_empty({rewards.numel()}, rewards.options().dtype(at::kFloat));
+  at::Tensor out = at::detail::empty_cpu({rewards.numel()}, at::kFloat);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "group_advantage_cpu", [&] {
     group_advantage_cpu(rewards.const_data_ptr<scalar_t>(), rewards.numel() / group_size, group_size, eps,
                         normalize_std, out.mutable_data_ptr<float>());
@@ -117,7 +142,9 @@ at::Tensor group_advantage_cpu_op(const at::Tensor& rewards_in, int64_t group_si
 TORCH_LIBRARY(prorl, m) {
   m.def("group_advantage(Tensor rewards, int group_size, float eps, bool normalize_std) -> Tensor");
   m.def("kl_reduce(Tensor logp, Tensor ref_logp, Tensor mask) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("kl_reduce_backward(Tensor grad_kl_per_seq, Tensor logp, Tensor ref_logp, Tensor mask) -> Tensor");
+  m.def(
+      "kl_reduce_backward(Tensor? grad_kl_per_seq, Tensor? grad_kl_sum, Tensor logp, Tensor ref_logp, Tensor mask) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(prorl, CPU, m) {

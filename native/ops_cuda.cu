@@ -64,16 +64,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_logp = grad[row] * d k3 / d logp where unmasked, 0 elsewhere; V elements per thread step.
+// grad_logp = g[row] * d k3 / d logp where unmasked, 0 elsewhere, with g[row] = grad_per_seq[row] +
+// *grad_sum (a null pointer: that gradient is absent, i.e. zero); V elements per thread step.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    kl_backward_kernel(const float* __restrict__ grad, const scalar_t* __restrict__ logp,
-                       const scalar_t* __restrict__ ref, const uint8_t* __restrict__ mask, int64_t T,
-                       int64_t packs, scalar_t* __restrict__ grad_logp) {
+    kl_backward_kernel(const float* __restrict__ grad_per_seq, const float* __restrict__ grad_sum,
+                       const scalar_t* __restrict__ logp, const scalar_t* __restrict__ ref,
+                       const uint8_t* __restrict__ mask, int64_t T, int64_t packs, scalar_t* __restrict__ grad_logp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const float g_sum = grad_sum != nullptr ? *grad_sum : 0.f;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < packs; p += stride) {
     const int64_t e = p * V;  // T % V == 0, so a pack never straddles two rows
-    const float g = grad[e / T];
+    const float g = (grad_per_seq != nullptr ? grad_per_seq[e / T] : 0.f) + g_sum;
     const Pack<scalar_t, V> a = load_pack<scalar_t, V>(logp + e), b = load_pack<scalar_t, V>(ref + e);
     const Pack<uint8_t, V> keep = load_pack<uint8_t, V>(mask + e);
     Pack<scalar_t, V> out;
@@ -144,12 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_reduce_cuda(const 
   return {kl, tokens, kl.sum(), tokens.sum()};
 }
 
-at::Tensor kl_reduce_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logp_in, const at::Tensor& ref_in,
-                                   const at::Tensor& mask_in) {
+at::Tensor kl_reduce_backward_cuda(const std::optional<at::Tensor>& grad_per_seq_in,
+                                   const std::optional<at::Tensor>& grad_sum_in, const at::Tensor& logp_in,
+                                   const at::Tensor& ref_in, const at::Tensor& mask_in) {
   check_token_tensors(logp_in, ref_in, mask_in);
-  check_kl_grad(grad_in, logp_in);
+  check_kl_grads(grad_per_seq_in, grad_sum_in, logp_in);
   const c10::cuda::CUDAGuard guard(logp_in.device());
-  const at::Tensor grad = grad_in.to(at::kFloat).contiguous();
+  at::Tensor grad_per_seq, grad_sum;  // hold the float32 copies, if any, while the kernel runs
+  const float* per_seq = float_data_or_null(grad_per_seq_in, grad_per_seq);
+  const float* sum = float_data_or_null(grad_sum_in, grad_sum);  // read on the device: no host sync
   const at::Tensor logp = logp_in.contiguous(), ref = ref_in.contiguous(), mask = mask_in.contiguous();
   const int64_t T = logp.size(1);
   at::Tensor grad_logp = logp.new_empty(logp.sizes());
@@ -164,8 +169,8 @@ at::Tensor kl_reduce_backward_cuda(const at::Tensor& grad_in, const at::Tensor& 
     const int64_t packs = logp.numel() / V;
     const int64_t blocks = std::min<int64_t>((packs + kThreads - 1) / kThreads, max_blocks);
     kl_backward_kernel<scalar_t, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        grad.const_data_ptr<float>(), logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(),
-        mask_bytes(mask), T, packs, grad_logp.mutable_data_ptr<scalar_t>());
+        per_seq, sum, logp.const_data_ptr<scalar_t>(), ref.const_data_ptr<scalar_t>(), mask_bytes(mask), T, packs,
+        grad_logp.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_logp;

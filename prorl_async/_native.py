@@ -6,6 +6,10 @@ Which path the dispatchers in ``advantage.py`` and ``kl.py`` take, first match w
 2. the environment variable ``PRORL_NATIVE=1 | 0 | auto``;
 3. ``auto``: native when the extension loads, else the PyTorch reference with one warning per process.
 
+The decision per device is made once (at the first dispatch for that device) and remembered until the next
+``configure``: a dispatcher's check then costs one dict lookup, which matters for ops that take ~10 us.
+Changing ``PRORL_NATIVE`` after the first dispatch therefore has no effect; call ``configure`` instead.
+
 ``native`` means the extension must load (an error says why not); it then serves float32/bfloat16
 tensors on the devices it was built for, and anything else still takes the reference.
 
@@ -63,6 +67,12 @@ _log = logging.getLogger(__name__)
 _configured: Mode = "auto"
 _devices: frozenset[str] | None = None  # device types the loaded library serves; None until loaded
 _failure: str | None = None  # why the library could not be loaded (auto mode remembers and does not retry)
+_decisions: dict[torch.device, bool] = {}  # enabled_for's answers; cleared by configure()
+_ENV_MODES: dict[str, Mode] = {"1": "native", "0": "reference", "auto": "auto", "": "auto"}
+
+# The loaded ops (OpOverloads, the cheapest way to call them from Python); None until the library is loaded.
+group_advantage_op: torch._ops.OpOverload | None = None
+kl_reduce_op: torch._ops.OpOverload | None = None
 
 
 class NativeOpsUnavailable(UserError):
@@ -75,6 +85,7 @@ def configure(ops: Mode) -> None:
     if ops not in ("auto", "native", "reference"):
         raise ValueError(f"ops must be auto, native or reference, got {ops!r}")
     _configured = ops
+    _decisions.clear()
 
 
 def mode() -> Mode:
@@ -82,10 +93,9 @@ def mode() -> Mode:
     if _configured != "auto":
         return _configured
     env = os.environ.get("PRORL_NATIVE", "auto").strip().lower()
-    choices: dict[str, Mode] = {"1": "native", "0": "reference", "auto": "auto", "": "auto"}
-    if env not in choices:
+    if env not in _ENV_MODES:
         raise UserError(f"PRORL_NATIVE={env!r}: use 1 (native ops), 0 (PyTorch reference) or auto")
-    return choices[env]
+    return _ENV_MODES[env]
 
 
 def enabled_for(device: torch.device) -> bool:
@@ -94,6 +104,13 @@ def enabled_for(device: torch.device) -> bool:
     Loads (and the first time on a machine builds) the extension unless the mode is ``reference``.
     Raises :class:`NativeOpsUnavailable` in ``native`` mode when it cannot be loaded.
     """
+    decision = _decisions.get(device)
+    if decision is None:
+        decision = _decisions[device] = _decide(device)
+    return decision
+
+
+def _decide(device: torch.device) -> bool:
     wanted = mode()
     if wanted == "reference":
         return False
@@ -185,6 +202,9 @@ def _load_library() -> frozenset[str]:
     _cached(target, lambda tmp: _build(tmp, with_cuda, log_path=target.with_name(target.name + ".log")))
     torch.ops.load_library(str(target / f"{LIBRARY_NAME}.so"))
     _register_python_parts()
+    global group_advantage_op, kl_reduce_op
+    group_advantage_op = torch.ops.prorl.group_advantage.default
+    kl_reduce_op = torch.ops.prorl.kl_reduce.default
     return frozenset({"cpu", "cuda"} if with_cuda else {"cpu"})
 
 
@@ -268,5 +288,11 @@ def _register_python_parts() -> None:
         return (*per_seq, logp.new_empty((), dtype=torch.float32), logp.new_empty((), dtype=torch.int64))
 
     @torch.library.register_fake("prorl::kl_reduce_backward")
-    def _(grad: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _(
+        grad_kl_per_seq: torch.Tensor | None,
+        grad_kl_sum: torch.Tensor | None,
+        logp: torch.Tensor,
+        ref_logp: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         return torch.empty_like(logp, memory_format=torch.contiguous_format)

@@ -40,9 +40,7 @@ def group_advantage(
     rewards: torch.Tensor, group_size: int, eps: float = 1e-6, normalize_std: bool = True
 ) -> torch.Tensor:
     """Group advantages through the native op when enabled for ``rewards``' device, else the reference."""
-    import torch
-
     _check(rewards, group_size)
     if rewards.is_floating_point() and _native.enabled_for(rewards.device):
-        return torch.ops.prorl.group_advantage(rewards, group_size, eps, normalize_std)
+        return _native.group_advantage_op(rewards, group_size, eps, normalize_std)
     return group_advantage_reference(rewards, group_size, eps, normalize_std)

@@ -46,6 +46,9 @@ class KLReduction(NamedTuple):
         return (self.kl_per_seq / self.tokens_per_seq.clamp(min=1)).mean()
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the token dtypes the op takes
+
+
 def _check(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> None:
     if logp.dim() != 2 or ref_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(
@@ -71,14 +74,13 @@ def kl_reduce(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) ->
     Mixed dtypes (a bfloat16 policy against a float32 reference) are promoted first; ``mask`` may be bool or 0/1.
     """
     _check(logp, ref_logp, mask)
-    dtype = torch.promote_types(logp.dtype, ref_logp.dtype)
-    if dtype not in (torch.float32, torch.bfloat16) or not _native.enabled_for(logp.device):
+    if not _native.enabled_for(logp.device):
         return kl_reduce_reference(logp, ref_logp, mask)
-    # Conversions only where needed: even a no-op .to() costs microseconds, a sizeable share at small sizes.
-    if logp.dtype != dtype:
-        logp = logp.to(dtype)
-    if ref_logp.dtype != dtype:
-        ref_logp = ref_logp.to(dtype)
-    if mask.dtype != torch.bool:
-        mask = mask != 0
-    return KLReduction(*torch.ops.prorl.kl_reduce(logp, ref_logp, mask))
+    # The common case (one token dtype, a bool mask) goes straight to the op: even a no-op .to() costs
+    # microseconds, a sizeable share of the op at small sizes.
+    if logp.dtype != ref_logp.dtype or logp.dtype not in _NATIVE_DTYPES or mask.dtype != torch.bool:
+        dtype = torch.promote_types(logp.dtype, ref_logp.dtype)
+        if dtype not in _NATIVE_DTYPES:
+            return kl_reduce_reference(logp, ref_logp, mask)
+        logp, ref_logp, mask = logp.to(dtype), ref_logp.to(dtype), mask != 0
+    return KLReduction._make(_native.kl_reduce_op(logp, ref_logp, mask))

@@ -29,5 +29,6 @@ def ops_mode(monkeypatch: pytest.MonkeyPatch):
 
     def set_mode(mode: str) -> None:
         monkeypatch.setattr(_native, "_configured", mode)
+        monkeypatch.setattr(_native, "_decisions", {})
 
     return set_mode

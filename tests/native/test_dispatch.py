@@ -20,6 +20,7 @@ def fresh_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_native, "_configured", "auto")
     monkeypatch.setattr(_native, "_devices", None)
     monkeypatch.setattr(_native, "_failure", None)
+    monkeypatch.setattr(_native, "_decisions", {})
     monkeypatch.delenv("PRORL_NATIVE", raising=False)
 
 

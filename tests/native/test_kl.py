@@ -174,4 +174,4 @@ def test_opcheck(native_ops, dtype: torch.dtype) -> None:
     logp, ref, mask = _batch(4, 19, dtype, seed=9)
     torch.library.opcheck(torch.ops.prorl.kl_reduce.default, (logp.requires_grad_(), ref, mask))
     grad = torch.randn(4)
-    torch.library.opcheck(torch.ops.prorl.kl_reduce_backward.default, (grad, logp.detach(), ref, mask))
+    torch.library.opcheck(torch.ops.prorl.kl_reduce_backward.default, (grad, None, logp.detach(), ref, mask))
