@@ -369,12 +369,24 @@ async def plain_loop(view: RunView, *, every_s: float = 10.0, file: TextIO | Non
 # ------------------------------------------------------------------------------------------ replay
 
 
+async def _stop_on_signal_loop(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            cancel_scope.cancel()  # the loops draw their last frame as they end
+            return
+
+
 async def replay(metrics: Path, run_dir: Path, *, interval_s: float, plain: bool, hold: bool,
                  refresh_per_s: float = 4.0, console: Console | None = None) -> int:
-    """Write ``metrics``' lines into ``run_dir/metrics.jsonl`` one every ``interval_s`` while a view follows it."""
+    """Write ``metrics``' lines into ``run_dir/metrics.jsonl`` one every ``interval_s`` while a view follows it.
+
+    Returns the number of lines written; Ctrl-C / SIGTERM ends the replay at any point (``hold``: only then).
+    """
     view = RunView(run_dir, title=f"replay: {metrics.parent.name}/{metrics.name}", clock=None)
     lines = metrics.read_bytes().splitlines(keepends=True)
+    written = 0
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal_loop, nursery.cancel_scope)
         if plain:
             await nursery.start(lambda task_status: plain_loop(view, every_s=interval_s, task_status=task_status))
         else:
@@ -386,14 +398,13 @@ async def replay(metrics: Path, run_dir: Path, *, interval_s: float, plain: bool
                 out.write(line[:half])  # a reader polling now sees a torn line and must wait for the rest
                 await trio.sleep(interval_s / 2)
                 out.write(line[half:] if line.endswith(b"\n") else line[half:] + b"\n")
+                written += 1
                 await trio.sleep(interval_s / 2)
         await trio.sleep(2.0 / refresh_per_s)  # let the last lines reach the screen
-        if hold:  # until Ctrl-C (or SIGTERM): the last screen stays
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    break
+        if hold:
+            await trio.sleep_forever()
         nursery.cancel_scope.cancel()
-    return len(lines)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,18 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.replay.is_file():
         parser.error(f"no such metrics file: {args.replay}")
     config = args.config or args.replay.parent / "config.toml"
+    total = len(args.replay.read_bytes().splitlines())
     with tempfile.TemporaryDirectory(prefix="prorl-tui-replay-") as tmp:
         run_dir = Path(tmp)
         if config.is_file():
             shutil.copyfile(config, run_dir / "config.toml")
         started = time.monotonic()
-        try:
-            n = trio.run(lambda: replay(args.replay, run_dir, interval_s=args.interval_s, plain=args.plain,
-                                        hold=args.hold))
-        except KeyboardInterrupt:
-            print("replay stopped", flush=True)
-            return 0
-    print(f"replay done: {n} records in {time.monotonic() - started:.1f} s", flush=True)
+        n = trio.run(lambda: replay(args.replay, run_dir, interval_s=args.interval_s, plain=args.plain,
+                                    hold=args.hold))
+    if n == total:
+        print(f"replay done: {total} records in {time.monotonic() - started:.1f} s", flush=True)
+    else:
+        print(f"replay stopped after {n} of {total} records", flush=True)
     return 0
 
 
