@@ -66,6 +66,8 @@ class Snapshot:
     elapsed_s: float | None = None
     now_s: float | None = None
     """Wall clock of the view (the poll time live, the last record's time in a replay)."""
+    version: int | None = None
+    """The learner's version: its last step, or what it announced at start (``learner_ready``, ``resumed``)."""
     step: dict[str, Any] = field(default_factory=dict)
     """The last ``step`` record."""
     learner: ProcessStatus = field(default_factory=lambda: ProcessStatus("learner"))
@@ -188,6 +190,8 @@ class RunView:
     def _on_step(self, record: dict[str, Any]) -> None:
         snap = self.snapshot
         snap.step = record
+        if isinstance(record.get("version"), int):
+            snap.version = record["version"]
         if not snap.learner.supervised:
             snap.learner.state = "running"
         if isinstance(record.get("reward_mean"), int | float):
@@ -204,6 +208,8 @@ class RunView:
         snap = self.snapshot
         snap.events.append(record)
         name = record.get("event")
+        if name in ("learner_ready", "resumed") and isinstance(record.get("version"), int):
+            snap.version = record["version"]
         if name == "learner_ready" and not snap.learner.supervised:
             snap.learner.state = "ready"
         elif name == "checkpoint":
