@@ -99,8 +99,7 @@ def _validation_text(snap: Snapshot) -> str:
 
 
 def _steps_text(snap: Snapshot) -> str:
-    version = snap.step.get("version")
-    done = NA if version is None else str(version)
+    done = NA if snap.version is None else str(snap.version)  # a step is one optimizer update: version = steps
     return f"{done}/{snap.max_steps}" if snap.max_steps else f"{done} (no step limit)"
 
 
@@ -133,12 +132,11 @@ def render(view: RunView, width: int = 120) -> RenderableType:
 
 def _header(snap: Snapshot) -> Panel:
     learner = snap.learner
-    version = snap.step.get("version")
     line = Text.assemble(
         (snap.title, "bold"), "  model ", (snap.model or NA, "bold"),
         "  elapsed ", _clock(snap.elapsed_s),
         "  step ", (_steps_text(snap), "bold"),
-        "  learner v", NA if version is None else str(version),
+        "  learner ", NA if snap.version is None else f"v{snap.version}",
         " ", (learner.state, _STATE_STYLE.get(learner.state, "")),
         f" pid {learner.pid}" if learner.pid else "",
         "  time budget ", _clock(snap.time_budget_s) if snap.time_budget_s else "none",
@@ -217,7 +215,7 @@ def _learner_panel(snap: Snapshot) -> Panel:
 def _buffer_panel(snap: Snapshot) -> Panel:
     s = snap.step
     held, cap = _num(s, "buffer_held"), snap.buffer_capacity
-    fill = _fmt(held, ".0f") + (f"/{cap}" if cap else "")
+    fill = _fmt(held, ".0f") + (f"/{cap}" if cap and held is not None else "")
     if held is not None and cap:
         filled = round(10 * min(held / cap, 1.0))
         fill += " " + "█" * filled + "░" * (10 - filled)
@@ -266,14 +264,16 @@ def _reward_panel(snap: Snapshot, value_width: int) -> Panel:
     return _kv_panel("rewards · sync · idle", rows)
 
 
+def _event_text(event: dict[str, Any]) -> str:
+    """``checkpoint v3 step-000003``, ``generator_ready generator-1``, ``buffer_starved <detail>``."""
+    detail = event.get("detail") or event.get("source") or (Path(str(event["path"])).name if "path" in event else "")
+    version = event.get("version")
+    return f"{event.get('event', '?')}{f' v{version}' if version is not None else ''}{f' {detail}' if detail else ''}"
+
+
 def _footer(snap: Snapshot) -> Group:
     validation = Text.assemble(("validation ", "bold"), _validation_text(snap))
-    parts = []
-    for event in snap.events:
-        name = str(event.get("event", "?"))
-        detail = event.get("detail") or (Path(str(event["path"])).name if "path" in event else "")
-        version = event.get("version")
-        parts.append(f"{name}{f' v{version}' if version is not None else ''}{f' {detail}' if detail else ''}")
+    parts = [_event_text(event) for event in snap.events]
     events = Text("events: " + ("  |  ".join(parts) if parts else "none"), style="dim", no_wrap=True,
                   overflow="ellipsis")
     if snap.malformed:
@@ -301,7 +301,7 @@ def plain_line(view: RunView) -> str:
         f" entropy {_fmt(_num(s, 'entropy'), '.3f')} grad {_fmt(_num(s, 'grad_norm'), '.3f')}"
         f" | {_fmt(_num(s, 'step_time_s'), '.2f', ' s/step')} {_fmt(_num(s, 'tokens_per_s'), '.0f', ' tok/s')}"
         f" idle {_fmt(_num(s, 'learner_idle_ratio'), '.2f')}"
-        f" | buffer {_fmt(held, '.0f')}{f'/{cap}' if cap else ''}"
+        f" | buffer {_fmt(held, '.0f')}{f'/{cap}' if cap and held is not None else ''}"
         f" | generators {up}/{len(snap.generators)} up {_fmt(_gen_sum(snap, 'tokens_per_s'), '.1f', ' tok/s')}"
         f" | sync {_fmt(_num(s, 'sync_s'), '.2f', ' s')} {_mib(_num(s, 'sync_bytes'))}"
         f" | resets {len(snap.resets)}"

@@ -132,6 +132,15 @@ def test_missing_figures_read_na_not_zero(tmp_path: Path) -> None:
     _has(screen, "generator-1", "starting")
 
 
+def test_before_the_first_step_the_header_shows_the_announced_version(tmp_path: Path) -> None:
+    view = _view(tmp_path, SAMPLE.read_text().splitlines()[:2])  # learner_ready (version 0), generator_ready
+    screen = _screen(view)
+    _has(screen, "step", "0/3", "learner", "v0", "ready")
+    _has(screen, "fill", "n/a")
+    _has(screen, "generator-0", "ready")
+    _has(screen, "events:", "learner_ready v0", "|", "generator_ready generator-0")
+
+
 def test_narrow_screen_keeps_the_main_figures(full_view: RunView) -> None:
     screen = _screen(full_view, width=80)
     assert max(len(line) for line in screen.splitlines()) <= 80
@@ -276,4 +285,4 @@ def test_plain_loop_prints_when_records_arrive(tmp_path: Path) -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     printed = out.getvalue().splitlines()
     assert len(printed) == 2, printed
-    assert "step n/a" in printed[0] and "step 3/3" in printed[1]
+    assert "step 0/3" in printed[0] and "step 3/3" in printed[1]  # learner_ready announced version 0
