@@ -34,6 +34,7 @@ from typing import Any
 
 _READ_CHUNK = 1 << 20  # bytes per read
 _POLL_BYTES = 16 << 20  # at most this much per poll: catching up on a long run never stalls the event loop
+RATE_WINDOW_S = 30.0  # generator tokens/s: over the reports of this many seconds
 TREND_STEPS = 32  # reward points kept for the sparklines (a narrow panel shows the last few)
 
 
@@ -50,6 +51,17 @@ class ProcessStatus:
     """True once the supervisor set the state; records then no longer change it."""
     values: dict[str, Any] = field(default_factory=dict)
     """The last ``generator`` record of this source (empty for the learner and before the first report)."""
+    sent: deque[tuple[float, float]] = field(default_factory=deque)
+    """(time_s, tokens_sent) of the reports of the last :data:`RATE_WINDOW_S` seconds."""
+
+    @property
+    def recent_tokens_per_s(self) -> float | None:
+        """Tokens sent per second over the last reports; the record's ``tokens_per_s`` averages since start-up
+        (vLLM's load included), which hides a generator slowing down."""
+        if len(self.sent) < 2 or self.sent[-1][0] <= self.sent[0][0]:
+            return None
+        (t0, n0), (t1, n1) = self.sent[0], self.sent[-1]
+        return (n1 - n0) / (t1 - t0)
 
 
 @dataclass
@@ -168,10 +180,7 @@ class RunView:
         if kind == "step":
             self._on_step(record)
         elif kind == "generator" and isinstance(record.get("source"), str):
-            gen = self._generator(record["source"])
-            gen.values = record
-            if not gen.supervised:
-                gen.state = "finished" if record.get("final") else "running"
+            self._on_generator(record)
         elif kind == "event":
             self._on_event(record)
         elif kind == "reset":
@@ -203,6 +212,19 @@ class RunView:
                     self._trend(str(domain), float(value))
         if record.get("reset") or record.get("reset_reason"):
             self._add_reset(record.get("version"), str(record.get("reset_reason") or ""))
+
+    def _on_generator(self, record: dict[str, Any]) -> None:
+        gen = self._generator(record["source"])
+        gen.values = record
+        if not gen.supervised:
+            gen.state = "finished" if record.get("final") else "running"
+        t, n = record.get("time_s"), record.get("tokens_sent")
+        if isinstance(t, int | float) and isinstance(n, int | float):
+            if gen.sent and n < gen.sent[-1][1]:  # a restarted generator counts from 0 again
+                gen.sent.clear()
+            gen.sent.append((float(t), float(n)))
+            while gen.sent[-1][0] - gen.sent[0][0] > RATE_WINDOW_S:
+                gen.sent.popleft()
 
     def _on_event(self, record: dict[str, Any]) -> None:
         snap = self.snapshot
