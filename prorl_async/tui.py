@@ -34,13 +34,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from prorl_async.buffer import DROP_REASONS
 from prorl_async.tui_view import ProcessStatus, RunView, Snapshot
 
 NA = "n/a"
 _SPARK = "▁▂▃▄▅▆▇█"
 _STATE_STYLE = {"alive": "green", "running": "green", "ready": "cyan", "restarting": "yellow",
                 "exited": "red", "finished": "dim", "starting": "dim"}
-_DROP_REASONS = ("stale", "all_correct", "all_wrong", "no_variance")  # buffer.DROP_REASONS, in display order
 _PASS_AT = re.compile(r"^pass(?:_at_|@)(\d+)$")
 
 
@@ -109,6 +109,11 @@ def _gen_sum(snap: Snapshot, key: str) -> float | None:
     return sum(present) if present else None
 
 
+def _gen_rate(snap: Snapshot) -> float | None:
+    rates = [r for g in snap.generators.values() if (r := g.recent_tokens_per_s) is not None]
+    return sum(rates) if rates else None
+
+
 # ------------------------------------------------------------------------------------------ rich screen
 
 
@@ -174,7 +179,7 @@ def _generator_row(gen: ProcessStatus, snap: Snapshot) -> list[str | Text]:
     return [
         gen.name, Text(gen.state, style=_STATE_STYLE.get(gen.state, "")),
         str(gen.pid) if gen.pid else NA, str(gen.restarts),
-        _fmt(_num(v, "tokens_per_s"), ".1f"), NA if version is None else f"v{version:.0f}",
+        _fmt(gen.recent_tokens_per_s, ".1f"), NA if version is None else f"v{version:.0f}",
         _fmt(_num(v, "groups_sent"), ".0f"), _fmt(_num(v, "groups_in_flight"), ".0f"),
         NA if None in errors else f"{sum(e for e in errors if e is not None):.0f}",
         _fmt(_num(v, "groups_aborted_stale"), ".0f"), _fmt(_num(v, "weight_update_s"), ".3f", " s"),
@@ -228,7 +233,8 @@ def _buffer_panel(snap: Snapshot) -> Panel:
         ("received", _fmt(_num(counters, "received"), ".0f")),
         ("yielded", _fmt(_num(counters, "yielded"), ".0f")),
     ]
-    rows += [(f"drop {r}", _fmt(_num(counters, r), ".0f")) for r in _DROP_REASONS]
+    reasons = [k for k in counters if k not in ("received", "yielded")] or list(DROP_REASONS)  # what the buffer counts
+    rows += [(f"drop {r}", _fmt(_num(counters, r), ".0f")) for r in reasons]
     rows += [("gen aborted", _fmt(_gen_sum(snap, "groups_aborted_stale"), ".0f")),
              ("too long", _fmt(_gen_sum(snap, "prompts_too_long"), ".0f"))]
     return _kv_panel("buffer", rows)
@@ -302,7 +308,7 @@ def plain_line(view: RunView) -> str:
         f" | {_fmt(_num(s, 'step_time_s'), '.2f', ' s/step')} {_fmt(_num(s, 'tokens_per_s'), '.0f', ' tok/s')}"
         f" idle {_fmt(_num(s, 'learner_idle_ratio'), '.2f')}"
         f" | buffer {_fmt(held, '.0f')}{f'/{cap}' if cap and held is not None else ''}"
-        f" | generators {up}/{len(snap.generators)} up {_fmt(_gen_sum(snap, 'tokens_per_s'), '.1f', ' tok/s')}"
+        f" | generators {up}/{len(snap.generators)} up {_fmt(_gen_rate(snap), '.1f', ' tok/s')}"
         f" | sync {_fmt(_num(s, 'sync_s'), '.2f', ' s')} {_mib(_num(s, 'sync_bytes'))}"
         f" | resets {len(snap.resets)}"
         f" | pass@1 {next((f'{v:.3f}' for k, v in val if k == 1), NA)}"

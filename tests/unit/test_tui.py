@@ -32,6 +32,12 @@ def _records(kind: str | None = None) -> list[dict[str, Any]]:
     return [r for r in records if kind is None or r["kind"] == kind]
 
 
+def _rate(source: str) -> float:
+    """Tokens/s of a generator over its reports (the sample spans less than the TUI's 30 s window)."""
+    reports = [r for r in _records("generator") if r["source"] == source]
+    return (reports[-1]["tokens_sent"] - reports[0]["tokens_sent"]) / (reports[-1]["time_s"] - reports[0]["time_s"])
+
+
 def _screen(view: RunView, width: int = 120) -> str:
     console = Console(record=True, width=width, file=io.StringIO())
     console.print(render(view, width))
@@ -73,10 +79,10 @@ def test_screen_shows_every_field_with_the_recorded_values(full_view: RunView) -
     for name, state, pid, restarts in [("generator-0", "restarting", "222", "2"), ("generator-1", "alive", "333", "0")]:
         g = gens[name]
         errors = g["score_error"] + g["score_timeout"] + g["score_crash"]
-        _has(screen, name, state, pid, restarts, f"{g['tokens_per_s']:.1f}", f"v{g['policy_version']}",
+        _has(screen, name, state, pid, restarts, f"{_rate(name):.1f}", f"v{g['policy_version']}",
              str(g["groups_sent"]), str(g["groups_in_flight"]), str(errors), str(g["groups_aborted_stale"]),
              f"{g['weight_update_s']:.3f} s", "n/a")
-    assert f"{gens['generator-1']['tokens_per_s']:.1f}" != f"{gens['generator-0']['tokens_per_s']:.1f}"
+    assert f"{_rate('generator-1'):.1f}" != f"{_rate('generator-0'):.1f}"
     # learner
     _has(screen, "step time", f"{step['step_time_s']:.3f} s")
     _has(screen, "tokens/s", f"{step['tokens_per_s']:.1f}")
@@ -132,6 +138,17 @@ def test_missing_figures_read_na_not_zero(tmp_path: Path) -> None:
     _has(screen, "generator-1", "starting")
 
 
+def test_generator_rate_is_windowed_and_restarts_from_zero(tmp_path: Path) -> None:
+    def report(t: float, tokens: int) -> str:
+        return json.dumps({"kind": "generator", "time_s": t, "elapsed_s": t, "source": "generator-0",
+                           "tokens_sent": tokens})
+
+    view = _view(tmp_path, [report(0, 0), report(10, 5000), report(20, 5100), report(40, 5300)])
+    assert view.snapshot.generators["generator-0"].recent_tokens_per_s == pytest.approx((5300 - 5000) / 30)
+    view = _view(tmp_path, [report(0, 0), report(10, 5000), report(20, 100), report(22, 300)])  # restarted at 15
+    assert view.snapshot.generators["generator-0"].recent_tokens_per_s == pytest.approx(100)
+
+
 def test_before_the_first_step_the_header_shows_the_announced_version(tmp_path: Path) -> None:
     view = _view(tmp_path, SAMPLE.read_text().splitlines()[:2])  # learner_ready (version 0), generator_ready
     screen = _screen(view)
@@ -144,7 +161,7 @@ def test_before_the_first_step_the_header_shows_the_announced_version(tmp_path: 
 def test_narrow_screen_keeps_the_main_figures(full_view: RunView) -> None:
     screen = _screen(full_view, width=80)
     assert max(len(line) for line in screen.splitlines()) <= 80
-    _has(screen, "generator-1", "alive", "28.5", "v2", "16", "3")
+    _has(screen, "generator-1", "alive", f"{_rate('generator-1'):.1f}", "v2", "16", "3")
     _has(screen, "loss", f"{_records('step')[-1]['loss']:.4f}")
 
 
@@ -205,9 +222,11 @@ def test_plain_line(full_view: RunView) -> None:
     step = _records("step")[-1]
     line = plain_line(full_view)
     assert "\n" not in line
+    rate = _rate("generator-0") + _rate("generator-1")
     for part in ["[0:01:13] step 3/3", f"reward {step['reward_mean']:.3f} (logic 0.375 math 0.625)",
                  f"loss {step['loss']:.4f}", f"kl {step['kl']:.2e}", f"entropy {step['entropy']:.3f}",
-                 "buffer 4/8", "generators 1/2 up 45.4 tok/s", "sync 0.12 s 3.00 MiB", "resets 1", "pass@1 0.438"]:
+                 "buffer 4/8", f"generators 1/2 up {rate:.1f} tok/s", "sync 0.12 s 3.00 MiB", "resets 1",
+                 "pass@1 0.438"]:
         assert part in line, (part, line)
 
 
