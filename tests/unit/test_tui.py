@@ -305,3 +305,43 @@ def test_plain_loop_prints_when_records_arrive(tmp_path: Path) -> None:
     printed = out.getvalue().splitlines()
     assert len(printed) == 2, printed
     assert "step 0/3" in printed[0] and "step 3/3" in printed[1]  # learner_ready announced version 0
+
+
+def test_fields_the_records_will_carry_are_shown_once_they_do(tmp_path: Path) -> None:
+    """Held-group staleness histogram, generator idle ratio, pass@k as a dict: drawn as soon as a record has them."""
+    records = _records()
+    step = next(r for r in reversed(records) if r["kind"] == "step")
+    step["buffer_staleness_hist"] = {"1": 1, "0": 3}
+    for r in records:
+        if r["kind"] == "generator":
+            r["idle_ratio"] = 0.25 if r["source"] == "generator-0" else 0.75
+    records = [r for r in records if r["kind"] != "validation"]
+    records.append({"kind": "validation", "time_s": step["time_s"], "elapsed_s": step["elapsed_s"], "version": 2,
+                    "pass_at_k": {"1": 0.125, "16": 0.5}})
+    screen = _screen(_view(tmp_path, [json.dumps(r) for r in records]))
+    _has(screen, "staleness", "0:3", "1:1")
+    _has(screen, "generator-0", "finished")
+    assert "0.25" in _line_with(screen, "generator-0") and "0.75" in _line_with(screen, "generator-1")
+    _has(screen, "gen idle", "mean 0.50 max 0.75")
+    _has(screen, "validation", "v2", "pass@1 0.125", "pass@16 0.500")
+
+
+def test_the_snapshot_stays_small_over_a_long_run(tmp_path: Path) -> None:
+    """Rendering cost must not grow with the run: the snapshot keeps bounded trends, not the history."""
+    step = _records("step")[0]
+    lines = []
+    for version in range(1, 2001):
+        step.update(version=version, reward_mean=(version % 10) / 10, time_s=step["time_s"] + 1)
+        lines.append(json.dumps(step))
+        lines.append(json.dumps({"kind": "event", "event": "checkpoint", "version": version, "path": f"c/{version}",
+                                 "time_s": step["time_s"], "elapsed_s": 1.0}))
+    view = _view(tmp_path, lines)
+    snap = view.snapshot
+    assert snap.records == 4000 and snap.version == 2000
+    assert all(len(trend) <= 32 for trend in snap.reward_trend.values())
+    assert len(snap.events) == 3 and snap.last_checkpoint == "2000"
+    assert "2000" in _line_with(_screen(view), "step", "learner")
+
+
+def _line_with(screen: str, *parts: str) -> str:
+    return next(line for line in screen.splitlines() if all(p in line for p in parts))
