@@ -77,6 +77,9 @@ PRORL_CPU_CLONES void kl_forward_rows(const scalar_t* logp, const scalar_t* ref,
 }
 
 // grad_per_seq may be null (no gradient reached kl_per_seq), grad_sum too (none reached kl_sum).
+// Two loops per chunk: the gradient in float32 into a buffer, then the mask select and the store. One loop
+// doing both mixes byte, float and (bfloat16) half-word lanes, and gcc's version of it spills registers:
+// it ran 1.7x slower (135 vs 80 us for 128 x 512 tokens, one thread).
 template <typename scalar_t>
 PRORL_CPU_CLONES void kl_backward_rows(const float* grad_per_seq, const float* grad_sum, const scalar_t* logp,
                                        const scalar_t* ref, const uint8_t* mask, int64_t T, int64_t row_begin,
@@ -88,10 +91,13 @@ PRORL_CPU_CLONES void kl_backward_rows(const float* grad_per_seq, const float* g
     const uint8_t* m = mask + b * T;
     scalar_t* out = grad_logp + b * T;
     const float g = (grad_per_seq != nullptr ? grad_per_seq[b] : 0.f) + g_sum;
+    alignas(64) float buf[kChunk];
+    for (int64_t c = 0; c < T; c += kChunk) {
+      const int64_t n = std::min(kChunk, T - c);
 #pragma omp simd
-    for (int64_t t = 0; t < T; ++t) {
-      const float d = to_f32(rf[t]) - to_f32(lp[t]);
-      out[t] = from_f32<scalar_t>(m[t] != 0 ? g * k3_grad_logp_f32(d) : 0.f);
+      for (int64_t i = 0; i < n; ++i) buf[i] = g * k3_grad_logp_f32(to_f32(rf[c + i]) - to_f32(lp[c + i]));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[c + i] = from_f32<scalar_t>(m[c + i] != 0 ? buf[i] : 0.f);
     }
   }
 }

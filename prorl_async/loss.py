@@ -20,6 +20,8 @@ Choices:
   gradients of the micro-batches add up to the gradient of the whole; :func:`merge_stats` combines their
   stats (``SUM_KEYS`` add, ``MEAN_KEYS`` are token-weighted means).
 - Everything here is float32 maths: log-probs arrive as float32 whatever the model's precision.
+- The KL term's masked sums come from :func:`prorl_async.kl.kl_reduce`: the fused native op when enabled
+  (``learner.ops``), else its PyTorch reference; both give the same values and gradients to float32 rounding.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from prorl_async.kl import kl_reduce
 
 if TYPE_CHECKING:
     from prorl_async.config import LossConfig
@@ -46,15 +50,6 @@ MEAN_KEYS = (
     "is_weight_sq_mean",
     "approx_kl",
 )
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || ref), ``exp(ref - logp) - (ref - logp) - 1`` (>= 0).
-
-    The fused native KL op (``prorl_async/kl.py``) replaces this function when it is available.
-    """
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
 
 
 def importance_weights(
@@ -104,7 +99,6 @@ def prorl_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv
     pg_tok = -w * torch.minimum(unclipped, clipped)  # (B, T)
-    kl_tok = k3_kl(logp, ref_logp.detach()) if ref_logp is not None else torch.zeros_like(logp)
 
     seq_tokens = mask.sum(dim=1)  # (B,)
     if cfg.aggregation == "token":
@@ -120,8 +114,15 @@ def prorl_loss(
     def aggregate(x: torch.Tensor) -> torch.Tensor:
         return (x * per_token_weight).sum() * scale
 
+    def aggregate_rows(row_sums: torch.Tensor) -> torch.Tensor:
+        """``aggregate`` of a term given as its (B,) sums over each sequence's unmasked tokens."""
+        if cfg.aggregation == "sequence":
+            row_sums = row_sums / seq_tokens.clamp(min=1).to(row_sums.dtype)
+        return row_sums.sum() * scale
+
     pg_loss = aggregate(pg_tok)
-    kl_loss = cfg.kl_beta * aggregate(kl_tok) if ref_logp is not None else pg_loss.new_zeros(())
+    kl = kl_reduce(logp, ref_logp.detach(), mask) if ref_logp is not None else None  # k3 sums, one fused pass
+    kl_loss = cfg.kl_beta * aggregate_rows(kl.kl_per_seq) if kl is not None else pg_loss.new_zeros(())
     loss = pg_loss + kl_loss
 
     with torch.no_grad():
@@ -137,7 +138,7 @@ def prorl_loss(
             "kl_loss": kl_loss.detach(),
             "tokens": seq_tokens.sum().float(),
             "sequences": (seq_tokens > 0).sum().float(),
-            "kl": token_mean(kl_tok.detach()),
+            "kl": kl.kl_sum.detach() / n if kl is not None else torch.zeros((), device=logp.device),
             "entropy": token_mean(entropy) if entropy is not None else torch.full((), math.nan, device=logp.device),
             "clip_frac_low": token_mean(((ratio < 1 - cfg.eps_low) & (adv < 0)).float()),
             "clip_frac_high": token_mean(((ratio > 1 + cfg.eps_high) & (adv > 0)).float()),
