@@ -1,7 +1,9 @@
-"""Learner throughput: train tokens/s and peak memory of ``Learner.train_step`` per model and precision.
+"""Learner throughput: train tokens/s and peak memory of ``Learner.train_step`` per model and precision,
+and the speed-up of prefix sharing (``learner.share_prompt``) on the default run's batch shape.
 
     python bench/learner.py                                  # tiny-random and SmolLM2-135M, fp32 and bf16
     python bench/learner.py --models tiny-random --steps 5 --json runs/bench-learner.json
+    python bench/learner.py --sharing --json runs/bench-learner-sharing.json   # shared vs unshared
 
 Each (model, precision) runs in its own process so that its peak memory is its own: the model and its
 reference are loaded, one warm-up step is taken, then ``--steps`` timed steps on a fixed batch of random
@@ -17,20 +19,34 @@ peak RSS on CPU (model load included) and ``torch.cuda.max_memory_allocated`` on
 load average is printed, because other processes on a shared machine change the numbers.
 ``--json PATH`` writes everything with top-level ``train_tokens_per_s`` keyed by model name, at the
 default precision of the device (fp32 on CPU, bf16-autocast on CUDA).
+
+``--sharing`` instead times one step of ``configs/default.toml``'s learner (its batch: ``batch_groups`` x
+``group_size`` samples, here 8 x 8, every sample of a group with the same ``--prompt-tokens`` prompt and
+``sampling.max_response_tokens`` response tokens) three ways per model: ``shared`` (the default),
+``shared-per-group`` (the budget set to one group's row, so a micro-batch is one group: the other way to
+batch groups whose prompts differ in length) and ``unshared`` (``share_prompt = false``, one row per
+sample). Token counts are the same for all three (each sample's prompt + response; ``forward tokens``
+is what the forward actually ran); the table gives step seconds, tokens/s and the ratio to unshared.
+The warm-up is a one-group step (optimizer state, allocator), not a full step: a full unshared step of
+SmolLM2-135M takes minutes on 2 cores. ``--json`` then writes ``sharing`` keyed by model and path.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe, machine_info
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 PRECISIONS = {
     "fp32": {"model": {"dtype": "float32"}, "learner": {"autocast": "off"}},
@@ -45,33 +61,118 @@ DEFAULT_BATCH = (4, 8, 48, 128)
 def _machine() -> dict:
     from prorl_async.learner import available_cores
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": available_cores(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg_1m": os.getloadavg()[0]}
+    return {**machine_info(), "usable_cores": available_cores()}
 
 
 def _batch(model: str, vocab: int, seed: int = 0):
+    groups, group_size, prompt_mean, response_mean = BATCHES.get(model, DEFAULT_BATCH)
+    return grouped_batch(groups, group_size, prompt_mean, (response_mean // 2, response_mean * 3 // 2), vocab, seed)
+
+
+def grouped_batch(groups: int, group_size: int, prompt_tokens: int, response_range: tuple[int, int], vocab: int,
+                  seed: int = 0):
+    """Random token ids, one prompt per group as in real batches; response lengths uniform in ``response_range``."""
     import torch
 
     from prorl_async.learner import TrainBatch, TrainSample
 
-    groups, group_size, prompt_mean, response_mean = BATCHES.get(model, DEFAULT_BATCH)
     g = torch.Generator().manual_seed(seed)
     samples = []
-    for i in range(groups * group_size):
-        n_prompt = prompt_mean  # one prompt per group in real batches; the length matters, not the ids
-        n_resp = int(torch.randint(response_mean // 2, response_mean * 3 // 2 + 1, (1,), generator=g))
-        resp = torch.randint(4, vocab, (n_resp,), generator=g).tolist()
-        behav = (-torch.rand(n_resp, generator=g) * 3).tolist()
-        samples.append(TrainSample(torch.randint(4, vocab, (n_prompt,), generator=g).tolist(), resp, behav,
-                                   float(i % 2)))
+    for _ in range(groups):
+        prompt = torch.randint(4, vocab, (prompt_tokens,), generator=g).tolist()
+        for j in range(group_size):
+            n_resp = int(torch.randint(response_range[0], response_range[1] + 1, (1,), generator=g))
+            resp = torch.randint(4, vocab, (n_resp,), generator=g).tolist()
+            behav = (-torch.rand(n_resp, generator=g) * 3).tolist()
+            samples.append(TrainSample(prompt, resp, behav, float(j % 2)))
     return TrainBatch(samples, group_size)
+
+
+SHARING_PATHS = ("shared", "shared-per-group", "unshared")
+
+
+def run_sharing(model: str, path: str, steps: int, threads: int, prompt_tokens: int) -> dict:
+    """Time ``steps`` train steps of the default config's learner on ``model`` along ``path``, in this process."""
+    import torch
+
+    from prorl_async.config import load_config
+    from prorl_async.learner import Learner
+
+    base = load_config()  # configs/default.toml
+    group_size, groups, resp = base.sampling.group_size, base.learner.batch_groups, base.sampling.max_response_tokens
+    overrides = [f"model.name={model}", "learner.device=cpu", f"learner.num_threads={threads}"]
+    if path == "unshared":
+        overrides.append("learner.share_prompt=false")
+    if path == "shared-per-group":
+        overrides.append(f"learner.micro_batch_tokens={prompt_tokens + group_size * resp}")
+    cfg = load_config(overrides=overrides)
+    started = time.perf_counter()
+    learner = Learner(cfg)
+    load_s = time.perf_counter() - started
+    vocab = learner.policy.lm.config.vocab_size
+    batch = grouped_batch(groups, group_size, prompt_tokens, (resp, resp), vocab)
+    learner.train_step(grouped_batch(1, group_size, prompt_tokens, (resp, resp), vocab, seed=1))  # warm-up
+    metrics = [learner.train_step(batch) for _ in range(steps)]
+    elapsed = sum(m.step_time_s for m in metrics)
+    return {
+        "model": model,
+        "path": path,
+        "threads": torch.get_num_threads(),
+        "micro_batch_tokens": cfg.learner.micro_batch_tokens,
+        "samples_per_step": len(batch.samples),
+        "prompt_tokens": prompt_tokens,
+        "response_tokens": resp,
+        "steps": steps,
+        "tokens_per_step": metrics[0].total_tokens,
+        "response_tokens_per_step": metrics[0].tokens,
+        "forward_tokens_per_step": metrics[0].forward_tokens,
+        "step_time_s": elapsed / steps,
+        "train_tokens_per_s": sum(m.total_tokens for m in metrics) / elapsed,
+        "response_tokens_per_s": sum(m.tokens for m in metrics) / elapsed,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "load_s": load_s,
+        "loss": metrics[-1].loss,
+    }
+
+
+def _child(args: list[str]) -> dict | str:
+    """Run this script with ``args`` in a fresh process; its result (last stdout line) or the error's last line."""
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sharing_main(args: argparse.Namespace, machine: dict) -> int:
+    """Shared vs unshared on the default batch shape, one process per (model, path); table and --json."""
+    print(f"{'model':24s} {'path':17s} {'tok/step':>8s} {'fwd tok':>7s} {'step s':>7s} {'train tok/s':>11s} "
+          f"{'resp tok/s':>10s} {'speed-up':>8s} {'peak MB':>8s}")
+    out: dict[str, dict] = {}
+    for model in args.models.split(","):
+        rows: dict[str, dict] = {}
+        for path in reversed(SHARING_PATHS):  # unshared first: the others' speed-up is relative to it
+            r = _child(["--one-sharing", model, path, "--steps", str(args.steps), "--threads", str(args.threads),
+                        "--prompt-tokens", str(args.prompt_tokens)])
+            if isinstance(r, str):
+                print(f"{model:24s} {path:17s} FAILED: {r}")
+                continue
+            base = rows.get("unshared")
+            r["speedup_vs_unshared"] = base["step_time_s"] / r["step_time_s"] if base else None
+            rows[path] = r
+            speedup = f"{r['speedup_vs_unshared']:7.2f}x" if base else f"{'-':>8s}"
+            print(f"{model:24s} {path:17s} {r['tokens_per_step']:8.0f} {r['forward_tokens_per_step']:7.0f} "
+                  f"{r['step_time_s']:7.2f} {r['train_tokens_per_s']:11.1f} {r['response_tokens_per_s']:10.1f} "
+                  f"{speedup} {r['peak_memory_mb']:8.0f}")
+        out[model] = rows
+    machine["load_avg_1m_end"] = os.getloadavg()[0]
+    print(f"# load average at the end {machine['load_avg_1m_end']:.1f}")
+    if args.json:
+        ratios = {m: rows["shared"]["speedup_vs_unshared"] for m, rows in out.items()
+                  if "shared" in rows and "unshared" in rows}
+        doc = {"sharing": out, "shared_speedup": ratios, "machine": machine}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    return 0 if all(len(rows) == len(SHARING_PATHS) for rows in out.values()) else 1
 
 
 def run_one(model: str, precision: str, steps: int, device: str, threads: int) -> dict:
@@ -128,32 +229,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m-instruct")
     parser.add_argument("--precisions", default="fp32,bf16-autocast,bf16")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps after one warm-up step (default 2, with --sharing 1)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: every available core)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--sharing", action="store_true",
+                        help="shared vs unshared prompts on configs/default.toml's batch shape (CPU, fp32)")
+    parser.add_argument("--prompt-tokens", type=int, default=165, help="--sharing: prompt length of every group")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-sharing", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 1 if args.sharing or args.one_sharing else 2
     if args.one:  # child process: one measurement, as JSON on the last stdout line
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.threads)))
         return 0
+    if args.one_sharing:
+        model, path = args.one_sharing
+        print(json.dumps(run_sharing(model, path, args.steps, args.threads, args.prompt_tokens)))
+        return 0
 
     machine = _machine()
-    print(f"# {machine['cpu']}, {machine['cores']} cores, gpu: {machine['gpu']}, torch {machine['torch']}, "
-          f"load average {machine['load_avg_1m']:.1f}")
+    print(f"# {describe(machine)}, torch {machine.get('torch')}")
+    if args.sharing:
+        return sharing_main(args, machine)
     header = f"{'model':24s} {'precision':14s} {'tok/step':>8s} {'step s':>7s} {'train tok/s':>11s} " \
              f"{'resp tok/s':>10s} {'peak MB':>8s}"
     print(header)
     results = []
     for model in args.models.split(","):
         for precision in args.precisions.split(","):
-            cmd = [sys.executable, __file__, "--one", model, precision, "--steps", str(args.steps),
-                   "--device", args.device, "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{model:24s} {precision:14s} FAILED: {proc.stderr.strip().splitlines()[-1:]}")
+            r = _child(["--one", model, precision, "--steps", str(args.steps), "--device", args.device,
+                        "--threads", str(args.threads)])
+            if isinstance(r, str):
+                print(f"{model:24s} {precision:14s} FAILED: {r}")
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(r)
             print(f"{model:24s} {precision:14s} {r['tokens_per_step']:8.0f} {r['step_time_s']:7.2f} "
                   f"{r['train_tokens_per_s']:11.1f} {r['response_tokens_per_s']:10.1f} {r['peak_memory_mb']:8.0f}")
