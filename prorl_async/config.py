@@ -198,7 +198,10 @@ class LearnerConfig(_Section):
     The n responses of a group attend to one copy of the prompt's activations through a block attention
     mask, so a GRPO step computes ``prompt + sum(responses)`` tokens per group instead of
     ``n x (prompt + response)``; the log-probs and gradients are the same. Groups whose samples do not
-    share a prompt, and models whose attention cannot take a custom mask, take the unshared path anyway."""
+    share a prompt, and models whose attention cannot take a custom mask, take the unshared path anyway.
+    Attention inside a row is dense (scores between sibling responses are computed, then masked): worth it
+    when prompts are long next to responses (few-shot prompts, short answers); with long responses it saves
+    little and costs attention, so turn it off there."""
     logprob_chunk_tokens: int = Field(1024, ge=16)
     """Tokens per chunk of the vocabulary projection when computing log-probs."""
     device: str = "auto"
