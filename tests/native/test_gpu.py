@@ -70,7 +70,7 @@ def test_group_advantage(cuda_ops, groups: int, n: int) -> None:
 def test_opcheck_cuda(cuda_ops) -> None:
     logp, ref, mask = _batch(4, 24, torch.float32, seed=2)
     torch.library.opcheck(torch.ops.prorl.kl_reduce.default, (logp.requires_grad_(), ref, mask))
-    torch.library.opcheck(
-        torch.ops.prorl.kl_reduce_backward.default, (torch.randn(4, device="cuda"), logp.detach(), ref, mask)
-    )
+    per_seq, total = torch.randn(4, device="cuda"), torch.randn((), device="cuda")
+    for grads in ((per_seq, None), (None, total), (per_seq, total)):
+        torch.library.opcheck(torch.ops.prorl.kl_reduce_backward.default, (*grads, logp.detach(), ref, mask))
     torch.library.opcheck(torch.ops.prorl.group_advantage.default, (torch.rand(12, device="cuda"), 4, 1e-6, True))

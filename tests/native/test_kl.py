@@ -76,17 +76,25 @@ def test_accuracy_across_magnitudes(native_ops, spread: float) -> None:
     _assert_matches(_native(logp, ref, mask), _exact(logp, ref, mask))
 
 
+# Which outputs the gradient reaches: the backward op gets the per-row gradient, the total's, or both.
+LOSSES = {
+    "per_seq": lambda out, weights: (out.kl_per_seq * weights).sum(),
+    "sum": lambda out, weights: 0.5 * out.kl_sum,
+    "both": lambda out, weights: (out.kl_per_seq * weights).sum() + 0.5 * out.kl_sum,
+}
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "T"), [(1, 1), (3, 7), (8, 129), (5, 2100)])
-def test_gradients_match_reference(native_ops, rows: int, T: int, dtype: torch.dtype) -> None:
+def test_gradients_match_reference(native_ops, rows: int, T: int, dtype: torch.dtype, loss: str) -> None:
     logp, ref, mask = _batch(rows, T, dtype, seed=rows + T)
     weights = torch.randn(rows, generator=torch.Generator().manual_seed(T))
     grads = []
     for fn in (_native, _exact):
         lp = logp.clone().requires_grad_()
         rf = ref.clone().requires_grad_()
-        out = fn(lp, rf, mask)
-        ((out.kl_per_seq * weights).sum() + 0.5 * out.kl_sum).backward()
+        LOSSES[loss](fn(lp, rf, mask), weights).backward()
         grads.append((lp.grad, rf.grad))
     (lp_native, rf_native), (lp_exact, rf_exact) = grads
     assert lp_native.dtype == dtype and rf_native.dtype == dtype
@@ -124,20 +132,25 @@ def test_masked_garbage_never_leaks(native_ops) -> None:
     _assert_matches(_native(logp, ref, mask), _exact(logp.nan_to_num(), ref.nan_to_num(), mask))
 
 
-def test_non_contiguous_inputs(native_ops) -> None:
-    logp, ref, mask = _batch(6, 50, seed=7)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_inputs(native_ops, dtype: torch.dtype) -> None:
+    logp, ref, mask = _batch(6, 50, dtype, seed=7)
     # Transposed storage, a column slice (row stride > T) and a strided mask.
     logp_t = logp.t().contiguous().t()
-    ref_wide = torch.cat([ref, torch.zeros(6, 3)], dim=1)[:, :50]
+    ref_wide = torch.cat([ref, torch.zeros(6, 3, dtype=dtype)], dim=1)[:, :50]
     mask_strided = torch.stack([mask, mask], dim=2)[..., 0]
     assert not (logp_t.is_contiguous() or ref_wide.is_contiguous() or mask_strided.is_contiguous())
     lp = logp_t.clone().requires_grad_()  # clone keeps the strides
     out = _native(lp, ref_wide, mask_strided)
     out.kl_sum.backward()
     _assert_matches(out, _exact(logp, ref, mask))
-    lp_ref = logp.clone().requires_grad_()
-    kl_reduce_reference(lp_ref, ref, mask).kl_sum.backward()
-    torch.testing.assert_close(lp.grad, lp_ref.grad, rtol=1e-5, atol=1e-6)
+    lp_contiguous = logp.clone().requires_grad_()
+    _native(lp_contiguous, ref, mask).kl_sum.backward()
+    assert torch.equal(lp.grad, lp_contiguous.grad)  # the same kernel on the same values, whatever the strides
+    lp_exact = logp.double().requires_grad_()
+    kl_reduce_reference(lp_exact, ref.double(), mask).kl_sum.backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-5}
+    torch.testing.assert_close(lp.grad.double(), lp_exact.grad, **tol)
 
 
 @pytest.mark.parametrize("mode", ["native", "reference"])
@@ -173,5 +186,6 @@ def test_op_rejects_bad_arguments(native_ops) -> None:
 def test_opcheck(native_ops, dtype: torch.dtype) -> None:
     logp, ref, mask = _batch(4, 19, dtype, seed=9)
     torch.library.opcheck(torch.ops.prorl.kl_reduce.default, (logp.requires_grad_(), ref, mask))
-    grad = torch.randn(4)
-    torch.library.opcheck(torch.ops.prorl.kl_reduce_backward.default, (grad, None, logp.detach(), ref, mask))
+    per_seq, total = torch.randn(4), torch.randn(())
+    for grads in ((per_seq, None), (None, total), (per_seq, total)):
+        torch.library.opcheck(torch.ops.prorl.kl_reduce_backward.default, (*grads, logp.detach(), ref, mask))
