@@ -23,7 +23,12 @@ One asyncio loop, four kinds of tasks:
   groups that version made too stale to use; their prompts are re-queued;
 - ``heartbeat_loop`` sends ``Heartbeat`` and ``Metrics`` every ``heartbeat_s`` (to ``--metrics`` when given,
   else on the groups socket when it has room), the metrics carrying ``sampler_state``: the prompt position
-  with every unfinished prompt re-queued — a restarted generator given that state loses no prompt.
+  with every unfinished prompt re-queued, and ``sampler_inflight_seqs``: the group sequence numbers of those
+  unfinished prompts and ``sampler_next_seq``, so that the learner can drop the ones whose groups it
+  received after all (``run_state.SamplerLedger``) — a restarted generator given the corrected state loses no prompt.
+
+SIGTERM (and the end of the supervisor, ``lifecycle.exit_with_parent``) stops it like ``Stop``: unfinished
+groups are aborted, their prompts reported re-queued in the final status, the engine shut down.
 
 Per-token policy versions come from vLLM itself: the engine labels every step's outputs with its weight
 version (``update_weight_version``) and a finished completion carries ``weight_versions`` spans. The version
@@ -41,6 +46,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +110,8 @@ class Generator:
              "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped"), 0)
         self.last_update_s = 0.0
         self.started_at = time.monotonic()
+        self._idle_s = 0.0  # time the engine held none of our requests (waiting on weights or admission)
+        self._idle_since: float | None = time.monotonic()
         self.fatal: BaseException | None = None
         # One thread per blocking socket: a backpressured group send must not starve control reads.
         self._threads = {name: ThreadPoolExecutor(1, thread_name_prefix=f"gen-{name}")
@@ -138,13 +146,14 @@ class Generator:
                 if self.weight_sync is not None:
                     await self._join()
                 await self._on_control(first)
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._terminate)
                 control, heartbeat = (asyncio.create_task(c) for c in (self.control_loop(), self.heartbeat_loop()))
                 dispatch = asyncio.create_task(self.dispatch_loop())
                 await self.stopping.wait()
                 dispatch.cancel()
                 await self._abort_all("stop")
                 await asyncio.gather(dispatch, control, heartbeat, return_exceptions=True)
-                self._send_status(final=True)
+                self._send_status(self.metrics_values(), final=True)
             finally:
                 await self.pool.close()
                 if self.engine is not None:
@@ -202,7 +211,8 @@ class Generator:
     async def _join(self) -> None:
         host, port = self.weight_sync  # type: ignore[misc]
         [info] = await self.engine.collective_rpc(
-            "weight_sync_join", args=(self.cfg.weight_sync.model_dump(), host, port, self.gid))
+            "weight_sync_join", args=(self.cfg.weight_sync.model_dump(), host, port, self.gid,
+                                      self.loaded_version if self.weights_ok else -1))
         self.after_version = info["after_version"]
         log.info("%s: joined the weight group as %s (after version %d)", self.source, info["member"],
                  self.after_version)
@@ -273,6 +283,7 @@ class Generator:
             self.admission.started(self.loaded_version)
             task = asyncio.create_task(self._group(seq, draw, self.loaded_version))
             self.inflight[seq] = _Inflight(draw, self.loaded_version, task)
+            self._engine_activity()
             await asyncio.sleep(0)  # let the group submit its request before the next one
 
     async def _group(self, seq: int, draw: Draw, start_version: int) -> None:
@@ -292,6 +303,7 @@ class Generator:
             if not sent:
                 self.admission.withdraw(start_version)
             self.inflight.pop(seq, None)
+            self._engine_activity()
             self.changed.set()
 
     async def _generate_score_send(self, seq: int, draw: Draw, start_version: int) -> bool:
@@ -317,6 +329,7 @@ class Generator:
                                               f"g{self.gid}.s{seq}"):
             final = out
         self.inflight[seq].in_engine = False
+        self._engine_activity()
         self.changed.set()
         if final is None or len(final.outputs) != s.group_size:
             raise RuntimeError(f"vLLM returned {0 if final is None else len(final.outputs)} of {s.group_size} samples")
@@ -349,13 +362,25 @@ class Generator:
     async def heartbeat_loop(self) -> None:
         """Ends after ``Stop``; the final status is sent by :meth:`run` once every group is settled."""
         while not self.stopping.is_set():
-            await self._blocking("status", self._send_status)
+            await self._blocking("status", self._send_status, self.metrics_values())  # snapshot on the loop
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.generator.heartbeat_s)
 
+    def _engine_activity(self) -> None:
+        """Keep ``_idle_s``: time during which the engine held none of our requests (weights, admission)."""
+        busy = any(f.in_engine for f in self.inflight.values())
+        now = time.monotonic()
+        if busy and self._idle_since is not None:
+            self._idle_s += now - self._idle_since
+            self._idle_since = None
+        elif not busy and self._idle_since is None:
+            self._idle_since = now
+
     def metrics_values(self) -> dict[str, int | float | str]:
-        elapsed = max(time.monotonic() - self.started_at, 1e-9)
-        in_flight = [f.draw for f in self.inflight.values()]
+        now = time.monotonic()
+        elapsed = max(now - self.started_at, 1e-9)
+        idle_s = self._idle_s + (now - self._idle_since if self._idle_since is not None else 0.0)
+        in_flight = list(self.inflight.items())
         return {
             **self.counters,
             **{f"score_{k}": v for k, v in self.pool.counters.items()},
@@ -367,12 +392,19 @@ class Generator:
             "admission_budget": self.admission.budget,
             "admission_counted": self.admission.counted(self.learner_version),
             "tokens_per_s": self.counters["tokens_sent"] / elapsed,
+            "idle_ratio": round(idle_s / elapsed, 4),
             "weight_update_s": self.last_update_s,
-            "sampler_state": json.dumps(self.sampler.state(in_flight=in_flight), separators=(",", ":")),
+            "sampler_state": json.dumps(self.sampler.state(in_flight=[f.draw for _, f in in_flight]),
+                                        separators=(",", ":")),
+            "sampler_inflight_seqs": json.dumps([seq for seq, _ in in_flight], separators=(",", ":")),
+            "sampler_next_seq": self.seq,
         }
 
-    def _send_status(self, final: bool = False) -> None:
-        values = self.metrics_values()
+    def _terminate(self) -> None:
+        log.info("%s: SIGTERM: stopping (unfinished prompts are re-queued in the final status)", self.source)
+        self.stopping.set()
+
+    def _send_status(self, values: dict[str, int | float | str], final: bool = False) -> None:
         if final:
             values["final"] = 1
         for msg in (Heartbeat(self.source, time.time()), Metrics(self.source, values)):
@@ -414,6 +446,7 @@ def run_generator(cfg: Config, generator_id: int, groups_endpoint: str, control_
 def main(argv: list[str] | None = None) -> int:
     from prorl_async.config import load_config
     from prorl_async.errors import UserError
+    from prorl_async.lifecycle import exit_with_parent
     from prorl_async.transport import TransportError
 
     p = argparse.ArgumentParser(prog="python -m prorl_async.generator", description=__doc__.splitlines()[0])
@@ -428,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s gen{args.generator_id} %(levelname)s %(message)s")
+    exit_with_parent()
     try:
         cfg = load_config(args.config, args.overrides)
         ws = None
