@@ -14,9 +14,17 @@ Invariants:
 - Every group that arrives is accounted for: admitted, or dropped with a reason (buffer counters), and
   every step writes one ``step`` record to ``RUN_DIR/metrics.jsonl``.
 - The bound endpoints are written to ``RUN_DIR/endpoints.json`` once listening: that is how the supervisor
-  (and generators) find the learner.
+  (and generators) find the learner. Before it, ``RUN_DIR/sampler-states.json`` (each generator's prompt
+  position, corrected for the groups already received: ``run_state.SamplerLedger``) when there is one; it
+  is kept current while the run goes, and a restarted generator starts from it.
+- A generator that joins the weight group holding older weights than the learner's (restarted, or a resumed
+  run) is caught up by ``catch_up_loop`` between steps, alone. The weights never change during a broadcast:
+  the train step and every broadcast hold ``_weights_lock``.
+- A checkpoint is the learner's files plus the buffered groups, the sampler states and the counters
+  (``run_state``), snapshotted between two ingested messages and written under a temporary name.
 
-Run as a process: ``python -m prorl_async.learner_service RUN_DIR`` (reads ``RUN_DIR/config.toml``).
+Run as a process: ``python -m prorl_async.learner_service RUN_DIR [--resume CHECKPOINT_DIR]`` (reads
+``RUN_DIR/config.toml``).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import zmq
 from prorl_async.buffer import BufferStarved, ReplayBuffer, WaitingReplayBuffer
 from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, WeightsReady
 from prorl_async.metrics import MetricsLog
+from prorl_async.run_state import SamplerLedger, begin, commit, load_run_state, save_run_state, write_atomic
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
@@ -83,6 +92,7 @@ def batch_summary(groups: list[TrajectoryGroup], learner_version: int) -> dict[s
         "group_staleness_max": max(staleness),
         "response_tokens_mean": sum(lengths) / len(lengths),
         "samples": len(rewards),
+        "prompt_ids": [g.prompt_id for g in groups],  # what was trained on: resume must not repeat any
     }
 
 
@@ -95,10 +105,12 @@ class LearnerService:
         endpoints = await nursery.start(service.serve)   # returns once bound; endpoints.json written
     """
 
-    def __init__(self, cfg: Config, run_dir: str | Path, learner: Learner | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: str | Path, learner: Learner | None = None,
+                 resume_from: str | Path | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._learner = learner
+        self.resume_from = Path(resume_from) if resume_from is not None else None
         self.buffer = WaitingReplayBuffer(
             ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.max_staleness,
                          cfg.buffer.min_reward_std if cfg.buffer.variance_filter else None)
@@ -108,20 +120,42 @@ class LearnerService:
         self.arrived = 0
         self.outcomes: dict[str, int] = {}
         self.idle_s = 0.0
+        self.samplers = SamplerLedger()
+        self.samplers_path = self.run_dir / "sampler-states.json"
+        self._weights_lock = trio.Lock()
 
     @property
     def learner(self) -> Learner:
         if self._learner is None:
             from prorl_async.learner import Learner
 
-            self._learner = Learner(self.cfg)
+            if self.resume_from is not None:
+                self._learner = Learner.load_checkpoint(self.resume_from, self.cfg)
+            else:
+                self._learner = Learner(self.cfg)
         return self._learner
+
+    def restore(self, directory: Path) -> None:
+        """Buffered groups, sampler states and counters of the checkpoint in ``directory``."""
+        buffer_state, samplers, service = load_run_state(directory)
+        self.buffer.buffer.restore(buffer_state)
+        self.samplers = SamplerLedger(samplers)
+        self.arrived, self.idle_s = int(service["groups_arrived"]), float(service["learner_idle_s"])
+        self.outcomes = {str(k): int(v) for k, v in service["outcomes"].items()}
+        self._write_samplers()
+        self.metrics.write("event", event="resumed", path=str(directory), version=self.learner.version,
+                           buffer_held=len(self.buffer.buffer), groups_arrived=self.arrived)
+
+    def _write_samplers(self) -> None:
+        write_atomic(self.samplers_path, json.dumps(self.samplers.states(), indent=1) + "\n")
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
         from prorl_async.transport import ControlPublisher, Transport, receive_loop
         from prorl_async.weight_sync import WeightSender
 
         learner = await trio.to_thread.run_sync(lambda: self.learner)
+        if self.resume_from is not None:
+            self.restore(self.resume_from)
         limits = Limits.from_config(self.cfg, vocab_size=None)
         with Transport(self.cfg.transport, limits) as transport:
             control = ControlPublisher(transport, transport.endpoint("control"))
@@ -142,12 +176,14 @@ class LearnerService:
                     (self.run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
                     self.metrics.write("event", event="learner_ready", version=learner.version, **endpoints)
                     nursery.start_soon(self.ingest_loop, receive_channel)
+                    nursery.start_soon(self.catch_up_loop, control, sender)
                     task_status.started(endpoints)
                     with trio.CancelScope() as train_scope:
                         nursery.start_soon(self.signals_loop, train_scope)
                         await self.wait_for_generators(sender)
                         await self.train_loop(control, sender)
-                    await trio.to_thread.run_sync(self.checkpoint)  # at the end and after SIGINT / SIGTERM
+                    async with self._weights_lock:  # no catch-up broadcast from here on
+                        await self.checkpoint()  # at the end and after SIGINT / SIGTERM
                     # Stop goes out while control.serve_loop still owns the socket (it closes it on cancel);
                     # after a crash generators get no Stop: the supervisor stops them by pid.
                     control.publish(Stop(reason="learner finished"))
@@ -162,6 +198,8 @@ class LearnerService:
             async for msg in receive_channel:
                 if isinstance(msg, TrajectoryGroup):
                     self.arrived += 1
+                    if self.samplers.on_group(msg.generator_id, msg.seq):
+                        self._write_samplers()
                     outcome = await self.buffer.put(msg)
                     self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
                 elif isinstance(msg, Ready):
@@ -172,6 +210,38 @@ class LearnerService:
                 elif isinstance(msg, Metrics):
                     self.generators.setdefault(msg.source, {}).update(msg.values)
                     self.metrics.write("generator", source=msg.source, **msg.values)
+                    self._on_sampler_state(msg)
+
+    def _on_sampler_state(self, msg: Metrics) -> None:
+        state = msg.values.get("sampler_state")
+        if not isinstance(state, str):
+            return
+        try:
+            seqs, next_seq = msg.values.get("sampler_inflight_seqs"), msg.values.get("sampler_next_seq", 0)
+            self.samplers.on_status(msg.source, state, seqs if isinstance(seqs, str) else None, int(next_seq))
+        except (ValueError, TypeError) as err:  # a bad report costs that generator's exact restart, nothing else
+            self.metrics.write("event", event="bad_sampler_state", source=msg.source, detail=str(err)[:200])
+            return
+        self._write_samplers()
+
+    def _catch_up(self, sender: Any, version: int, members: list[str]) -> Any:
+        return sender.broadcast(version, self.learner.weights(), members=members)
+
+    async def catch_up_loop(self, control: Any, sender: Any) -> None:
+        """Send the current weights to members that joined holding older ones (restarted generators, resume)."""
+        while True:
+            await trio.sleep(0.5)
+            version = self.learner.version
+            if not sender.behind(version) or self._weights_lock.locked():
+                continue
+            async with self._weights_lock:
+                behind = sender.behind(version)
+                if not behind:
+                    continue
+                control.publish(WeightsReady(version=version))
+                stats = await trio.to_thread.run_sync(self._catch_up, sender, version, behind)
+                self.metrics.write("event", event="weights_catch_up", version=version, members=behind,
+                                   delivered=stats.delivered, failed=stats.failed, seconds=stats.seconds)
 
     async def wait_for_generators(self, sender: Any) -> None:
         """Start training once every generator holds the current weights, so all of them see every update."""
@@ -206,21 +276,23 @@ class LearnerService:
         cfg, learner = self.cfg, self.learner
         summary = batch_summary(groups, learner.version)
         batch = groups_to_batch(groups)
-        step = await trio.to_thread.run_sync(learner.train_step, batch)
         sync: dict[str, Any] = {}
-        if learner.version % cfg.weight_sync.sync_every_steps == 0:
-            control.publish(WeightsReady(version=learner.version))
-            stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
-            sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
-                    "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
+        async with self._weights_lock:
+            step = await trio.to_thread.run_sync(learner.train_step, batch)
+            if learner.version % cfg.weight_sync.sync_every_steps == 0:
+                control.publish(WeightsReady(version=learner.version))
+                stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
+                sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
+                        "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
         elapsed = time.monotonic() - start
         record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
         record.update(version=learner.version, wait_s=waited, learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
                       groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
-                      buffer_counters=self.buffer.buffer.counters)
+                      buffer_counters=self.buffer.buffer.counters,
+                      buffer_staleness_hist={str(k): v for k, v in self.buffer.buffer.staleness_histogram().items()})
         self.metrics.write("step", **record)
         if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
-            await trio.to_thread.run_sync(self.checkpoint)
+            await self.checkpoint()
 
     async def signals_loop(self, train_scope: trio.CancelScope) -> None:
         """SIGINT / SIGTERM end training after the step in progress; ``serve`` then checkpoints and stops."""
@@ -230,9 +302,21 @@ class LearnerService:
                 train_scope.cancel()
                 return
 
-    def checkpoint(self) -> Path:
-        path = self.learner.save_checkpoint(self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}")
-        self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.version)
+    async def checkpoint(self) -> Path:
+        """Learner + run state, snapshotted now (between two ingested messages), written on a worker thread."""
+        buffer_state, samplers = self.buffer.buffer.state(), self.samplers.states()
+        service = {"groups_arrived": self.arrived, "outcomes": dict(self.outcomes), "learner_idle_s": self.idle_s}
+        final = self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}"
+
+        def write() -> Path:
+            tmp = begin(final)
+            self.learner.save_checkpoint(tmp)
+            save_run_state(tmp, buffer_state, samplers, service)
+            return commit(tmp, final)
+
+        path = await trio.to_thread.run_sync(write)
+        self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.version,
+                           buffer_held=len(buffer_state["groups"]))
         return path
 
     def _done(self, start: float) -> bool:
@@ -244,15 +328,20 @@ class LearnerService:
 
 def main(argv: list[str] | None = None) -> int:
     from prorl_async.config import load_config
+    from prorl_async.lifecycle import exit_with_parent
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m prorl_async.learner_service RUN_DIR", file=sys.stderr)
+    resume = None
+    if len(args) == 3 and args[1] == "--resume":
+        resume = Path(args[2])
+    elif len(args) != 1:
+        print("usage: python -m prorl_async.learner_service RUN_DIR [--resume CHECKPOINT_DIR]", file=sys.stderr)
         return 2
     run_dir = Path(args[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    exit_with_parent()
     cfg = load_config(run_dir / "config.toml")
-    service = LearnerService(cfg, run_dir)
+    service = LearnerService(cfg, run_dir, resume_from=resume)
     try:
         trio.run(service.serve)
     finally:

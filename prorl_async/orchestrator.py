@@ -7,11 +7,16 @@ Invariants:
 - The learner binds every endpoint and writes ``RUN_DIR/endpoints.json``; generators start only after it
   exists and connect to what it names. Each process logs to ``RUN_DIR/logs/<name>.log``.
 - The run ends when the learner ends (``max_steps``, time budget): it publishes ``Stop`` and the generators
-  exit on it. A generator that dies is restarted with exponential backoff, from its last reported
-  ``sampler_state`` (its unfinished prompts re-queued); a learner that dies ends the run with its exit code,
-  the last lines of its log and the last checkpoint named.
+  exit on it. A generator that dies is restarted with exponential backoff, from its prompt position in
+  ``RUN_DIR/sampler-states.json`` (kept by the learner: unfinished prompts re-queued, none the learner
+  already has); it rejoins the weight group and the learner catches it up to the current weights. A learner
+  that dies ends the run with its exit code, the last lines of its log and the last checkpoint named.
 - Ctrl-C / SIGTERM: SIGINT to the learner (it checkpoints and publishes ``Stop``), then every child is
-  waited for and, past a grace period, killed — by the pids this supervisor started, never by name.
+  waited for and, past a grace period, killed — by the pids this supervisor started, never by name. Children
+  watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves.
+- ``--resume RUN_DIR``: the same directory, config and metrics file; the learner starts from the newest
+  complete checkpoint (weights, optimizer, buffered groups, counters) and the generators from the sampler
+  states saved with it, so nothing is lost and nothing is trained on twice.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from pathlib import Path
 
 import trio
 
-from prorl_async.config import Config, write_resolved
+from prorl_async.config import Config, load_config, write_resolved
 from prorl_async.errors import UserError
+from prorl_async.lifecycle import supervisor_env
 from prorl_async.metrics import read_metrics
+from prorl_async.run_state import latest_checkpoint
+from prorl_async.tui_view import RunView
 
 _GRACE_S = 30.0  # how long children get to exit after Stop / SIGINT before they are killed
 _MAX_BACKOFF_S = 60.0
@@ -65,6 +73,28 @@ class Child:
         pids[self.name] = self.process.pid
         pids_file.write_text(json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
 
+    async def reap_group(self, grace_s: float = 5.0) -> None:
+        """After the process ended: stop what it left in its process group (vLLM's engine core, scoring workers).
+
+        Each child leads a session and process group of its own, and the processes it forks stay in that
+        group, so this reaches exactly the processes this supervisor's child started — and only those.
+        """
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            for _ in range(int(grace_s * 10)):
+                await trio.sleep(0.1)
+                try:
+                    os.killpg(pgid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+            print(f"prorl-async: processes left by {self.name} (group {pgid}) ignored {sig.name}", flush=True)
+
     def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -78,34 +108,53 @@ def child_env(cfg: Config, run_dir: Path) -> dict[str, str]:
     env.setdefault("VLLM_CACHE_ROOT", str(run_dir / "vllm-cache"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return supervisor_env(env)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The saved config of the run in ``run_dir``, with ``overrides`` (e.g. a higher ``run.max_steps``)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise UserError(f"--resume {run_dir}: no config.toml there (not a run directory)")
+    return load_config(path, overrides)
 
 
 def run(cfg: Config, resume: str | None = None) -> int:
-    """Train with ``cfg`` until the learner finishes; returns the process exit status."""
+    """Train with ``cfg`` until the learner finishes; returns the process exit status.
+
+    With ``resume`` (a run directory), continue that run from its newest complete checkpoint.
+    """
     from prorl_async.models import resolve_model
 
+    checkpoint = None
     if resume is not None:
-        raise UserError("--resume is not available yet (the checkpoint format lands with the resume work)")
-    run_dir = make_run_dir(cfg)
+        run_dir = Path(resume)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+        (run_dir / "endpoints.json").unlink(missing_ok=True)  # the learner writes fresh ones
+        print(f"resuming {run_dir} from {checkpoint}", flush=True)
+    else:
+        run_dir = make_run_dir(cfg)
+        print(f"run directory: {run_dir}", flush=True)
     write_resolved(cfg, run_dir)
-    print(f"run directory: {run_dir}", flush=True)
     resolve_model(cfg.model.name)  # build/convert once here, not in every child at the same time
-    return trio.run(Supervisor(cfg, run_dir).main)
+    return trio.run(Supervisor(cfg, run_dir, checkpoint).main)
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.env = child_env(cfg, run_dir)
         self.pids_file = run_dir / "pids.json"
         py = sys.executable
-        self.learner = Child("learner", [py, "-m", "prorl_async.learner_service", str(run_dir)],
-                             run_dir / "logs" / "learner.log")
+        argv = [py, "-m", "prorl_async.learner_service", str(run_dir)]
+        if resume_from is not None:
+            argv += ["--resume", str(resume_from)]
+        self.learner = Child("learner", argv, run_dir / "logs" / "learner.log")
         self.generators: list[Child] = []
         self.stopping = False  # generators that exit from now on are not restarted
         self._interrupted = False
-        self._reported = 0  # step records already printed
 
     async def main(self) -> int:
         try:
@@ -119,17 +168,18 @@ class Supervisor:
         return code
 
     async def _run(self, nursery: trio.Nursery) -> int:
+        nursery.start_soon(self._report_loop)  # the screen is up while the learner starts
         await self.learner.start(self.env, self.pids_file)
         endpoints = await self._wait_for_endpoints()
         if endpoints is None:
             return self._learner_failed()
         for i in range(self.cfg.generator.num_generators):
             log_path = self.run_dir / "logs" / f"generator-{i}.log"
-            child = Child(f"generator-{i}", self._generator_argv(i, endpoints), log_path)
+            child = Child(f"generator-{i}", self._generator_argv(i, endpoints, self._sampler_state(f"generator-{i}")),
+                          log_path)
             self.generators.append(child)
             await child.start(self.env, self.pids_file)
             nursery.start_soon(self._watch_generator_loop, child, endpoints)
-        nursery.start_soon(self._report_loop)
         assert self.learner.process is not None
         code = await self.learner.process.wait()
         self.stopping = True
@@ -174,6 +224,7 @@ class Supervisor:
             assert child.process is not None
             started = time.monotonic()
             code = await child.process.wait()
+            await child.reap_group()
             if self.stopping or code == 0:
                 return
             if time.monotonic() - started > 5 * _MAX_BACKOFF_S:
@@ -184,39 +235,40 @@ class Supervisor:
             backoff = min(2 * backoff, _MAX_BACKOFF_S)
             if self.stopping:
                 return
-            state = self._last_sampler_state(child)
+            state = self._sampler_state(child.name)
             child.argv = self._generator_argv(int(child.name.rsplit("-", 1)[1]), endpoints, state)
             child.restarts += 1
             await child.start(self.env, self.pids_file)
 
-    def _last_sampler_state(self, child: Child) -> Path | None:
-        """The generator's last reported prompt position (unfinished prompts re-queued), from metrics.jsonl."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
+    def _sampler_state(self, name: str) -> Path | None:
+        """Generator ``name``'s prompt position as the learner keeps it (``RUN_DIR/sampler-states.json``)."""
+        path = self.run_dir / "sampler-states.json"
+        try:
+            states = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
             return None
-        states = [r["sampler_state"] for r in read_metrics(path, kind="generator")
-                  if "sampler_state" in r and r.get("source") == child.name]
-        if not states:
+        if name not in states:
             return None
-        out = self.run_dir / f"{child.name}-sampler-state.json"
-        state = states[-1]
-        out.write_text(state if isinstance(state, str) else json.dumps(state))
+        out = self.run_dir / f"{name}-sampler-state.json"
+        out.write_text(json.dumps(states[name]))
         return out
 
     async def _report_loop(self) -> None:
-        """Plain progress lines from the metrics file (the live TUI lands with the orchestrator issue)."""
-        while True:
-            await trio.sleep(self.cfg.run.log_every_s)
-            self._report_new_steps()
+        """The live TUI on a terminal, plain lines otherwise (``run.tui``); both follow RUN_DIR/metrics.jsonl."""
+        from prorl_async.tui import live_loop, plain_loop, wants_live
 
-    def _report_new_steps(self) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        steps = read_metrics(path, kind="step") if path.exists() else []
-        for r in steps[self._reported :]:
-            print(f"step {r['version']}: reward {r['reward_mean']:.3f}  loss {r['loss']:.4f}  kl {r['kl']:.2e}  "
-                  f"staleness {r['staleness_mean']:.2f}  train {r['step_time_s']:.1f} s  wait {r['wait_s']:.1f} s  "
-                  f"sync {r.get('sync_s', 0.0):.2f} s", flush=True)
-        self._reported = len(steps)
+        view = RunView(self.run_dir, title=self.run_dir.name)
+        if wants_live(self.cfg.run.tui):
+            await live_loop(view, before_refresh=self._process_states)
+        else:
+            await plain_loop(view, every_s=self.cfg.run.log_every_s, before_refresh=self._process_states)
+
+    def _process_states(self, view: RunView) -> None:
+        for child in [self.learner, *self.generators]:
+            if child.process is not None:
+                code = child.process.returncode
+                state = "alive" if code is None else "exited" if self.stopping or code == 0 else "restarting"
+                view.set_process_state(child.name, state, pid=child.process.pid, restarts=child.restarts)
 
     def _learner_failed(self) -> int:
         code = self.learner.process.returncode if self.learner.process else None
@@ -227,7 +279,6 @@ class Supervisor:
         return 1
 
     def _summary(self) -> None:
-        self._report_new_steps()
         path = self.run_dir / "metrics.jsonl"
         steps = read_metrics(path, kind="step") if path.exists() else []
         if steps:
@@ -251,3 +302,4 @@ class Supervisor:
                 print(f"prorl-async: {child.name} (pid {child.process.pid}) did not exit; killing it", flush=True)
                 child.process.kill()
                 await child.process.wait()
+            await child.reap_group(grace_s=2.0)

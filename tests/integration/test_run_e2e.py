@@ -2,15 +2,19 @@
 
 The tiny random model learns nothing useful; what is checked is the machinery: the learner's version
 advances, groups from both generators are consumed, every step is logged, weights reach the generators,
-a checkpoint is written, and every process ends.
+a checkpoint is written, every process ends; ``--resume`` continues from the checkpoint with the same
+counters and trains on no prompt twice; a generator killed mid-run is restarted, caught up to the current
+weights, and contributes groups again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +25,29 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def test_run_tiny_two_generators(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    exe = Path(sys.executable).with_name("prorl-async")
-    overrides = ["run.max_steps=2", "run.checkpoint_every_steps=0", "generator.num_generators=2",
-                 f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
-    argv = [str(exe), "run", "configs/tiny.toml"] + [a for o in overrides for a in ("--set", o)]
+EXE = Path(sys.executable).with_name("prorl-async")
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted((run_dir / "logs").glob("*.log")))
+
+
+def _run(argv: list[str], run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((run_dir / "logs").glob("*.log")))
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + logs
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + _logs(run_dir)
+    return out
+
+
+def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = ["run.max_steps=2", "run.checkpoint_every_steps=0", "generator.num_generators=2",
+                 f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
+    out = _run([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], run_dir, tmp_path)
 
     steps = read_metrics(run_dir / "metrics.jsonl", kind="step")
     assert [s["version"] for s in steps] == [1, 2]
@@ -45,4 +62,96 @@ def test_run_tiny_two_generators(tmp_path: Path) -> None:
     assert (run_dir / "config.toml").is_file()
     assert set(json.loads((run_dir / "pids.json").read_text())) == {"learner", "generator-0", "generator-1"}
     assert "done: 2 steps" in out.stdout
+    checkpoint = [e for e in read_metrics(run_dir / "metrics.jsonl", kind="event") if e["event"] == "checkpoint"][-1]
+    saved = json.loads((run_dir / "checkpoints" / "step-000002" / "service.json").read_text())
+    assert saved["groups_arrived"] == steps[-1]["groups_arrived"]
+    assert set(json.loads((run_dir / "checkpoints" / "step-000002" / "samplers.json").read_text())) == {
+        "generator-0", "generator-1"}
+
+    # --resume: same directory, config and metrics file; two more steps
+    out = _run([str(EXE), "run", "--resume", str(run_dir), *_sets("run.max_steps=4")], run_dir, tmp_path)
+    assert f"resuming {run_dir}" in out.stdout
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [s["version"] for s in steps] == [1, 2, 3, 4]
+    resumed = [r for r in records if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["version"] == 2
+    assert resumed[0]["buffer_held"] == checkpoint["buffer_held"]  # the buffered groups came back
+    assert resumed[0]["groups_arrived"] == saved["groups_arrived"]  # and the counters
+    assert steps[2]["groups_arrived"] >= saved["groups_arrived"]
+    assert steps[2]["buffer_counters"]["yielded"] == steps[1]["buffer_counters"]["yielded"] + 4
+    trained = [p for s in steps for p in s["prompt_ids"]]
+    assert len(trained) == 16 and len(set(trained)) == 16, trained  # no prompt trained on twice
+    assert (run_dir / "checkpoints" / "step-000004" / "policy" / "config.json").is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of ``pid``, recursively (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_path: Path) -> None:
+    """One generator, staleness bound 1: after the kill the run can only go on if the restarted generator gets
+    the current weights at once (it starts from the base weights, which the bound no longer admits)."""
+    run_dir = tmp_path / "run"
+    overrides = ["run.max_steps=5", "run.checkpoint_every_steps=0", "generator.num_generators=1",
+                 f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    proc = subprocess.Popen([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    victims: list[int] = []
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and any(s["version"] >= 2 for s in read_metrics(metrics, kind="step")):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the run ended before the kill"
+        pid = json.loads((run_dir / "pids.json").read_text())["generator-0"]
+        victims = [pid, *_descendants(pid)]  # vLLM's engine core runs in a child of the generator
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:  # the test failed while the run was going: stop what we started
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    assert proc.returncode == 0, out[-3000:] + _logs(run_dir)
+    assert f"generator-0 exited with {-signal.SIGKILL}" in out
+    records = read_metrics(metrics)
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [s["version"] for s in steps] == [1, 2, 3, 4, 5]
+    catch_up = [r for r in records if r.get("event") == "weights_catch_up"]
+    assert catch_up and catch_up[0]["delivered"] == ["gen0.rank0"] and catch_up[0]["version"] >= 2
+    readies = [r for r in records if r.get("event") == "generator_ready"]
+    assert len(readies) == 2  # the first generator and its restart
+    sent = [r["groups_sent"] for r in records if r["kind"] == "generator" and r["time_s"] > readies[1]["time_s"]]
+    assert sent and max(sent) > 0  # the restarted generator's own counter: it contributed groups again
+    restarted_pid = json.loads((run_dir / "pids.json").read_text())["generator-0"]
+    assert restarted_pid != victims[0]
+    time.sleep(2)
+    left = [p for p in victims if _alive(p)]
+    for p in left:  # ours (the killed generator's engine): never leave them behind, then fail
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of the killed generator outlived it: {left}"
 

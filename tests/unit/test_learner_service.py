@@ -68,3 +68,36 @@ def test_metrics_log_appends_valid_json(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "metrics.jsonl", kind="event")[0]["event"] == "x"
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2]:
         json.loads(line)
+
+
+def _events(directory: Path) -> list:
+    """Every Event in the TFRecord files under ``directory`` (length, crc, data, crc per record)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            event = Event()
+            event.ParseFromString(data[pos + 12 : pos + 12 + length])
+            events.append(event)
+            pos += 12 + length + 4
+    return events
+
+
+def test_metrics_log_writes_tensorboard_scalars(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path)
+    log.write("step", version=1, loss=0.5, reward_by_domain={"math": 0.25}, reset_reason="", flag=True)
+    log.write("step", version=2, loss=0.25, reward_by_domain={"math": 0.5}, kl=float("inf"))
+    log.write("generator", source="generator-0", tokens_per_s=123.0, sampler_state="{}")
+    log.write("event", event="checkpoint", version=2)
+    log.close()
+    scalars = [(v.tag, e.step, v.simple_value) for e in _events(tmp_path / "tensorboard") for v in e.summary.value]
+    assert ("loss", 1, 0.5) in scalars and ("loss", 2, 0.25) in scalars
+    assert ("reward_by_domain/math", 2, 0.5) in scalars
+    assert any(tag == "generator-0/tokens_per_s" and value == 123.0 for tag, _, value in scalars)
+    tags = {tag for tag, _, _ in scalars}
+    assert not tags & {"kl", "flag", "reset_reason", "sampler_state", "event", "version"}  # inf, bool, strings

@@ -1,0 +1,61 @@
+"""Child processes end with their supervisor: no orphan keeps a core (or a GPU) after the supervisor is killed.
+
+The supervisor starts each child in a session of its own (so that a terminal's Ctrl-C reaches only the
+supervisor, which stops the children in order) and names itself in ``PRORL_SUPERVISOR_PID``. A child calls
+:func:`exit_with_parent` once at start: a daemon thread checks every ``interval_s`` that its parent is
+still that process, and when it is not (the supervisor died, even by SIGKILL, and the child was re-parented)
+it sends itself SIGTERM, which the learner and the generators handle as a clean stop (the learner writes a
+checkpoint). ``prctl(PR_SET_PDEATHSIG)`` cannot do this job: it fires when the *thread* that forked the
+child exits, and trio starts processes from worker threads that come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+ENV = "PRORL_SUPERVISOR_PID"
+
+log = logging.getLogger(__name__)
+
+
+def supervisor_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child of this process: names this process as the supervisor to outlive not."""
+    return {**env, ENV: str(os.getpid())}
+
+
+def exit_with_parent(interval_s: float = 1.0) -> threading.Thread | None:
+    """Start the watch when ``PRORL_SUPERVISOR_PID`` names this process's parent; None otherwise."""
+    value = os.environ.get(ENV, "")
+    if not value.isdigit():
+        return None
+    supervisor = int(value)
+    if os.getppid() != supervisor:  # already gone between fork and here, or started by someone else
+        if _gone(supervisor):
+            log.error("the supervisor (pid %d) is gone: stopping", supervisor)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+
+    def watch() -> None:
+        stop = threading.Event()
+        while not stop.wait(interval_s):
+            if os.getppid() != supervisor:
+                log.error("the supervisor (pid %d) is gone: stopping (SIGTERM to myself)", supervisor)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
