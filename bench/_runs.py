@@ -148,7 +148,7 @@ def summarize(records: list[dict[str, Any]], warmup_steps: int = 1) -> dict[str,
         t_train_s=_mean([r.get("step_time_s", 0.0) + r.get("sync_s", 0.0) for r in timed]),
         t_wait_s=_mean([r.get("wait_s", 0.0) for r in timed]),
         learner_idle_ratio=wait / span if span > 0 else float("nan"),
-        generator_idle_ratio=last_gen.get("idle_ratio"),
+        generator_idle_ratio=generator_idle(gens, steps[w]["time_s"]),
         generator_tokens_per_s=last_gen.get("tokens_per_s"),
         stale_drop_frac=counters.get("stale", 0) / received if received else 0.0,
         groups_aborted_stale=last_gen.get("groups_aborted_stale"),
@@ -161,6 +161,29 @@ def summarize(records: list[dict[str, Any]], warmup_steps: int = 1) -> dict[str,
         buffer_counters=counters,
     )
     return out
+
+
+def generator_idle(gens: list[dict[str, Any]], since: float) -> float | None:
+    """Idle share of the generators after ``since`` (learner clock), from their cumulative heartbeat figures.
+
+    A generator reports ``idle_ratio`` and ``tokens_per_s`` since its own start; ``tokens_sent / tokens_per_s`` is
+    that elapsed time, so two records give the idle seconds and the elapsed seconds in between. Summed over the
+    generators; None without two usable records of one generator.
+    """
+    idle = elapsed = 0.0
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for r in gens:
+        if r.get("tokens_per_s") and r.get("tokens_sent") and r.get("idle_ratio") is not None:
+            by_source.setdefault(str(r.get("source")), []).append(r)
+    for records in by_source.values():
+        window = [r for r in records if r["time_s"] >= since] or records[-1:]
+        first = max((r for r in records if r["time_s"] < since), key=lambda r: r["time_s"], default=window[0])
+        last = window[-1]
+        e0, e1 = (r["tokens_sent"] / r["tokens_per_s"] for r in (first, last))
+        if e1 > e0:
+            idle += last["idle_ratio"] * e1 - first["idle_ratio"] * e0
+            elapsed += e1 - e0
+    return idle / elapsed if elapsed > 0 else None
 
 
 def reward_curve(records: list[dict[str, Any]]) -> list[dict[str, float]]:
