@@ -248,8 +248,10 @@ def main() -> int:
     args = parser.parse_args()
     plan = dict(QUICK if args.quick else FULL)
     config, steps = args.config or plan["config"], args.steps or plan["steps"]
-    overrides = [*plan["overrides"], *args.overrides, f"run.max_steps={steps}", "run.time_budget_s=0",
-                 "run.checkpoint_every_steps=0", "eval.every_steps=0"]
+    # TRL's generate() cannot stop on a string (it passes no tokenizer for stop_strings): both sides then run to
+    # EOS or the token limit, the same work per sample.
+    overrides = [*plan["overrides"], "sampling.stop=[]", *args.overrides, f"run.max_steps={steps}",
+                 "run.time_budget_s=0", "run.checkpoint_every_steps=0", "eval.every_steps=0"]
     cfg = load_config(config, overrides)
     samples_per_step = cfg.learner.batch_groups * cfg.sampling.group_size
     machine = _runs.machine_header("bench/peers.py: prorl-async vs TRL GRPOTrainer")

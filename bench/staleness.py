@@ -11,8 +11,8 @@ Per bound: samples/s, the stale-drop fraction (groups dropped as stale / receive
 ESS (means over the timed steps), and the reward reached at the budget (mean ``reward_mean`` of the last three
 steps). A PNG (``--plot``) has four panels, left to right: samples/s, stale-drop fraction, reward at the budget
 (each against the bound, in sweep order), and reward against samples seen, one line per bound (colours in sweep
-order: blue, orange, green, red, purple). The recommendation is the smallest bound within 5% of the best
-throughput whose reward at the budget is within 0.02 of the best (the fastest bound when none is).
+order: blue, orange, green, red, purple). Recommended: among the bounds whose reward at the budget is within
+0.02 of the best, the smallest one within 5% of the fastest of them.
 """
 
 from __future__ import annotations
@@ -41,20 +41,20 @@ REWARD_TOLERANCE = 0.02
 
 
 def recommend(rows: dict[int, dict[str, Any]]) -> int | None:
-    """The smallest bound near the best throughput that loses no reward; the fastest when none qualifies."""
+    """The smallest bound within 5% of the fastest bound that keeps the reward; the fastest when none keeps it.
+
+    "Keeps the reward": reward at the budget within ``REWARD_TOLERANCE`` of the best bound's (every bound when no
+    run has a reward figure).
+    """
     speed = {b: r["samples_per_s"] for b, r in rows.items() if _finite(r.get("samples_per_s"))}
     if not speed:
         return None
-    fastest = max(speed, key=lambda b: speed[b])
-    rewards = [r["reward_at_budget"] for r in rows.values() if _finite(r.get("reward_at_budget"))]
-    best_reward = max(rewards) if rewards else None
-    for bound in sorted(speed):
-        near = speed[bound] >= (1 - THROUGHPUT_TOLERANCE) * speed[fastest]
-        reward = rows[bound].get("reward_at_budget")
-        keeps = best_reward is None or (_finite(reward) and reward >= best_reward - REWARD_TOLERANCE)
-        if near and keeps:
-            return bound
-    return fastest
+    rewards = {b: rows[b].get("reward_at_budget") for b in speed}
+    finite = [r for r in rewards.values() if _finite(r)]
+    keeps = [b for b in speed if not finite or (_finite(rewards[b]) and rewards[b] >= max(finite) - REWARD_TOLERANCE)]
+    fastest = max(keeps or speed, key=lambda b: speed[b])
+    near = [b for b in (keeps or speed) if speed[b] >= (1 - THROUGHPUT_TOLERANCE) * speed[fastest]]
+    return min(near)
 
 
 def _finite(value: Any) -> bool:
@@ -122,8 +122,8 @@ def main() -> int:
         row["reward_at_budget"] = _runs.reward_at_budget(records[bound], budget) if budget else math.nan
     print_table(rows, budget)
     best = recommend(rows)
-    print(f"recommended max_staleness on this machine: {best} (smallest bound within {THROUGHPUT_TOLERANCE:.0%} of "
-          f"the best samples/s that keeps reward within {REWARD_TOLERANCE} of the best at {budget} samples)")
+    print(f"recommended max_staleness on this machine: {best} (of the bounds whose reward at {budget} samples is "
+          f"within {REWARD_TOLERANCE} of the best, the smallest within {THROUGHPUT_TOLERANCE:.0%} of the fastest)")
     plot(Path(args.plot), rows, curves)
     _runs.write_json(args.json, {"recommended_max_staleness": best, "sample_budget": budget,
                                  "runs": {str(b): r for b, r in rows.items()},
