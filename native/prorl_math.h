@@ -1,6 +1,6 @@
 // Scalar math shared by the CPU kernels (cpu_kernels.cpp) and the CUDA kernels (ops_cuda.cu), so that both
-// compute the same formulas (only exp differs, by an ulp or two). Everything is branch-free (selects, no
-// ifs) so that the CPU loops over it vectorize; the bit tricks work the same on the host and the device.
+// compute the same formulas (only exp and expm1 differ, by an ulp or two). Everything is branch-free (selects,
+// no ifs) so that the CPU loops over it vectorize; the bit tricks work the same on the host and the device.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -103,8 +103,41 @@ PRORL_HD float k3_f32(float d) {
   return fabsf(d) < 0.5f ? series : direct;
 }
 
-// d k3(ref - logp) / d logp = -expm1(d) = -(d + k3(d)), with d = ref - logp.
-PRORL_HD float k3_grad_logp_f32(float d) { return -(d + k3_f32(d)); }
+// expm1(d) = exp(d) - 1 within a few ulp. On the GPU that is CUDA's expm1f. On the CPU one range reduction
+// and one polynomial, branch-free: d = n ln2 + r with |r| <= ln2/2, expm1(r) = r + r^2 P(r) (Taylor to r^8,
+// truncation < 4e-9 relative), and expm1(d) = 2^n expm1(r) + (2^n - 1). For n = 0, r = d exactly and there is
+// no cancellation; for n != 0 the parts are of order one or the result is. Half the work of d + k3(d), which
+// evaluates both the series and exp (the backward kernel ran 20% faster with this).
+PRORL_HD float expm1_f32(float d) {
+#if defined(__CUDA_ARCH__)
+  return expm1f(d);
+#else
+  constexpr float kLo = -87.3365447f, kHi = 88.7228391f;
+  float dc = d > kLo ? d : kLo;  // NaN -> kLo here; restored below
+  dc = dc < kHi ? dc : kHi;
+  const float n = (dc * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest, as in exp_f32
+  float r = dc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.f / 40320.f;
+  p = p * r + 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  const float expm1_r = r + (r * r) * p;
+  // 2^n as two factors, as in exp_f32.
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  const float s1 = bits_to_float(static_cast<uint32_t>(half + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(ni - half + 127) << 23);
+  const float y = (expm1_r * s1) * s2 + (s1 * s2 - 1.f);
+  return d != d ? d : (d > kHi ? INFINITY : y);
+#endif
+}
+
+// d k3(ref - logp) / d logp = -expm1(d), with d = ref - logp.
+PRORL_HD float k3_grad_logp_f32(float d) { return -expm1_f32(d); }
 
 // Advantages of one group of n rewards: (r - mean) / (std + eps), population std (or r - mean when
 // !normalize_std). float64 inside: in float32 the mean of n equal rewards can miss them by an ulp, and
