@@ -22,7 +22,7 @@ response tokens go through the vocabulary projection, ``logprob_chunk_tokens`` a
 
 Several ranks (``torch.distributed`` initialised by the caller, world size > 1): the policy and the
 reference are sharded with FSDP2 ``fully_shard``; every rank is given the same whole batch and trains on
-its share of the samples (balanced by tokens); the loss is normalised by the whole mini-batch's count,
+its share of the rows (whole units, balanced by tokens); the loss is normalised by the whole mini-batch's count,
 so the update equals the one-rank update. Ranks run the same number of micro-batches (fillers with
 weight 0 keep the collectives in step).
 
