@@ -26,7 +26,9 @@ default precision of the device (fp32 on CPU, bf16-autocast on CUDA).
 ``shared-per-group`` (the budget set to one group's row, so a micro-batch is one group: the other way to
 batch groups whose prompts differ in length) and ``unshared`` (``share_prompt = false``, one row per
 sample). Token counts are the same for all three (each sample's prompt + response; ``forward tokens``
-is what the forward actually ran); the table gives step seconds, tokens/s and the ratio to unshared.
+is what the forward actually ran); the table gives step seconds, tokens/s and the ratio to unshared,
+and the CPU seconds the process used per step (all its threads): on a machine shared with other jobs
+the wall time mostly says how much CPU the step was given, the CPU time how much work it did.
 The warm-up is a one-group step (optimizer state, allocator), not a full step: a full unshared step of
 SmolLM2-135M takes minutes on 2 cores. ``--json`` then writes ``sharing`` keyed by model and path.
 """
@@ -112,11 +114,14 @@ def run_sharing(model: str, path: str, steps: int, threads: int, prompt_tokens: 
     vocab = learner.policy.lm.config.vocab_size
     batch = grouped_batch(groups, group_size, prompt_tokens, (resp, resp), vocab)
     learner.train_step(grouped_batch(1, group_size, prompt_tokens, (resp, resp), vocab, seed=1))  # warm-up
+    cpu_start = time.process_time()
     metrics = [learner.train_step(batch) for _ in range(steps)]
+    cpu_s = time.process_time() - cpu_start
     elapsed = sum(m.step_time_s for m in metrics)
     return {
         "model": model,
         "path": path,
+        "cpu_s_per_step": cpu_s / steps,
         "threads": torch.get_num_threads(),
         "micro_batch_tokens": cfg.learner.micro_batch_tokens,
         "samples_per_step": len(batch.samples),
@@ -146,11 +151,11 @@ def _child(args: list[str]) -> dict | str:
 def sharing_main(args: argparse.Namespace, machine: dict) -> int:
     """Shared vs unshared on the default batch shape, one process per (model, path); table and --json."""
     print(f"{'model':24s} {'path':17s} {'tok/step':>8s} {'fwd tok':>7s} {'step s':>7s} {'train tok/s':>11s} "
-          f"{'resp tok/s':>10s} {'speed-up':>8s} {'peak MB':>8s}")
+          f"{'resp tok/s':>10s} {'speed-up':>8s} {'cpu s':>7s} {'cpu ratio':>9s} {'peak MB':>8s}")
     out: dict[str, dict] = {}
     for model in args.models.split(","):
         rows: dict[str, dict] = {}
-        for path in reversed(SHARING_PATHS):  # unshared first: the others' speed-up is relative to it
+        for path in [p for p in reversed(SHARING_PATHS) if p in args.paths.split(",")]:  # unshared first
             r = _child(["--one-sharing", model, path, "--steps", str(args.steps), "--threads", str(args.threads),
                         "--prompt-tokens", str(args.prompt_tokens)])
             if isinstance(r, str):
@@ -158,11 +163,13 @@ def sharing_main(args: argparse.Namespace, machine: dict) -> int:
                 continue
             base = rows.get("unshared")
             r["speedup_vs_unshared"] = base["step_time_s"] / r["step_time_s"] if base else None
+            r["cpu_ratio_vs_unshared"] = base["cpu_s_per_step"] / r["cpu_s_per_step"] if base else None
             rows[path] = r
             speedup = f"{r['speedup_vs_unshared']:7.2f}x" if base else f"{'-':>8s}"
+            cpu_ratio = f"{r['cpu_ratio_vs_unshared']:8.2f}x" if base else f"{'-':>9s}"
             print(f"{model:24s} {path:17s} {r['tokens_per_step']:8.0f} {r['forward_tokens_per_step']:7.0f} "
                   f"{r['step_time_s']:7.2f} {r['train_tokens_per_s']:11.1f} {r['response_tokens_per_s']:10.1f} "
-                  f"{speedup} {r['peak_memory_mb']:8.0f}")
+                  f"{speedup} {r['cpu_s_per_step']:7.1f} {cpu_ratio} {r['peak_memory_mb']:8.0f}", flush=True)
         out[model] = rows
     machine["load_avg_1m_end"] = os.getloadavg()[0]
     print(f"# load average at the end {machine['load_avg_1m_end']:.1f}")
@@ -172,7 +179,7 @@ def sharing_main(args: argparse.Namespace, machine: dict) -> int:
         doc = {"sharing": out, "shared_speedup": ratios, "machine": machine}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
-    return 0 if all(len(rows) == len(SHARING_PATHS) for rows in out.values()) else 1
+    return 0 if all(len(rows) == len(args.paths.split(",")) for rows in out.values()) else 1
 
 
 def run_one(model: str, precision: str, steps: int, device: str, threads: int) -> dict:
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sharing", action="store_true",
                         help="shared vs unshared prompts on configs/default.toml's batch shape (CPU, fp32)")
     parser.add_argument("--prompt-tokens", type=int, default=165, help="--sharing: prompt length of every group")
+    parser.add_argument("--paths", default=",".join(SHARING_PATHS), help="--sharing: which of " + ", ".join(
+        SHARING_PATHS))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--one-sharing", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
