@@ -186,11 +186,22 @@ def generator_idle(gens: list[dict[str, Any]], since: float) -> float | None:
     return idle / elapsed if elapsed > 0 else None
 
 
+def training_start(records: list[dict[str, Any]]) -> float | None:
+    """When the learner's training loop began (learner clock): the first step's end less its wait, train and sync.
+
+    Process and engine start come before it and vary with the machine's load, so curves over wall-clock start here.
+    """
+    first = next((r for r in records if r.get("kind") == "step"), None)
+    if first is None:
+        return None
+    return first["time_s"] - first.get("wait_s", 0.0) - first.get("step_time_s", 0.0) - first.get("sync_s", 0.0)
+
+
 def reward_curve(records: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Per step: seconds since the first record, cumulative samples, reward_mean (and validation when logged)."""
-    if not records:
+    """Per step: seconds since training began (:func:`training_start`), cumulative samples, ``reward_mean``."""
+    t0 = training_start(records)
+    if t0 is None:
         return []
-    t0 = records[0]["time_s"]
     seen, curve = 0, []
     for r in records:
         if r.get("kind") == "step":

@@ -96,7 +96,8 @@ def test_reward_curve_and_budget() -> None:
     records = _records([1.0, 1.0, 1.0, 1.0])
     curve = _runs.reward_curve(records)
     assert [p["samples"] for p in curve] == [16, 32, 48, 64]
-    assert curve[0]["t_s"] == pytest.approx(12.0)
+    assert curve[0]["t_s"] == pytest.approx(2.0)  # from the start of training: the first step's wait + train
+    assert _runs.training_start(records) == pytest.approx(10.0)
     assert _runs.reward_at_budget(records, budget=48, window=2) == pytest.approx(0.15)
 
 
@@ -127,8 +128,10 @@ def test_learning_late_reward_and_time_to_reward() -> None:
     assert learning.late_reward(curve, budget_s=10.0) == pytest.approx(0.5)
     assert learning.time_to_reward(curve, target=0.4, window=1) == 8.0
     assert learning.time_to_reward(curve, target=0.9) is None
-    assert learning.validation_curve([{"kind": "validation", "time_s": 3.0, "pass@1": 0.5}]) == [
-        {"t_s": 0.0, "pass@1": 0.5}]
+    records = [{"kind": "event", "time_s": 0.0}, {"kind": "step", "time_s": 4.0, "wait_s": 1.0, "step_time_s": 1.0},
+               {"kind": "validation", "time_s": 5.0, "pass@1": 0.5}]
+    assert learning.validation_curve(records) == [{"t_s": 3.0, "pass@1": 0.5}]
+    assert learning.startup_s(records) == pytest.approx(2.0)
 
 
 def test_peers_seconds_per_1k_and_speedup() -> None:
