@@ -25,10 +25,24 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one config value (repeatable)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
 
-    ev = sub.add_parser("eval", help="pass@k and pass@1 distributions of a model or checkpoint")
-    ev.add_argument("model", help="built-in model name, Hugging Face directory or checkpoint")
-    ev.add_argument("--config", help="TOML config file for tasks and sampling (default: the embedded one)")
+    ev = sub.add_parser(
+        "eval", help="pass@k and pass@1 distributions of a model or checkpoint",
+        description="Sample held-out prompts with vLLM, score them with the reward functions and report pass@k, "
+                    "the pass@1 distribution and the Dang et al. bound per task and domain (eval.json, report.md, "
+                    "PNGs). The flags below are shortcuts for eval.* config fields.")
+    ev.add_argument("model", help="built-in model name, Hugging Face directory, checkpoint (RUN/checkpoints/step-N) "
+                                  "or run directory (its latest checkpoint)")
+    ev.add_argument("--config", help="TOML config file for tasks and sampling (default: the run's config.toml for "
+                                     "a checkpoint, else the embedded one)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ev.add_argument("--tasks", action="append", metavar="TASK[,TASK]",
+                    help="eval.tasks: name, domain/name or domain of tasks.mix entries (default: all of them)")
+    ev.add_argument("--k", metavar="K[,K]", help="eval.k: pass@k values, e.g. 1,16,128")
+    ev.add_argument("--samples", type=int, metavar="N", help="eval.samples: samples per prompt (default: "
+                                                              "eval.samples, raised to the largest k)")
+    ev.add_argument("--prompts", type=int, metavar="N", help="eval.prompts: held-out prompts per task (0: all)")
+    ev.add_argument("--compare", metavar="OTHER", help="a second model evaluated on the same prompts, side by side")
+    ev.add_argument("--out", metavar="DIR", help="output directory (default: eval.out_dir)")
 
     cfg = sub.add_parser("config", help="validate a config and print it fully resolved")
     cfg.add_argument("config", nargs="?", help="TOML config file (default: configs/default.toml)")
@@ -99,11 +113,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
     from prorl_async.config import load_config
     from prorl_async.errors import UserError
+    from prorl_async.evaluation_run import find_run_config, run_eval
 
-    load_config(args.config, args.overrides)
-    raise UserError("eval is not yet available (issue: evaluation, pass@k); `prorl-async run` trains")
+    overrides = list(args.overrides)  # the shortcut flags come last: they win over --set
+    if args.tasks:
+        tasks = [t.strip() for item in args.tasks for t in item.split(",") if t.strip()]
+        overrides.append(f"eval.tasks={json.dumps(tasks)}")
+    if args.prompts is not None:
+        overrides.append(f"eval.prompts={args.prompts}")
+    config = args.config
+    if config is None and (run_config := find_run_config(args.model)) is not None:
+        config = str(run_config)
+        print(f"eval: tasks and prompt format from the run's config {config}")
+    if args.samples is not None:
+        overrides.append(f"eval.samples={args.samples}")
+    if args.k:
+        try:
+            ks = [int(k) for k in args.k.split(",") if k.strip()]
+        except ValueError:
+            raise UserError(f"--k {args.k!r}: expected integers separated by commas, e.g. 1,16,128") from None
+        if ks and args.samples is None:  # --k alone: enough samples per prompt for its largest k
+            samples = load_config(config, overrides).eval.samples
+            if max(ks) > samples:
+                overrides.append(f"eval.samples={max(ks)}")
+        overrides.append(f"eval.k={json.dumps(ks)}")
+    cfg = load_config(config, overrides)
+    run_eval(cfg, args.model, compare=args.compare, out_dir=args.out)
+    return 0
 
 
 if __name__ == "__main__":

@@ -290,10 +290,26 @@ class EvalConfig(_Section):
     """Sampling temperature for evaluation (the paper: 0.6)."""
     top_p: float = Field(0.95, gt=0, le=1)
     """Nucleus mass for evaluation (the paper: 0.95)."""
-    k: list[int] = Field(default_factory=lambda: [1, 16])
+    top_k: int = Field(-1, ge=-1)
+    """Top-k sampling for evaluation; -1 disables it."""
+    max_response_tokens: int = Field(0, ge=0)
+    """Longest evaluated response, in tokens; 0 uses ``sampling.max_response_tokens``."""
+    k: list[int] = Field(default_factory=lambda: [1, 16], min_length=1)
     """pass@k values to report."""
     samples: int = Field(16, ge=1)
     """Samples per prompt (n >= max k)."""
+    prompts: int = Field(0, ge=0)
+    """Held-out prompts per task for ``prorl-async eval`` (the first ones of the validation split); 0 takes all
+    ``tasks.validation_size``."""
+    tasks: list[str] = Field(default_factory=list)
+    """Tasks ``prorl-async eval`` evaluates: ``name``, ``domain/name`` or ``domain`` of ``tasks.mix`` entries (a
+    ``domain/name`` not in the mix is evaluated with default params); empty: every task of the mix."""
+    correct_threshold: float = Field(1.0, gt=0, le=1)
+    """A sample counts as correct for pass@k when its reward is at least this (1: partial credit never solves)."""
+    reward_workers: int = Field(0, ge=0)
+    """Scoring processes of ``prorl-async eval``; 0 uses one per CPU core (at most 8)."""
+    out_dir: str = "runs/eval-{model}-{timestamp}"
+    """Output directory of ``prorl-async eval`` (``{model}`` and ``{timestamp}`` are expanded)."""
     every_steps: int = Field(0, ge=0)
     """Validate on the held-out split every this many steps during training; 0 disables."""
 
