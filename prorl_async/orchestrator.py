@@ -105,7 +105,6 @@ class Child:
 def child_env(cfg: Config, run_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.generator.kv_cache_gib)
-    env.setdefault("VLLM_CACHE_ROOT", str(run_dir / "vllm-cache"))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
     return supervisor_env(env)

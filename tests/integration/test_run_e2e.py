@@ -37,7 +37,7 @@ def _logs(run_dir: Path) -> str:
 
 
 def _run(argv: list[str], run_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    env = dict(os.environ)
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + _logs(run_dir)
     return out
@@ -116,7 +116,7 @@ def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_pat
     run_dir = tmp_path / "run"
     overrides = ["run.max_steps=5", "run.checkpoint_every_steps=0", "generator.num_generators=1",
                  f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+    env = dict(os.environ)
     proc = subprocess.Popen([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
