@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (arguments with --quick, arguments without, headline JSON key, goal as text)
 BENCHES: dict[str, tuple[list[str], list[str], str, str]] = {
     "transport": (["--seconds", "1", "--tokens", "1024"], [], "tokens_per_s", ">= 20M tokens/s"),
-    "learner": (["--models", "tiny-random", "--steps", "2"], [], "train_tokens_per_s", "-"),
+    "learner": (["--models", "tiny-random", "--precisions", "fp32", "--steps", "2"], [], "train_tokens_per_s", "-"),
     "weight_sync": (["--models", "tiny-random", "--repeats", "3"], [], "ratio_to_raw_broadcast", ">= 0.8"),
     "generator": (["--models", "tiny-random", "--groups", "8", "--warmup", "2"], [], "ratio_to_raw_vllm", ">= 0.9"),
     "native": (["--quick", "--no-compile"], [], "cpu_speedup_vs_eager", "> 1"),
