@@ -330,11 +330,32 @@ def default_pin() -> dict[str, set[int]] | None:
 # ----------------------------------------------------------------------------------------------- plotting
 
 
+# 3x5 pixel digits for axis extremes (the canvas has no text): rows top to bottom, 3 bits each.
+_GLYPHS = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
+           "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
+           ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "e": (0, 7, 7, 4, 7), "+": (0, 2, 7, 2, 0)}
+
+
+def _text(canvas: Any, x: float, y: float, text: str, scale: int = 2) -> None:
+    """Digits at (x, y) (top-left), ``scale`` pixels per glyph pixel; other characters are skipped."""
+    for n, ch in enumerate(text):
+        for row, bits in enumerate(_GLYPHS.get(ch, (0, 0, 0, 0, 0))):
+            for col in range(3):
+                if bits >> (2 - col) & 1:
+                    x0, y0 = x + (4 * n + col) * scale, y + row * scale
+                    canvas.rect(x0, y0, x0 + scale, y0 + scale, (60, 60, 60))
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-")
+
+
 def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, height: int = 280) -> None:
     """A PNG of line panels side by side, drawn with the project's dependency-free canvas (no matplotlib here).
 
     Each panel: ``{"series": [[(x, y), ...], ...]}``; series take the canvas colours in order; axes are scaled to
-    the data (y from 0 when all values are >= 0). Text is not drawn: the printed table carries the labels.
+    the data (y from 0 when all values are >= 0) and labelled with their extremes in digits (y top-left, x
+    bottom-right); the printed table names the panels and series.
     """
     from prorl_async.evaluation_report import _Canvas  # the tiny PNG rasteriser; reused, not copied
 
@@ -352,6 +373,10 @@ def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, heigh
         ox, oy, w, h = n * width + pad, pad // 2, width - 2 * pad, height - 2 * pad
         canvas.line(ox, oy + h, ox + w, oy + h, grey)
         canvas.line(ox, oy, ox, oy + h, grey)
+        _text(canvas, ox + 4, oy, _short(y_hi))
+        _text(canvas, ox + 4, oy + h - 12, _short(y_lo))
+        _text(canvas, ox + w - 8 * len(_short(x_hi)), oy + h + 4, _short(x_hi))
+        _text(canvas, ox, oy + h + 4, _short(x_lo))
         for i, series in enumerate(panel["series"]):
             pts = [(ox + w * (x - x_lo) / (x_hi - x_lo), oy + h - h * (y - y_lo) / (y_hi - y_lo))
                    for x, y in series if not math.isnan(y)]
