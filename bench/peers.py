@@ -17,8 +17,9 @@ TRL runs in its own virtual environment (``--venv``, created on first use with `
 ``pip install torch==2.13.0 trl``: the CPU torch from this machine's pip configuration; never this project's
 environment). Its settings are its documented CPU path, chosen for speed: ``use_cpu=True``, fp32 (bf16 autocast
 is slower on this CPU, see bench/learner.py), generation with transformers ``generate`` (TRL's vLLM modes need
-a CUDA vLLM), one optimizer step per generation batch (``num_iterations=1``, ``steps_per_generation=1``), the
-whole step's samples in one device batch (no gradient accumulation), no gradient checkpointing, no reference
+a CUDA vLLM), the whole step's samples generated in one call and used for one optimizer step
+(``steps_per_generation`` = ``gradient_accumulation_steps``, ``num_iterations=1``), forward/backward one group at a
+time (``--trl-micro-batch``; the whole step at once was killed for memory), no gradient checkpointing, no reference
 model (``beta=0``, TRL's default, which skips the reference forward pass), no logging or checkpoints to disk,
 torch using every core.
 """
@@ -169,12 +170,21 @@ def trl_child(spec: dict[str, Any]) -> int:
     return 0
 
 
-def trl_settings(cfg: Any) -> dict[str, Any]:
-    """GRPOConfig fields: the same sampling and step shape as ``cfg``, TRL's fastest CPU path otherwise."""
+def trl_settings(cfg: Any, micro_batch: int | None = None) -> dict[str, Any]:
+    """GRPOConfig fields: the same sampling and step shape as ``cfg``, TRL's fastest CPU path otherwise.
+
+    One optimizer step takes ``batch_groups x group_size`` samples, all generated in one ``generate`` call
+    (``steps_per_generation`` = accumulation steps); forward/backward runs ``micro_batch`` samples at a time
+    (default: one group), as this trainer runs micro-batches: the whole step in one batch (64 SmolLM2 samples)
+    was killed for memory on a 24 GiB machine.
+    """
     samples = cfg.learner.batch_groups * cfg.sampling.group_size
+    micro = micro_batch or cfg.sampling.group_size
+    if samples % micro:
+        raise ValueError(f"--trl-micro-batch {micro} must divide the samples per step ({samples})")
     return {
-        "use_cpu": True, "bf16": False, "fp16": False,
-        "per_device_train_batch_size": samples, "gradient_accumulation_steps": 1, "steps_per_generation": 1,
+        "use_cpu": True, "bf16": False, "fp16": False, "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": samples // micro, "steps_per_generation": samples // micro,
         "num_generations": cfg.sampling.group_size, "num_iterations": 1,
         "max_completion_length": cfg.sampling.max_response_tokens, "temperature": cfg.sampling.temperature,
         "top_p": cfg.sampling.top_p, "learning_rate": cfg.optim.lr, "lr_scheduler_type": "constant",
@@ -185,9 +195,10 @@ def trl_settings(cfg: Any) -> dict[str, Any]:
     }
 
 
-def run_trl(python: Path, cfg: Any, model_dir: Path, dataset: Path, steps: int, work: Path) -> dict[str, Any]:
-    spec = {"model_dir": str(model_dir), "dataset": str(dataset), "steps": steps, "prefill": cfg.tasks.prefill,
-            "output_dir": str(work / "trl-out"), "scorer_python": sys.executable, "trl_settings": trl_settings(cfg)}
+def run_trl(python: Path, settings: dict[str, Any], prefill: str, model_dir: Path, dataset: Path, steps: int,
+            work: Path) -> dict[str, Any]:
+    spec = {"model_dir": str(model_dir), "dataset": str(dataset), "steps": steps, "prefill": prefill,
+            "output_dir": str(work / "trl-out"), "scorer_python": sys.executable, "trl_settings": settings}
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", HF_HOME=str(work / "hf-home"))
@@ -243,6 +254,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     parser.add_argument("--venv", default=str(Path.home() / ".cache" / "prorl-async" / "bench" / "trl-venv"),
                         help="TRL's own virtual environment (created when missing)")
+    parser.add_argument("--trl-micro-batch", type=int, help="TRL samples per forward/backward (default: a group)")
     parser.add_argument("--out-dir", default="/tmp/prorl-bench/peers", help="run directories go here")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     args = parser.parse_args()
@@ -263,7 +275,8 @@ def main() -> int:
           f"max {cfg.sampling.max_response_tokens} response tokens", flush=True)
 
     print("TRL GRPOTrainer...", flush=True)
-    trl = run_trl(python, cfg, model_dir, dataset, steps, work)
+    settings = trl_settings(cfg, args.trl_micro_batch)
+    trl = run_trl(python, settings, cfg.tasks.prefill, model_dir, dataset, steps, work)
     print(f"  TRL: exit {trl['returncode']} in {trl['wall_s']:.0f} s", flush=True)
 
     print("prorl-async run...", flush=True)
@@ -281,7 +294,7 @@ def main() -> int:
                         s["first_step_end_s"], s["first_reward"], s["reward_at_budget"]] for n, s in sides.items()],
                       digits=2))
     print(f"speedup vs TRL (steady state): {_runs.fmt(ratio, 2)}x (goal >= 3 at equal or better reward)")
-    _runs.write_json(args.json, {"speedup_vs_trl": ratio, "sides": sides, "trl_settings": trl_settings(cfg),
+    _runs.write_json(args.json, {"speedup_vs_trl": ratio, "sides": sides, "trl_settings": settings,
                                  "trl_install_s": install_s, "trl_versions": {k: trl.get(k) for k in
                                                                               ("trl", "transformers", "torch")},
                                  "trl_raw": trl, "prorl_async_raw": ours, "machine": machine, "config": config,

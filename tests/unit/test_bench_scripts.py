@@ -154,7 +154,12 @@ def test_peers_trl_settings_follow_the_config() -> None:
     cfg = load_config(None)
     settings = peers.trl_settings(cfg)
     assert settings["num_generations"] == cfg.sampling.group_size
-    assert settings["per_device_train_batch_size"] == cfg.learner.batch_groups * cfg.sampling.group_size
+    samples = cfg.learner.batch_groups * cfg.sampling.group_size
+    assert settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"] == samples
+    assert settings["steps_per_generation"] == settings["gradient_accumulation_steps"]  # one generate per step
+    assert peers.trl_settings(cfg, micro_batch=samples)["gradient_accumulation_steps"] == 1
+    with pytest.raises(ValueError):
+        peers.trl_settings(cfg, micro_batch=samples - 1)
     assert settings["max_completion_length"] == cfg.sampling.max_response_tokens
     assert settings["use_cpu"] and settings["beta"] == 0.0
 
