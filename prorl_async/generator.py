@@ -18,9 +18,15 @@ One asyncio loop, four kinds of tasks:
 - one task per group: generate, score every sample in the :class:`ScoringPool` (other processes, per-sample
   timeout), send the ``TrajectoryGroup`` (a blocking ZeroMQ send in a thread: backpressure from the learner
   holds the group, not the loop);
-- ``control_loop`` reads ``WeightsReady`` / ``Stop``. A newer version raises the learner version (admission),
-  loads the weights in flight (:meth:`Generator.update_weights`, the one place weights change) and aborts the
-  groups that version made too stale to use; their prompts are re-queued;
+- ``control_loop`` reads ``WeightsReady`` / ``Stop`` / ``Validate``. A newer version raises the learner version
+  (admission), loads the weights in flight (:meth:`Generator.update_weights`, the one place weights change) and
+  aborts the groups that version made too stale to use; their prompts are re-queued;
+- periodic validation: on ``Validate(v, round)``, once the loaded weights are version ``>= v``, one task samples
+  this generator's shard of the held-out split (prompt ``i`` of ``TaskMix.validation_tasks()`` when
+  ``i % num_generators == generator_id``; ``eval.samples`` samples at ``eval.temperature`` / ``eval.top_p``)
+  through the same engine, beside the training groups, scores it in the same pool and sends the rewards as
+  ``Metrics`` parts on the groups socket (:mod:`prorl_async.validation`). One validation runs at a time (a newer
+  request waits, replacing an older waiting one); a failed prompt or shard is counted and logged, never fatal;
 - ``heartbeat_loop`` sends ``Heartbeat`` and ``Metrics`` every ``heartbeat_s`` (to ``--metrics`` when given,
   else on the groups socket when it has room), the metrics carrying ``sampler_state``: the prompt position
   with every unfinished prompt re-queued, and ``sampler_inflight_seqs``: the group sequence numbers of those
@@ -56,12 +62,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prorl_async.messages import Heartbeat, Limits, Metrics, Sample, Stop, TrajectoryGroup, WeightsReady
+from prorl_async.messages import Heartbeat, Limits, Metrics, Sample, Stop, TrajectoryGroup, Validate, WeightsReady
 from prorl_async.sampler import Admission, Draw, PromptSampler, generator_budget
 from prorl_async.scoring import ScoringPool
+from prorl_async.validation import RESULTS_KEY, PromptRewards, encode_shard
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
+    from prorl_async.tasks import Task
 
 log = logging.getLogger("prorl_async.generator")
 
@@ -107,12 +115,17 @@ class Generator:
         self.changed = asyncio.Event()
         self.counters: dict[str, int] = dict.fromkeys(
             ("groups_sent", "samples_sent", "tokens_sent", "groups_aborted_stale", "prompts_requeued",
-             "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped"), 0)
+             "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped",
+             "validations_sent", "validations_failed", "validations_superseded", "validation_prompts_failed"), 0)
         self.last_update_s = 0.0
         self.started_at = time.monotonic()
         self._idle_s = 0.0  # time the engine held none of our requests (waiting on weights or admission)
         self._idle_since: float | None = time.monotonic()
         self.fatal: BaseException | None = None
+        self.validation_wanted: Validate | None = None  # the newest request not started yet
+        self.validation_task: asyncio.Task[None] | None = None
+        self._validation_seen: set[tuple[int, int]] = set()
+        self._validation_shard: list[tuple[str, Task]] | None = None  # (task label, task), built on first use
         # One thread per blocking socket: a backpressured group send must not starve control reads.
         self._threads = {name: ThreadPoolExecutor(1, thread_name_prefix=f"gen-{name}")
                          for name in ("control", "send", "status")}
@@ -152,6 +165,7 @@ class Generator:
                 await self.stopping.wait()
                 dispatch.cancel()
                 await self._abort_all("stop")
+                await self._cancel_validation()
                 await asyncio.gather(dispatch, control, heartbeat, return_exceptions=True)
                 self._send_status(self.metrics_values(), final=True)
             finally:
@@ -198,6 +212,8 @@ class Generator:
         if isinstance(msg, Stop):
             log.info("%s: stop (%s)", self.source, msg.reason)
             self.stopping.set()
+        elif isinstance(msg, Validate):
+            self._on_validate(msg)
         elif isinstance(msg, WeightsReady) and msg.version > self.learner_version:
             self.learner_version = msg.version
             if self.weight_sync is not None:
@@ -207,6 +223,7 @@ class Generator:
             await self._abort_stale()
             self.admission.forget_before(self.learner_version)
             self.changed.set()
+            self._maybe_start_validation()
 
     async def _join(self) -> None:
         host, port = self.weight_sync  # type: ignore[misc]
@@ -265,6 +282,132 @@ class Generator:
         await asyncio.gather(*tasks, return_exceptions=True)
         if tasks:
             log.info("%s: aborted %d groups (%s); their prompts are re-queued", self.source, len(tasks), why)
+
+    # ----------------------------------------------------------------------------------- validation
+
+    def _on_validate(self, msg: Validate) -> None:
+        key = (msg.version, msg.round)
+        if key in self._validation_seen or self.stopping.is_set():
+            return  # control messages may repeat: each request is answered once
+        self._validation_seen.add(key)
+        if self.validation_wanted is not None:  # still waiting for weights or for the running one: keep the newest
+            self.counters["validations_superseded"] += 1
+            log.warning("%s: validation of version %d (round %d) superseded by version %d before it started",
+                        self.source, self.validation_wanted.version, self.validation_wanted.round, msg.version)
+        self.validation_wanted = msg
+        self._maybe_start_validation()
+
+    def _maybe_start_validation(self) -> None:
+        """Start the waiting validation once none runs and the weights it asks for (or newer) are loaded."""
+        want = self.validation_wanted
+        if want is None or self.stopping.is_set():
+            return
+        if self.validation_task is not None and not self.validation_task.done():
+            return
+        if self.weight_sync is not None and (not self.weights_ok or self.loaded_version < want.version):
+            return  # called again after each weight update
+        self.validation_wanted = None
+        self.validation_task = asyncio.create_task(self._validate(want))
+        self.validation_task.add_done_callback(lambda _: self._maybe_start_validation())
+
+    async def _cancel_validation(self) -> None:
+        self.validation_wanted = None
+        task = self.validation_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _shard(self) -> list[tuple[str, Task]]:
+        """``(task label, task)`` of this generator's share of the held-out split, in split order."""
+        if self._validation_shard is None:
+            labels = [f"{s.domain}/{s.name}" for s in self.cfg.tasks.mix]
+            names = [f"{x}#{i}" if labels.count(x) > 1 else x for i, x in enumerate(labels)]
+            every = self.cfg.generator.num_generators
+            self._validation_shard = [(names[t.metadata["spec"]], t) for i, t in enumerate(self.mix.validation_tasks())
+                                      if i % every == self.gid]
+        return self._validation_shard
+
+    async def _validate(self, req: Validate) -> None:
+        """Sample, score and report this generator's shard for ``req``; failures are counted and logged, not raised.
+
+        Prompts that fail (engine or scoring error) are reported as ``failed`` and the shard is answered anyway, so
+        the learner's record says what it is made of. Only an error outside the prompts (counted in
+        ``validations_failed``) or a stop leaves it unanswered: the learner's timeout covers that.
+        """
+        start, weights = time.perf_counter(), self.loaded_version
+        try:
+            shard = self._shard()
+            slots = asyncio.Semaphore(max(1, self.cfg.generator.max_inflight_groups))
+            outcomes = await asyncio.gather(*(self._validate_prompt(req, i, label, task, slots)
+                                              for i, (label, task) in enumerate(shard)), return_exceptions=True)
+            prompts = [out for out in outcomes if isinstance(out, PromptRewards)]
+            errors = [out for out in outcomes if isinstance(out, BaseException)]
+            skipped = sum(out is None for out in outcomes)
+            if errors:
+                self.counters["validation_prompts_failed"] += len(errors)
+                log.error("%s: validation of version %d: %d of %d prompts failed (first: %r)", self.source,
+                          req.version, len(errors), len(shard), errors[0])
+            header = dict(version=req.version, round=req.round, generator=self.gid,
+                          generators=self.cfg.generator.num_generators, weights_version=weights,
+                          seconds=time.perf_counter() - start, skipped=skipped)
+            try:
+                parts = encode_shard(**header, failed=len(errors), prompts=prompts)
+            except ValueError as err:  # a prompt too big for one message: answer without the prompts
+                log.error("%s: validation of version %d: %s", self.source, req.version, err)
+                parts = encode_shard(**header, failed=len(errors) + len(prompts), prompts=[])
+        except Exception:
+            self.counters["validations_failed"] += 1
+            log.exception("%s: validation of version %d (round %d) failed", self.source, req.version, req.round)
+            return
+        if await self._blocking("send", self._send_validation, parts):
+            self.counters["validations_sent"] += 1
+            log.info("%s: validation of version %d (round %d): %d prompts scored, %d failed, %d too long, %.1f s",
+                     self.source, req.version, req.round, len(prompts), len(errors), skipped,
+                     time.perf_counter() - start)
+
+    async def _validate_prompt(self, req: Validate, i: int, label: str, task: Task,
+                               slots: asyncio.Semaphore) -> PromptRewards | None:
+        """``eval.samples`` scored samples of one held-out prompt; None when the prompt is too long."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from prorl_async.tasks import render_prompt
+
+        e, cfg = self.cfg.eval, self.cfg
+        max_tokens = e.max_response_tokens or cfg.sampling.max_response_tokens
+        async with slots:  # the engine holds at most max_inflight_groups validation requests of ours
+            prompt_ids = self.tokenizer.encode(render_prompt(self.tokenizer, task, cfg.tasks), add_special_tokens=False)
+            if len(prompt_ids) + max_tokens > cfg.model.max_model_len:
+                return None
+            # No per-request seed: vLLM's CPU build crashes on one (the engine is seeded per generator).
+            params = SamplingParams(n=e.samples, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                                    max_tokens=max_tokens, stop=list(cfg.sampling.stop) or None,
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params,
+                                                  f"g{self.gid}.val{req.round}.v{req.version}.{i}"):
+                final = out
+        if final is None or len(final.outputs) != e.samples:
+            raise RuntimeError(f"vLLM returned {0 if final is None else len(final.outputs)} of {e.samples} samples")
+        task_dict = task.to_dict()
+        results = await asyncio.gather(*(self.pool.score(cfg.tasks.prefill + c.text, task_dict)
+                                         for c in final.outputs))
+        return PromptRewards(task.id, label, tuple(r.reward for r in results))
+
+    def _send_validation(self, parts: list[str]) -> bool:
+        """Blocking send of every part on the groups socket (the learner's), in order; False if stopped first."""
+        for text in parts:
+            msg = Metrics(self.source, {RESULTS_KEY: text})
+            while True:
+                if self.stopping.is_set():
+                    return False
+                try:
+                    self.groups.send(msg, timeout_s=_SEND_POLL_S)
+                    break
+                except TimeoutError:
+                    continue
+        return True
 
     # ------------------------------------------------------------------------------------- dispatch
 

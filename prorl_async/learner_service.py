@@ -22,6 +22,15 @@ Invariants:
   the train step and every broadcast hold ``_weights_lock``.
 - A checkpoint is the learner's files plus the buffered groups, the sampler states and the counters
   (``run_state``), snapshotted between two ingested messages and written under a temporary name.
+- Periodic validation (``eval.every_steps``; :mod:`prorl_async.validation`): after a step whose version is a
+  multiple of it, ``Validate(v, round)`` is published for the weights just broadcast (then the latest
+  ``WeightsReady`` again, so that a new subscriber's handshake still answers with weights). The generators'
+  answers arrive as ``Metrics`` parts on the groups socket; ``validation_loop`` writes one ``validation`` record
+  when every shard is in, or after ``DEFAULT_TIMEOUT_S`` with what arrived, and feeds a complete round's mean
+  reward to the reset policy (plateau trigger) at the version it measured. Training never waits for it, but
+  for the end of a run: after the final checkpoint the learner waits (bounded by the same timeout, not after
+  an interrupt) for the round in flight, discarding the groups that still arrive (the checkpoint, taken
+  before, re-queues their prompts on resume), then stops the generators.
 
 Run as a process: ``python -m prorl_async.learner_service RUN_DIR [--resume CHECKPOINT_DIR]`` (reads
 ``RUN_DIR/config.toml``).
@@ -41,15 +50,18 @@ import trio
 import zmq
 
 from prorl_async.buffer import BufferStarved, ReplayBuffer, WaitingReplayBuffer
-from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, WeightsReady
+from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, Validate, WeightsReady
 from prorl_async.metrics import MetricsLog
 from prorl_async.run_state import SamplerLedger, begin, commit, load_run_state, save_run_state, write_atomic
+from prorl_async.validation import RESULTS_KEY, ValidationRound, ValidationTracker, decode_part, validation_record
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
     from prorl_async.learner import Learner, TrainBatch
 
 log = logging.getLogger("prorl_async.learner")
+
+_VALIDATION_POLL_S = 0.5
 
 
 def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
@@ -123,6 +135,12 @@ class LearnerService:
         self.samplers = SamplerLedger()
         self.samplers_path = self.run_dir / "sampler-states.json"
         self._weights_lock = trio.Lock()
+        self.validations = ValidationTracker(cfg.generator.num_generators)
+        self.validation_counts: dict[str, int] = {}  # answers by outcome (accepted, late, bad, ...)
+        self._published_version = 0  # the latest WeightsReady: the weights generators hold or are receiving
+        self._interrupted = False
+        self._draining = False  # after the final checkpoint: groups are discarded, validation answers kept
+        self._put_scope: trio.CancelScope | None = None
 
     @property
     def learner(self) -> Learner:
@@ -159,7 +177,7 @@ class LearnerService:
         limits = Limits.from_config(self.cfg, vocab_size=None)
         with Transport(self.cfg.transport, limits) as transport:
             control = ControlPublisher(transport, transport.endpoint("control"))
-            control.publish(WeightsReady(version=learner.version))
+            self._publish_weights(control, learner.version)
             sender = WeightSender(self.cfg.weight_sync, device=learner.device)
             try:
                 async with trio.open_nursery() as nursery:
@@ -177,6 +195,7 @@ class LearnerService:
                     self.metrics.write("event", event="learner_ready", version=learner.version, **endpoints)
                     nursery.start_soon(self.ingest_loop, receive_channel)
                     nursery.start_soon(self.catch_up_loop, control, sender)
+                    nursery.start_soon(self.validation_loop)
                     task_status.started(endpoints)
                     with trio.CancelScope() as train_scope:
                         nursery.start_soon(self.signals_loop, train_scope)
@@ -184,6 +203,7 @@ class LearnerService:
                         await self.train_loop(control, sender)
                     async with self._weights_lock:  # no catch-up broadcast from here on
                         await self.checkpoint()  # at the end and after SIGINT / SIGTERM
+                        await self.finish_validation()
                     # Stop goes out while control.serve_loop still owns the socket (it closes it on cancel);
                     # after a crash generators get no Stop: the supervisor stops them by pid.
                     control.publish(Stop(reason="learner finished"))
@@ -197,20 +217,109 @@ class LearnerService:
         async with receive_channel:
             async for msg in receive_channel:
                 if isinstance(msg, TrajectoryGroup):
-                    self.arrived += 1
-                    if self.samplers.on_group(msg.generator_id, msg.seq):
-                        self._write_samplers()
-                    outcome = await self.buffer.put(msg)
-                    self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+                    await self._ingest_group(msg)
                 elif isinstance(msg, Ready):
                     self.generators[msg.source] = {"joined_s": time.time()}
                     self.metrics.write("event", event="generator_ready", source=msg.source)
                 elif isinstance(msg, Heartbeat):
                     self.generators.setdefault(msg.source, {})["heartbeat_s"] = msg.time_s
+                elif isinstance(msg, Metrics) and RESULTS_KEY in msg.values:
+                    self._on_validation_part(msg)
                 elif isinstance(msg, Metrics):
                     self.generators.setdefault(msg.source, {}).update(msg.values)
                     self.metrics.write("generator", source=msg.source, **msg.values)
                     self._on_sampler_state(msg)
+
+    async def _ingest_group(self, msg: TrajectoryGroup) -> None:
+        if self._draining:  # after the final checkpoint, which re-queues this group's prompt on resume
+            self.outcomes["after_final_checkpoint"] = self.outcomes.get("after_final_checkpoint", 0) + 1
+            return
+        self.arrived += 1
+        if self.samplers.on_group(msg.generator_id, msg.seq):
+            self._write_samplers()
+        outcome: str = "after_final_checkpoint"
+        # Cancelled when draining starts: a full buffer must not hold the validation answers queued behind it.
+        with trio.CancelScope() as self._put_scope:
+            outcome = await self.buffer.put(msg)
+        self._put_scope = None
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _on_validation_part(self, msg: Metrics) -> None:
+        """File one part of a generator's validation answer; a malformed one is counted and logged, nothing else."""
+        try:
+            part = decode_part(msg.values[RESULTS_KEY])
+        except ValueError as err:
+            outcome = "bad"
+            self.metrics.write("event", event="bad_validation_results", source=msg.source, detail=str(err)[:300])
+        else:
+            outcome = self.validations.add(part)
+            if outcome != "accepted":
+                self.metrics.write("event", event=f"validation_results_{outcome}", source=msg.source,
+                                   version=part.version, round=part.round, part=part.part)
+        self.validation_counts[outcome] = self.validation_counts.get(outcome, 0) + 1
+
+    def _publish_weights(self, control: Any, version: int) -> None:
+        control.publish(WeightsReady(version=version))
+        self._published_version = version
+
+    def _request_validation(self, control: Any) -> None:
+        """After a step: ask the generators to validate the weights just published, every ``eval.every_steps``."""
+        every, version = self.cfg.eval.every_steps, self.learner.version
+        if not every or version % every or not self.cfg.tasks.validation_size:
+            return
+        r = self.validations.request(self._published_version, version, time.monotonic())
+        if r is None:
+            busy = self.validations.pending
+            self.metrics.write("event", event="validation_skipped", version=version,
+                               detail=f"round {busy.round} (version {busy.version}) is still running" if busy else "")
+            return
+        control.publish(Validate(version=r.version, round=r.round))
+        # Restore the latest control message to a WeightsReady: a generator that subscribes now (restarted) is
+        # answered with weights, as the handshake expects; the others see a repeat and ignore it.
+        self._publish_weights(control, self._published_version)
+        self.metrics.write("event", event="validation_requested", version=r.version, round=r.round, step=version)
+
+    async def validation_loop(self) -> None:
+        """Write the validation round once complete or timed out (never blocks ingestion or training)."""
+        while True:
+            await trio.sleep(_VALIDATION_POLL_S)
+            for r, reason in self.validations.due(time.monotonic()):
+                await self._write_validation(r, reason)
+
+    async def finish_validation(self) -> None:
+        """At the end of training: wait for the round in flight (not after an interrupt), then write it."""
+        if self.validations.pending is None:
+            return
+        self._draining = True
+        if self._put_scope is not None:
+            self._put_scope.cancel()
+        deadline = self.validations.pending.requested_s + self.validations.timeout_s
+        while not self._interrupted and time.monotonic() < deadline and self.validations.pending is not None:
+            if self.validations.pending.complete:
+                break
+            await trio.sleep(0.1)
+        for r, reason in self.validations.due(time.monotonic(), force="interrupted" if self._interrupted else "end"):
+            await self._write_validation(r, reason, locked=True)
+
+    async def _write_validation(self, r: ValidationRound, reason: str, locked: bool = False) -> None:
+        e = self.cfg.eval
+        record = validation_record(r, e.k, e.correct_threshold, time.monotonic(), reason)
+        record["answers"] = dict(self.validation_counts)
+        # Only a complete round feeds the plateau trigger: a partial one measures another set of prompts.
+        fed = record["complete"] and record.get("prompts", 0) > 0
+        record["reset_signal"] = "mean_reward" if fed else ""
+        self.metrics.write("validation", **record)  # before any await: a cancelled caller still leaves the record
+        log.info("validation of version %d (%s): %s", r.version, reason,
+                 "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("pass_at_")) or "no prompts")
+        if not fed:
+            return
+        # Measured with the weights of r.version (the reset policy compares steps); the policy decides at the end of
+        # a step, so it never changes while train_step runs.
+        if locked:
+            self.learner.reset_policy.observe_validation(step=r.version, reward=record["mean_reward"])
+        else:
+            async with self._weights_lock:
+                self.learner.reset_policy.observe_validation(step=r.version, reward=record["mean_reward"])
 
     def _on_sampler_state(self, msg: Metrics) -> None:
         state = msg.values.get("sampler_state")
@@ -238,7 +347,7 @@ class LearnerService:
                 behind = sender.behind(version)
                 if not behind:
                     continue
-                control.publish(WeightsReady(version=version))
+                self._publish_weights(control, version)
                 stats = await trio.to_thread.run_sync(self._catch_up, sender, version, behind)
                 self.metrics.write("event", event="weights_catch_up", version=version, members=behind,
                                    delivered=stats.delivered, failed=stats.failed, seconds=stats.seconds)
@@ -280,7 +389,7 @@ class LearnerService:
         async with self._weights_lock:
             step = await trio.to_thread.run_sync(learner.train_step, batch)
             if learner.version % cfg.weight_sync.sync_every_steps == 0:
-                control.publish(WeightsReady(version=learner.version))
+                self._publish_weights(control, learner.version)
                 stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
                 sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
                         "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
@@ -291,6 +400,7 @@ class LearnerService:
                       buffer_counters=self.buffer.buffer.counters,
                       buffer_staleness_hist={str(k): v for k, v in self.buffer.buffer.staleness_histogram().items()})
         self.metrics.write("step", **record)
+        self._request_validation(control)
         if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
             await self.checkpoint()
 
@@ -299,6 +409,7 @@ class LearnerService:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 self.metrics.write("event", event="interrupted", signal=int(signum), version=self.learner.version)
+                self._interrupted = True
                 train_scope.cancel()
                 return
 

@@ -3,7 +3,7 @@
 Wire format (schema version ``SCHEMA_VERSION``), no pickle anywhere:
 
 - frame 0: one byte, the message type (``b"G"`` group, ``b"W"`` weights ready, ``b"S"`` stop,
-  ``b"H"`` heartbeat, ``b"M"`` metrics, ``b"R"`` ready) — a SUB socket can filter on it;
+  ``b"V"`` validate, ``b"H"`` heartbeat, ``b"M"`` metrics, ``b"R"`` ready) — a SUB socket can filter on it;
 - frame 1: a msgpack map with ``"v": SCHEMA_VERSION`` and exactly the fields of that type;
 - an array is ``[dtype, length, bytes]``: little-endian raw bytes (``"<i4"`` token ids and policy
   versions, ``"<f4"`` log-probs, ``"<f8"`` rewards), the dtype fixed per field.
@@ -213,6 +213,18 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Validate:
+    """Learner -> generators: sample the held-out split with weights of ``version`` or newer, score, report.
+
+    ``round`` numbers the learner's requests (one per periodic validation); a generator answers each
+    ``(version, round)`` once, with ``Metrics`` on the groups socket (:mod:`prorl_async.validation`).
+    """
+
+    version: int
+    round: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Liveness of ``source`` at wall-clock ``time_s``."""
 
@@ -235,7 +247,7 @@ class Metrics:
     values: dict[str, int | float | str] = field(default_factory=dict)
 
 
-Message = TrajectoryGroup | WeightsReady | Stop | Heartbeat | Ready | Metrics
+Message = TrajectoryGroup | WeightsReady | Stop | Validate | Heartbeat | Ready | Metrics
 
 # ------------------------------------------------------------------------------------------ encoding
 
@@ -276,6 +288,7 @@ _TYPE_OF: dict[type, bytes] = {
     TrajectoryGroup: b"G",
     WeightsReady: b"W",
     Stop: b"S",
+    Validate: b"V",
     Heartbeat: b"H",
     Metrics: b"M",
     Ready: b"R",
@@ -492,6 +505,10 @@ _DECODERS: dict[bytes, tuple[frozenset[str], Any]] = {
     b"G": (_GROUP_KEYS, _decode_group),
     b"W": (frozenset({"v", "version"}), lambda b: WeightsReady(version=b.integer("version"))),
     b"S": (frozenset({"v", "reason"}), lambda b: Stop(reason=b.text("reason"))),
+    b"V": (
+        frozenset({"v", "version", "round"}),
+        lambda b: Validate(version=b.integer("version"), round=b.integer("round")),
+    ),
     b"H": (
         frozenset({"v", "source", "time_s"}),
         lambda b: Heartbeat(source=b.text("source"), time_s=b.number("time_s")),

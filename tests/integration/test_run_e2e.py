@@ -46,7 +46,7 @@ def _run(argv: list[str], run_dir: Path, tmp_path: Path) -> subprocess.Completed
 def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     overrides = ["run.max_steps=2", "run.checkpoint_every_steps=0", "generator.num_generators=2",
-                 f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
+                 f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2", "eval.every_steps=2"]
     out = _run([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], run_dir, tmp_path)
 
     steps = read_metrics(run_dir / "metrics.jsonl", kind="step")
@@ -62,6 +62,9 @@ def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
     assert (run_dir / "config.toml").is_file()
     assert set(json.loads((run_dir / "pids.json").read_text())) == {"learner", "generator-0", "generator-1"}
     assert "done: 2 steps" in out.stdout
+    # periodic validation: both generators' shards of the 16 held-out prompts, 4 samples each
+    [val] = [v for v in read_metrics(run_dir / "metrics.jsonl", kind="validation") if v["version"] == 2]
+    assert val["complete"] and val["prompts"] == 16 and val["samples"] == 64 and 0 <= val["pass_at_1"] <= 1
     checkpoint = [e for e in read_metrics(run_dir / "metrics.jsonl", kind="event") if e["event"] == "checkpoint"][-1]
     saved = json.loads((run_dir / "checkpoints" / "step-000002" / "service.json").read_text())
     assert saved["groups_arrived"] == steps[-1]["groups_arrived"]

@@ -23,6 +23,7 @@ from prorl_async.messages import (
     Sample,
     Stop,
     TrajectoryGroup,
+    Validate,
     WeightsReady,
     decode,
     encode,
@@ -75,6 +76,7 @@ messages = st.one_of(
     groups(),
     st.builds(WeightsReady, version=st.integers(0, 2**62)),
     st.builds(Stop, reason=texts),
+    st.builds(Validate, version=st.integers(0, 2**62), round=st.integers(0, 2**62)),
     st.builds(Heartbeat, source=texts, time_s=finite),
     st.builds(Ready, source=texts),
     st.builds(Metrics, source=texts, values=st.dictionaries(texts, metric_values, max_size=8)),
@@ -141,6 +143,12 @@ def test_wire_layout_is_documented_one() -> None:
     dtype, n, data = body["logprobs"]
     assert (dtype, n, len(data)) == ("<f4", 2, 8)
     assert np.array_equal(np.frombuffer(data, "<f4"), make_group((2,)).samples[0].logprobs)
+
+
+def test_validate_travels_as_its_type_byte_and_two_integers() -> None:
+    kind, body = body_of(Validate(version=6, round=2))
+    assert kind == b"V" and body == {"v": SCHEMA_VERSION, "version": 6, "round": 2}
+    assert decode(repack(kind, body), LIMITS) == Validate(6, 2)
 
 
 def test_versions_may_drop_across_samples_but_not_within_one() -> None:
@@ -227,6 +235,15 @@ def test_bad_group_is_rejected_with_its_reason(mutate, reason: str) -> None:
         ([b"W", msgpack.packb({"v": 1, "version": -3})], "version"),
         ([b"W", msgpack.packb({"v": 1, "version": 2.0})], "field"),
         ([b"S", msgpack.packb({"v": 1})], "field"),
+        ([b"V", msgpack.packb({"v": 1, "version": 2})], "field"),  # no round
+        ([b"V", msgpack.packb({"v": 1, "version": 2, "round": 0, "extra": 1})], "field"),
+        ([b"V", msgpack.packb({"v": 1, "version": -1, "round": 0})], "version"),
+        ([b"V", msgpack.packb({"v": 1, "version": 2, "round": -1})], "value"),
+        ([b"V", msgpack.packb({"v": 1, "version": 2, "round": 1.0})], "field"),
+        ([b"V", msgpack.packb({"v": 1, "version": True, "round": 0})], "field"),
+        ([b"V", msgpack.packb({"v": 1, "version": "2", "round": 0})], "field"),
+        ([b"V", msgpack.packb({"v": 2, "version": 2, "round": 0})], "schema"),
+        ([b"V", msgpack.packb([2, 0])], "msgpack"),
         ([b"H", msgpack.packb({"v": 1, "source": "g", "time_s": math.nan})], "nonfinite"),
         ([b"H", msgpack.packb({"v": 1, "source": "g", "time_s": math.inf})], "nonfinite"),
         ([b"M", msgpack.packb({"v": 1, "source": "g", "values": {"a": math.nan}})], "nonfinite"),
