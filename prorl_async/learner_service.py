@@ -27,7 +27,8 @@ Invariants:
   ``WeightsReady`` again, so that a new subscriber's handshake still answers with weights). The generators'
   answers arrive as ``Metrics`` parts on the groups socket; ``validation_loop`` writes one ``validation`` record
   when every shard is in, or after ``DEFAULT_TIMEOUT_S`` with what arrived, and feeds a complete round's mean
-  reward to the reset policy (plateau trigger) at the version it measured. Training never waits for it, but
+  reward to the reset policy (plateau trigger) at the version it measured. A generator that (re)joins while a
+  round waits is asked again (the others ignore the repeat). Training never waits for validation, but
   for the end of a run: after the final checkpoint the learner waits (bounded by the same timeout, not after
   an interrupt) for the round in flight, discarding the groups that still arrive (the checkpoint, taken
   before, re-queues their prompts on resume), then stops the generators.
@@ -141,6 +142,7 @@ class LearnerService:
         self._interrupted = False
         self._draining = False  # after the final checkpoint: groups are discarded, validation answers kept
         self._put_scope: trio.CancelScope | None = None
+        self._control: Any = None  # the control publisher while serving
 
     @property
     def learner(self) -> Learner:
@@ -176,7 +178,7 @@ class LearnerService:
             self.restore(self.resume_from)
         limits = Limits.from_config(self.cfg, vocab_size=None)
         with Transport(self.cfg.transport, limits) as transport:
-            control = ControlPublisher(transport, transport.endpoint("control"))
+            control = self._control = ControlPublisher(transport, transport.endpoint("control"))
             self._publish_weights(control, learner.version)
             sender = WeightSender(self.cfg.weight_sync, device=learner.device)
             try:
@@ -221,6 +223,7 @@ class LearnerService:
                 elif isinstance(msg, Ready):
                     self.generators[msg.source] = {"joined_s": time.time()}
                     self.metrics.write("event", event="generator_ready", source=msg.source)
+                    self._repeat_validation()
                 elif isinstance(msg, Heartbeat):
                     self.generators.setdefault(msg.source, {})["heartbeat_s"] = msg.time_s
                 elif isinstance(msg, Metrics) and RESULTS_KEY in msg.values:
@@ -278,6 +281,17 @@ class LearnerService:
         # answered with weights, as the handshake expects; the others see a repeat and ignore it.
         self._publish_weights(control, self._published_version)
         self.metrics.write("event", event="validation_requested", version=r.version, round=r.round, step=version)
+
+    def _repeat_validation(self) -> None:
+        """A generator (re)joined while a round waits: ask again, or its shard would only end in the timeout.
+
+        Generators that already answered ignore the repeat (each ``(version, round)`` is answered once).
+        """
+        r = self.validations.pending
+        if r is None or r.complete or self._control is None:
+            return
+        self._control.publish(Validate(version=r.version, round=r.round))
+        self._publish_weights(self._control, self._published_version)
 
     async def validation_loop(self) -> None:
         """Write the validation round once complete or timed out (never blocks ingestion or training)."""

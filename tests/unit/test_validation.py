@@ -12,7 +12,7 @@ import trio
 
 from prorl_async.config import load_config
 from prorl_async.learner_service import LearnerService
-from prorl_async.messages import Metrics, Validate, WeightsReady
+from prorl_async.messages import Metrics, Ready, Validate, WeightsReady
 from prorl_async.metrics import read_metrics
 from prorl_async.reset import ResetPolicy
 from prorl_async.validation import (
@@ -196,7 +196,7 @@ def _service(tmp_path: Path, every: int = 2) -> tuple[LearnerService, FakeLearne
 
 def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(tmp_path: Path) -> None:
     service, learner = _service(tmp_path)
-    control = FakeControl()
+    control = service._control = FakeControl()
     service._request_validation(control)
     # Validate, then the latest WeightsReady again: a generator subscribing now still gets weights first
     assert control.published == [Validate(version=2, round=0), WeightsReady(version=2)]
@@ -211,6 +211,7 @@ def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.ingest_loop, receive)
             nursery.start_soon(service.validation_loop)
+            await send.send(Ready("generator-1"))  # restarted while the round waits: it is asked again
             for gid in (0, 1):
                 for text in parts_of(gid, max_chars=260):
                     await send.send(Metrics(f"generator-{gid}", {RESULTS_KEY: text}))
@@ -223,13 +224,15 @@ def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(
 
     trio.run(main)
     service.metrics.close()
+    assert control.published[2:] == [Validate(version=2, round=0), WeightsReady(version=2)]
     [rec] = read_metrics(tmp_path / "metrics.jsonl", kind="validation")
     assert rec["version"] == 2 and rec["complete"] and rec["pass_at_1"] == pytest.approx(0.4375)
     assert rec["pass_at_4"] == pytest.approx(0.75) and rec["reset_signal"] == "mean_reward"
     assert learner.reset_policy.best_val_reward == pytest.approx(7 / 16)
     assert learner.reset_policy.best_val_step == 2  # the version measured, not the learner's version now
     events = read_metrics(tmp_path / "metrics.jsonl", kind="event")
-    assert [e["event"] for e in events] == ["validation_requested", "validation_skipped", "bad_validation_results"]
+    assert [e["event"] for e in events] == ["validation_requested", "validation_skipped", "generator_ready",
+                                            "bad_validation_results"]
     generator_records = read_metrics(tmp_path / "metrics.jsonl", kind="generator")
     assert [r.get("groups_sent") for r in generator_records] == [3]  # results never land in generator records
     assert RESULTS_KEY not in service.generators.get("generator-0", {})
@@ -253,3 +256,38 @@ def test_service_end_of_run_writes_an_incomplete_round_without_feeding_the_polic
     assert rec["prompts"] == 2 and rec["reset_signal"] == ""
     assert learner.reset_policy.best_val_reward is None
     assert math.isclose(rec["pass_at_1"], 0.25)
+
+
+def test_service_end_of_run_drains_a_full_buffer_to_reach_the_answers_queued_behind_it(tmp_path: Path) -> None:
+    import numpy as np
+
+    from prorl_async.messages import Sample, TrajectoryGroup
+
+    service, learner = _service(tmp_path)
+    service._request_validation(FakeControl())
+    capacity = service.buffer.buffer.capacity
+    groups = [TrajectoryGroup(f"g{i}", "chain_sum", "logic", np.array([1, 2], dtype=np.int32),
+                              [Sample([3], [-0.1], [2], "stop", float(j % 2)) for j in range(4)],
+                              generator_id=0, seq=i) for i in range(capacity + 2)]
+
+    async def main() -> None:
+        send, receive = trio.open_memory_channel(64)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.ingest_loop, receive)
+            for g in groups:  # the buffer fills up: ingestion waits on the group after the last one it admits
+                await send.send(g)
+            for gid in (0, 1):
+                for text in parts_of(gid):
+                    await send.send(Metrics(f"generator-{gid}", {RESULTS_KEY: text}))
+            await trio.sleep(0.2)
+            assert service.validations.pending is not None and not service.validations.pending.answered
+            with trio.fail_after(10):
+                await service.finish_validation()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    service.metrics.close()
+    [rec] = read_metrics(tmp_path / "metrics.jsonl", kind="validation")
+    assert rec["reason"] == "complete" and rec["complete"] and rec["prompts"] == 4
+    assert service.outcomes == {"admitted": capacity, "after_final_checkpoint": 2}
+    assert learner.reset_policy.best_val_step == 2
