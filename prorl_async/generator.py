@@ -111,6 +111,7 @@ class Generator:
         self.weights_ok = True  # False after a partial update: sample nothing until a full one lands
         self.inflight: dict[int, _Inflight] = {}
         self.seq = 0
+        self._covered_seq = 0  # every group seq below this is in a sampler state already sent on the groups socket
         self.stopping = asyncio.Event()
         self.changed = asyncio.Event()
         self.counters: dict[str, int] = dict.fromkeys(
@@ -483,6 +484,14 @@ class Generator:
         group = TrajectoryGroup(prompt_id=task.id, task=task.name, domain=task.domain,
                                 prompt_token_ids=np.asarray(prompt_ids, dtype=np.int32), samples=samples,
                                 generator_id=self.gid, seq=seq)
+        if seq >= self._covered_seq:
+            # No sampler state that knows this draw has reached the groups socket yet: send one first, on the same
+            # socket and thread, so that the learner never holds a group its saved prompt position does not cover
+            # (a resume would draw that prompt again).
+            values = self.metrics_values()
+            if not await self._blocking("send", self._send_group, Metrics(self.source, values)):
+                return False
+            self._covered_seq = max(self._covered_seq, int(values["sampler_next_seq"]))
         if not await self._blocking("send", self._send_group, group):
             return False
         self.counters["groups_sent"] += 1
@@ -490,7 +499,7 @@ class Generator:
         self.counters["tokens_sent"] += group.num_tokens
         return True
 
-    def _send_group(self, group: TrajectoryGroup) -> bool:
+    def _send_group(self, group: TrajectoryGroup | Metrics) -> bool:
         """Blocking send that gives up only when the generator stops (backpressure: the group waits)."""
         while not self.stopping.is_set():
             try:
@@ -505,7 +514,9 @@ class Generator:
     async def heartbeat_loop(self) -> None:
         """Ends after ``Stop``; the final status is sent by :meth:`run` once every group is settled."""
         while not self.stopping.is_set():
-            await self._blocking("status", self._send_status, self.metrics_values())  # snapshot on the loop
+            values = self.metrics_values()  # the snapshot is taken on the loop
+            if await self._blocking("status", self._send_status, values):
+                self._covered_seq = max(self._covered_seq, int(values["sampler_next_seq"]))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.cfg.generator.heartbeat_s)
 
@@ -547,14 +558,19 @@ class Generator:
         log.info("%s: SIGTERM: stopping (unfinished prompts are re-queued in the final status)", self.source)
         self.stopping.set()
 
-    def _send_status(self, values: dict[str, int | float | str], final: bool = False) -> None:
+    def _send_status(self, values: dict[str, int | float | str], final: bool = False) -> bool:
+        """Heartbeat + metrics; True when the metrics went out on the groups socket (ordered with the groups)."""
         if final:
             values["final"] = 1
+        sent = False
         for msg in (Heartbeat(self.source, time.time()), Metrics(self.source, values)):
             try:
                 (self.metrics or self.groups).send(msg, timeout_s=0.1 if self.metrics is None else None)
+                sent = self.metrics is None
             except TimeoutError:  # the groups socket is full (backpressure): a heartbeat is not worth waiting for
                 self.counters["heartbeats_dropped"] += 1
+                sent = False
+        return sent
 
 
 def _sample(c: Any, start_version: int, reward: float, reason: str) -> Sample:
