@@ -136,6 +136,7 @@ class LearnerService:
         self.samplers = SamplerLedger()
         self.samplers_path = self.run_dir / "sampler-states.json"
         self._weights_lock = trio.Lock()
+        self._checkpointed = -1  # the version of the last checkpoint written
         self.validations = ValidationTracker(cfg.generator.num_generators)
         self.validation_counts: dict[str, int] = {}  # answers by outcome (accepted, late, bad, ...)
         self._published_version = 0  # the latest WeightsReady: the weights generators hold or are receiving
@@ -428,10 +429,16 @@ class LearnerService:
                 return
 
     async def checkpoint(self) -> Path:
-        """Learner + run state, snapshotted now (between two ingested messages), written on a worker thread."""
+        """Learner + run state, snapshotted now (between two ingested messages), written on a worker thread.
+
+        A version checkpointed already is not written again (the final checkpoint right after a periodic one):
+        the earlier one is consistent, and a resume from it regenerates the groups that arrived since.
+        """
+        final = self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}"
+        if self._checkpointed == self.learner.version and final.is_dir():
+            return final
         buffer_state, samplers = self.buffer.buffer.state(), self.samplers.states()
         service = {"groups_arrived": self.arrived, "outcomes": dict(self.outcomes), "learner_idle_s": self.idle_s}
-        final = self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}"
 
         def write() -> Path:
             tmp = begin(final)
@@ -440,6 +447,7 @@ class LearnerService:
             return commit(tmp, final)
 
         path = await trio.to_thread.run_sync(write)
+        self._checkpointed = self.learner.version
         self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.version,
                            buffer_held=len(buffer_state["groups"]))
         return path

@@ -67,7 +67,7 @@ def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
     assert val["complete"] and val["prompts"] == 16 and val["samples"] == 64 and 0 <= val["pass_at_1"] <= 1
     checkpoint = [e for e in read_metrics(run_dir / "metrics.jsonl", kind="event") if e["event"] == "checkpoint"][-1]
     saved = json.loads((run_dir / "checkpoints" / "step-000002" / "service.json").read_text())
-    assert saved["groups_arrived"] == steps[-1]["groups_arrived"]
+    assert saved["groups_arrived"] >= steps[-1]["groups_arrived"]
     assert set(json.loads((run_dir / "checkpoints" / "step-000002" / "samplers.json").read_text())) == {
         "generator-0", "generator-1"}
 
