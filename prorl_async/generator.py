@@ -14,7 +14,8 @@ One asyncio loop, four kinds of tasks:
 - ``dispatch_loop`` starts a group (one vLLM request with ``n = group_size``, ``FINAL_ONLY`` output,
   ``logprobs=0``) whenever fewer than ``max_inflight_groups`` are in the engine and :class:`Admission` allows
   it (DESIGN.md section 4: groups started for versions ``>= learner_version - K`` stay within this
-  generator's share of ``(K + 1) x batch_groups``; see :mod:`prorl_async.sampler`);
+  generator's share of ``(K + 1) x batch_groups``; see :mod:`prorl_async.sampler`); a group the learner's
+  variance filter will drop gives its place back once sent (it can never fill a batch);
 - one task per group: generate, score every sample in the :class:`ScoringPool` (other processes, per-sample
   timeout), send the ``TrajectoryGroup`` (a blocking ZeroMQ send in a thread: backpressure from the learner
   holds the group, not the loop);
@@ -62,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prorl_async.buffer import variance_outcome
 from prorl_async.messages import Heartbeat, Limits, Metrics, Sample, Stop, TrajectoryGroup, Validate, WeightsReady
 from prorl_async.sampler import Admission, Draw, PromptSampler, generator_budget
 from prorl_async.scoring import ScoringPool
@@ -115,8 +117,8 @@ class Generator:
         self.stopping = asyncio.Event()
         self.changed = asyncio.Event()
         self.counters: dict[str, int] = dict.fromkeys(
-            ("groups_sent", "samples_sent", "tokens_sent", "groups_aborted_stale", "prompts_requeued",
-             "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped",
+            ("groups_sent", "groups_filtered", "samples_sent", "tokens_sent", "groups_aborted_stale",
+             "prompts_requeued", "prompts_too_long", "weight_updates", "weight_update_failures", "heartbeats_dropped",
              "validations_sent", "validations_failed", "validations_superseded", "validation_prompts_failed"), 0)
         self.last_update_s = 0.0
         self.started_at = time.monotonic()
@@ -494,6 +496,13 @@ class Generator:
             self._covered_seq = max(self._covered_seq, int(values["sampler_next_seq"]))
         if not await self._blocking("send", self._send_group, group):
             return False
+        if cfg.buffer.variance_filter and variance_outcome(np.asarray([x.reward for x in samples]),
+                                                           cfg.buffer.min_reward_std) != "admitted":
+            # The learner drops it (counted by reason there): it will never fill a batch, so it must not hold a
+            # place in the admission budget — else a run where many groups carry no signal starves at the bound.
+            self.admission.withdraw(start_version)
+            self.counters["groups_filtered"] += 1
+            self.changed.set()
         self.counters["groups_sent"] += 1
         self.counters["samples_sent"] += len(samples)
         self.counters["tokens_sent"] += group.num_tokens
