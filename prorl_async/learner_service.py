@@ -137,6 +137,7 @@ class LearnerService:
         self.samplers_path = self.run_dir / "sampler-states.json"
         self._weights_lock = trio.Lock()
         self._checkpointed = -1  # the version of the last checkpoint written
+        self._arrived_rewards = [0.0, 0]  # reward sum and samples of every group received since the last step
         self.validations = ValidationTracker(cfg.generator.num_generators)
         self.validation_counts: dict[str, int] = {}  # answers by outcome (accepted, late, bad, ...)
         self._published_version = 0  # the latest WeightsReady: the weights generators hold or are receiving
@@ -239,6 +240,9 @@ class LearnerService:
             self.outcomes["after_final_checkpoint"] = self.outcomes.get("after_final_checkpoint", 0) + 1
             return
         self.arrived += 1
+        rewards = [x.reward for x in msg.samples]
+        self._arrived_rewards[0] += sum(rewards)
+        self._arrived_rewards[1] += len(rewards)
         if self.samplers.on_group(msg.generator_id, msg.seq):
             self._write_samplers()
         outcome: str = "after_final_checkpoint"
@@ -414,6 +418,12 @@ class LearnerService:
                       groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
                       buffer_counters=self.buffer.buffer.counters,
                       buffer_staleness_hist={str(k): v for k, v in self.buffer.buffer.staleness_histogram().items()})
+        # The batch's reward_mean is over the groups that passed the variance filter; this one is over everything
+        # the generators produced since the last step (filtered groups included): the policy's actual reward.
+        total, count = self._arrived_rewards
+        record["reward_arrived_mean"] = total / count if count else None
+        record["samples_arrived"] = count
+        self._arrived_rewards = [0.0, 0]
         self.metrics.write("step", **record)
         self._request_validation(control)
         if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
