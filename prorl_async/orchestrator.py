@@ -83,23 +83,43 @@ class Child:
             return
         pgid = self.process.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _group_alive(pgid):
+                return
             try:
                 os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
                 return
             for _ in range(int(grace_s * 10)):
                 await trio.sleep(0.1)
-                try:
-                    os.killpg(pgid, 0)
-                except (ProcessLookupError, PermissionError):
+                if not _group_alive(pgid):
                     return
-            print(f"prorl-async: processes left by {self.name} (group {pgid}) ignored {sig.name}", flush=True)
+        print(f"prorl-async: processes left by {self.name} (group {pgid}) survived SIGKILL", flush=True)
 
     def tail(self, lines: int = 15) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: re-parented ones may never be reaped
+    (a container's pid 1 need not reap), and ``killpg(pgid, 0)`` would keep finding them."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def child_env(cfg: Config, run_dir: Path) -> dict[str, str]:
