@@ -387,11 +387,15 @@ class LearnerService:
         start = time.monotonic()
         while not self._done(start):
             t0 = time.monotonic()
+            timeout_s = cfg.buffer.pull_timeout_s
+            if cfg.run.time_budget_s:  # the budget also ends a wait for groups, not only a step
+                timeout_s = max(0.01, min(timeout_s, start + cfg.run.time_budget_s - t0))
             try:
-                groups = await self.buffer.pull(cfg.learner.batch_groups, learner.version, cfg.buffer.pull_timeout_s)
+                groups = await self.buffer.pull(cfg.learner.batch_groups, learner.version, timeout_s)
             except BufferStarved as err:
-                self.metrics.write("event", event="buffer_starved", detail=str(err))
-                log.warning("%s", err)
+                if not self._done(start):
+                    self.metrics.write("event", event="buffer_starved", detail=str(err))
+                    log.warning("%s", err)
                 continue
             waited = time.monotonic() - t0
             self.idle_s += waited
