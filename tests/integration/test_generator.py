@@ -15,8 +15,10 @@ sender, starts ``python -m prorl_async.generator`` once, and checks in one run:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -134,7 +136,7 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             [sys.executable, "-m", "prorl_async.generator", "--config", str(config_path), "--generator-id", "0",
              "--groups", bound_endpoint(learner.pull), "--control", bound_endpoint(learner.xpub),
              "--weight-sync", f"127.0.0.1:{sender.port}", "--run-dir", str(tmp_path / "run")],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             def output() -> str:
                 return log_path.read_text()[-6000:]
@@ -161,6 +163,8 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             if proc.poll() is None:
                 proc.kill()  # only the process this test started
                 proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # and what it started (vLLM's engine
+                os.killpg(proc.pid, signal.SIGKILL)  # core, scoring workers), left behind when the test failed
 
     groups = learner.groups
     mix = TaskMix(cfg.tasks)
