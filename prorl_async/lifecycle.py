@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 ENV = "PRORL_SUPERVISOR_PID"
 
@@ -49,6 +50,18 @@ def exit_with_parent(interval_s: float = 1.0) -> threading.Thread | None:
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
     thread.start()
     return thread
+
+
+def process_table() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (state, ppid, pgrp)}`` of every process, from /proc (Linux); empty where there is no /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+            table[int(stat.parent.name)] = (fields[0], int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we read
+    return table
 
 
 def _gone(pid: int) -> bool:

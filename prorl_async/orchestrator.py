@@ -34,7 +34,7 @@ import trio
 
 from prorl_async.config import Config, load_config, write_resolved
 from prorl_async.errors import UserError
-from prorl_async.lifecycle import supervisor_env
+from prorl_async.lifecycle import process_table, supervisor_env
 from prorl_async.metrics import read_metrics
 from prorl_async.run_state import latest_checkpoint
 from prorl_async.tui_view import RunView
@@ -105,21 +105,13 @@ class Child:
 def _group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs. Zombies do not count: re-parented ones may never be reaped
     (a container's pid 1 need not reap), and ``killpg(pgid, 0)`` would keep finding them."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         try:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
         return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
+    return any(group == pgid and state not in ("Z", "X") for state, _, group in process_table().values())
 
 
 def child_env(cfg: Config, run_dir: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from prorl_async.lifecycle import process_table
 from prorl_async.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,14 +90,10 @@ def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    """Child processes of ``pid``, recursively (from /proc)."""
+    """Child processes of ``pid``, recursively."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for child, (_, parent, _) in process_table().items():
+        children.setdefault(parent, []).append(child)
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -106,11 +103,8 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    entry = process_table().get(pid)
+    return entry is not None and entry[0] not in ("Z", "X")
 
 
 def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_path: Path) -> None:
