@@ -208,7 +208,7 @@ def gpu_rows(shapes: list[tuple[str, int, int, int]], dtype: torch.dtype) -> tup
         cases = {
             "kl_reduce fwd": (functools.partial(torch.ops.prorl.kl_reduce, logp, ref, mask), read),
             "kl_reduce bwd": (
-                functools.partial(torch.ops.prorl.kl_reduce_backward, grad, logp, ref, mask),
+                functools.partial(torch.ops.prorl.kl_reduce_backward, grad, None, logp, ref, mask),
                 read + rows * T * logp.element_size(),  # + grad_logp written
             ),
         }

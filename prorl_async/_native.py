@@ -229,14 +229,34 @@ from torch.utils import cpp_extension
 # A CPU build of torch leaves CUDA_HOME unset; native/compile_check_cuda.py sets it to compile-check the .cu.
 cpp_extension.CUDA_HOME = cpp_extension.CUDA_HOME or os.environ.get("CUDA_HOME")
 cpp_extension.load(**json.loads(sys.argv[1]))
+if len(sys.argv) > 2:  # the library is loaded here: its errors must reach Python as exceptions
+    import torch
+    print("%s" % sys.argv[2], flush=True)
+    try:
+        torch.ops.prorl.group_advantage(torch.zeros(3), 2, 1e-6, True)
+    except RuntimeError as err:
+        assert "do not split into groups" in str(err), err
+    else:
+        sys.exit("prorl::group_advantage accepted 3 rewards in groups of 2")
 """
+# Printed by the build child once the library is built and loaded, before the error check. A toolchain that
+# links libstdc++ statically into the library (the GPU machine's $CXX) leaves two C++ runtimes in one process:
+# an op's TORCH_CHECK then segfaulted there (torch 2.11) and cut the message at the first number here.
+_BUILT_MARK = "prorl-native: built and loaded"
 
 
 def compile_in_child(
-    name: str, sources: list[Path], out: Path, log_path: Path, env: dict[str, str] | None = None, **load_args: object
+    name: str,
+    sources: list[Path],
+    out: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    check_errors: bool = False,
+    **load_args: object,
 ) -> int:
     """Run ``torch.utils.cpp_extension.load`` with this module's flags in a child process (which keeps the
-    library it loads out of this one), building into ``out``; its output goes to ``log_path``; the exit status."""
+    library it loads out of this one), building into ``out``; its output goes to ``log_path``; the exit status.
+    ``check_errors``: then call an op of the loaded library with bad arguments, which must raise."""
     args = {
         "name": name,
         "sources": [str(path) for path in sources],
@@ -250,7 +270,7 @@ def compile_in_child(
     }
     with open(log_path, "w") as log:
         return subprocess.run(
-            [sys.executable, "-c", _BUILD_SCRIPT, json.dumps(args)],
+            [sys.executable, "-c", _BUILD_SCRIPT, json.dumps(args), *([_BUILT_MARK] if check_errors else [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PATH": _build_path(), **(env or {})},
@@ -266,11 +286,36 @@ def _build(out: Path, with_cuda: bool, log_path: Path) -> None:
     sources = CPP_SOURCES + (CUDA_SOURCES if with_cuda else ())
     for name in sources + HEADERS:
         shutil.copy2(NATIVE_DIR / name, src / name)
-    status = compile_in_child(LIBRARY_NAME, [src / name for name in sources], out, log_path)
+    status = compile_in_child(LIBRARY_NAME, [src / name for name in sources], out, log_path, check_errors=True)
+    if status != 0 and _built_but_misreports(log_path):
+        # The configured compiler's library crashes when an op raises; the system's c++ may link the C++
+        # runtime as torch does. Try it once, from a clean build directory.
+        cxx = os.environ.get("CXX", "c++")
+        fallback = shutil.which("c++") or shutil.which("g++")
+        broken = (f"a library built with {cxx} cannot report an op's error (the process crashed or the message came "
+                   f"out cut: exit status {status})")
+        if fallback is None or Path(fallback).resolve() == Path(shutil.which(cxx) or cxx).resolve():
+            raise NativeOpsUnavailable(f"{broken}; set CXX to a compiler that links libstdc++ dynamically "
+                                       f"(log: {log_path})")
+        _log.warning("prorl-async: %s; building again with %s", broken, fallback)
+        for child in out.iterdir():
+            if child.is_dir() and child.name != "src":
+                shutil.rmtree(child)
+            elif child.is_file():
+                child.unlink()
+        status = compile_in_child(LIBRARY_NAME, [src / name for name in sources], out, log_path,
+                                  env={"CXX": fallback}, check_errors=True)
+        if status != 0 and _built_but_misreports(log_path):
+            raise NativeOpsUnavailable(f"{broken}, and with {fallback} too (log: {log_path})")
     if status != 0 or not (out / f"{LIBRARY_NAME}.so").is_file():
         lines = log_path.read_text(errors="replace").splitlines()
         shown = [line for line in lines if "error" in line.lower() and "Traceback" not in line][:8] or lines[-15:]
         raise NativeOpsUnavailable(f"the build failed (log: {log_path}):\n" + "\n".join(shown))
+
+
+def _built_but_misreports(log_path: Path) -> bool:
+    """Whether the build child's log says it built and loaded the library (so the error check failed)."""
+    return _BUILT_MARK in log_path.read_text(errors="replace")
 
 
 def _register_python_parts() -> None:

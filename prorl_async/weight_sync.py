@@ -67,8 +67,10 @@ Generator side (``AsyncLLM`` built with ``worker_extension_cls=EXTENSION``; subs
     # On an exception from weight_sync_receive: the group is gone; call "weight_sync_join" again.
     await engine.collective_rpc("weight_sync_leave")                  # at shutdown
 
-Unchecked without a GPU: the NCCL group (``ProcessGroupNCCL`` over the same store, lazy communicator
-init on the first broadcast, ``Work.wait(timeout)`` then ``abort()`` on a timeout) and CUDA buckets.
+On a one-GPU H100 (NCCL 2.28.9): CUDA buckets round-trip; the NCCL groups form over the store, and NCCL's
+refusal of two ranks on one device ("invalid usage", at the lazy communicator init of the first broadcast)
+reaches the sender as a per-member failure, not a hang. Unchecked until a two-GPU machine: a delivery over
+NCCL, and ``Work.wait(timeout)`` then ``abort()`` on a stuck NCCL peer.
 """
 
 from __future__ import annotations

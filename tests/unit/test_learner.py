@@ -188,3 +188,24 @@ def test_plan_micro_batches_respects_the_budget():
         padded = max(lengths[i] for i in plan) * len(plan)
         assert padded <= 30 or len(plan) == 1  # a sample over the budget goes alone
     assert [6] in plans and [1] in plans
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ops", ["reference", "native"])
+def test_a_cuda_step_matches_the_cpu_step(tiny_model_dir, ops):
+    """The same fp32 step on CUDA (autocast off) and on the CPU: loss, gradient norm and gradients agree; the
+    weights for the broadcast keep their names and stay on the GPU (NCCL sends them from there)."""
+    cpu = Learner(tiny_config(learner={"ops": ops}))
+    batch = on_policy(cpu, random_batch(seed=5), noise=0.3)
+    cuda = Learner(tiny_config(learner={"device": "cuda", "ops": ops, "autocast": "off"}))  # bf16 by default
+    assert cuda.device.type == "cuda"
+    for got, want in zip(cuda.logprobs(batch), cpu.logprobs(batch), strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    m_cpu, m_cuda = cpu.train_step(batch), cuda.train_step(batch)
+    assert m_cuda.loss == pytest.approx(m_cpu.loss, rel=1e-4, abs=1e-6)
+    assert m_cuda.grad_norm == pytest.approx(m_cpu.grad_norm, rel=1e-4)
+    g_cpu, g_cuda = _grads(cpu), _grads(cuda)
+    for name, g in g_cpu.items():
+        torch.testing.assert_close(g_cuda[name].cpu(), g, rtol=1e-3, atol=1e-6)
+    assert [n for n, _ in cuda.weights()] == [n for n, _ in cpu.weights()]
+    assert all(t.is_cuda for _, t in cuda.weights())

@@ -61,12 +61,15 @@ def test_kl_goes_through_the_op_only_in_native_mode(monkeypatch, mode):
     assert len(calls) == (1 if mode == "native" else 0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("is_correction", ["none", "truncated", "decoupled"])
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 300)])
-def test_native_and_reference_paths_agree(monkeypatch, is_correction, aggregation, shape):
+def test_native_and_reference_paths_agree(monkeypatch, is_correction, aggregation, shape, device):
     cfg = LossConfig(is_correction=is_correction, aggregation=aggregation, kl_beta=0.3)
-    logp, old, behav, ref, adv, mask = _inputs(seed=sum(shape), b=shape[0], t=shape[1])
+    inputs = _inputs(seed=sum(shape), b=shape[0], t=shape[1])
+    logp = inputs[0].detach().to(device).requires_grad_()
+    old, behav, ref, adv, mask = (t.to(device) for t in inputs[1:])
     if shape[0] > 1:
         mask[1] = False  # a fully masked row
     logp.data[~mask] = float("-inf")  # padding garbage must reach neither path
