@@ -12,7 +12,10 @@ ESS (means over the timed steps), and the reward reached at the budget (mean ``r
 steps). A PNG (``--plot``) has four panels, left to right: samples/s, stale-drop fraction, reward at the budget
 (each against the bound, in sweep order), and reward against samples seen, one line per bound (colours in sweep
 order: blue, orange, green, red, purple). Recommended: among the bounds whose reward at the budget is within
-0.02 of the best, the smallest one within 5% of the fastest of them.
+0.02 of the best, the smallest one within 5% of the fastest of them. ``auto`` in ``--bounds`` (e.g.
+``0,1,2,4,auto``) adds a run with ``max_staleness = "auto"`` (the learner picks the bound each step; the table shows
+the mean bound it used): it is recommended only when it is more than 5% faster than every fixed bound that keeps the
+reward — then it should be the default.
 """
 
 from __future__ import annotations
@@ -40,7 +43,25 @@ THROUGHPUT_TOLERANCE = 0.05
 REWARD_TOLERANCE = 0.02
 
 
-def recommend(rows: dict[int, dict[str, Any]]) -> int | None:
+Bound = int | str  # a fixed bound, or "auto"
+
+
+def _order(bound: Bound) -> tuple[bool, int]:
+    """Fixed bounds by size, then ``auto``: among equally fast runs the smallest fixed bound wins."""
+    return (bound == "auto", bound if isinstance(bound, int) else 0)
+
+
+def parse_bounds(text: str) -> list[Bound]:
+    out: set[Bound] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if part != "auto" and not part.isdigit():
+            raise SystemExit(f"--bounds: {part!r} is neither a bound >= 0 nor auto")
+        out.add(part if part == "auto" else int(part))
+    return sorted(out, key=_order)
+
+
+def recommend(rows: dict[Bound, dict[str, Any]]) -> Bound | None:
     """The smallest bound within 5% of the fastest bound that keeps the reward; the fastest when none keeps it.
 
     "Keeps the reward": reward at the budget within ``REWARD_TOLERANCE`` of the best bound's (every bound when no
@@ -54,24 +75,23 @@ def recommend(rows: dict[int, dict[str, Any]]) -> int | None:
     keeps = [b for b in speed if not finite or (_finite(rewards[b]) and rewards[b] >= max(finite) - REWARD_TOLERANCE)]
     fastest = max(keeps or speed, key=lambda b: speed[b])
     near = [b for b in (keeps or speed) if speed[b] >= (1 - THROUGHPUT_TOLERANCE) * speed[fastest]]
-    return min(near)
+    return min(near, key=_order)
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def print_table(rows: dict[int, dict[str, Any]], budget: int) -> None:
-    header = ["max_staleness", "samples/s", "tokens/s", "stale drop", "IS truncated", "ESS", "staleness",
+def print_table(rows: dict[Bound, dict[str, Any]], budget: int) -> None:
+    header = ["max_staleness", "mean bound", "samples/s", "tokens/s", "stale drop", "IS truncated", "ESS", "staleness",
               f"reward@{budget}", "learner idle", "gen idle", "steps"]
-    print(_runs.table(header, [[b, r.get("samples_per_s"), r.get("tokens_per_s"), r.get("stale_drop_frac"),
-                                r.get("is_truncated_frac"), r.get("ess"), r.get("staleness_mean"),
-                                r.get("reward_at_budget"), r.get("learner_idle_ratio"), r.get("generator_idle_ratio"),
-                                r.get("steps")] for b, r in rows.items()], digits=3))
+    keys = ["bound_mean", "samples_per_s", "tokens_per_s", "stale_drop_frac", "is_truncated_frac", "ess",
+            "staleness_mean", "reward_at_budget", "learner_idle_ratio", "generator_idle_ratio", "steps"]
+    print(_runs.table(header, [[b, *(r.get(k) for k in keys)] for b, r in rows.items()], digits=3))
 
 
-def plot(path: Path, rows: dict[int, dict[str, Any]], curves: dict[int, list[dict[str, float]]]) -> None:
-    bounds = sorted(rows)
+def plot(path: Path, rows: dict[Bound, dict[str, Any]], curves: dict[Bound, list[dict[str, float]]]) -> None:
+    bounds = sorted(rows, key=_order)
 
     def against_bound(key: str) -> list[tuple[float, float]]:
         return [(float(i), float(rows[b].get(key) if _finite(rows[b].get(key)) else math.nan))
@@ -100,21 +120,23 @@ def main() -> int:
     plan = dict(QUICK if args.quick else FULL)
     config = args.config or plan["config"]
     overrides = [*plan["overrides"], *([f"run.max_steps={args.steps}"] if args.steps else []), *args.overrides]
-    bounds = sorted({int(b) for b in (args.bounds or plan["bounds"]).split(",")})
+    bounds = parse_bounds(args.bounds or plan["bounds"])
     pin = None if args.no_pin else _runs.default_pin()
     machine = _runs.machine_header("bench/staleness.py: staleness bound sweep")
     print(f"config: {config or 'embedded default'}; overrides: {' '.join(overrides)}; pin: {pin}", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    rows: dict[int, dict[str, Any]] = {}
-    curves: dict[int, list[dict[str, float]]] = {}
-    records: dict[int, list[dict[str, Any]]] = {}
+    rows: dict[Bound, dict[str, Any]] = {}
+    curves: dict[Bound, list[dict[str, float]]] = {}
+    records: dict[Bound, list[dict[str, Any]]] = {}
     for bound in bounds:
         run_dir = Path(args.out_dir) / f"{stamp}-s{bound}"
         run = _runs.launch(config, [*overrides, f"buffer.max_staleness={bound}"], run_dir, pin=pin,
                            timeout_s=plan["timeout_s"], quiet=False)
         records[bound], curves[bound] = run.records, _runs.reward_curve(run.records)
+        used = [r["max_staleness"] for r in run.records
+                if r.get("kind") == "step" and isinstance(r.get("max_staleness"), int)]
         rows[bound] = {**_runs.summarize(run.records, plan["warmup_steps"]), "returncode": run.returncode,
-                       "run_dir": str(run_dir)}
+                       "run_dir": str(run_dir), "bound_mean": sum(used) / len(used) if used else math.nan}
         print(f"  bound {bound}: {rows[bound].get('steps', 0)} steps in {run.seconds:.0f} s (exit {run.returncode})",
               flush=True)
     budget = min((r.get("samples_total", 0) for r in rows.values()), default=0)

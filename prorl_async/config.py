@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -140,8 +140,18 @@ class GeneratorConfig(_Section):
 
 
 class BufferConfig(_Section):
-    max_staleness: int = Field(1, ge=0)
-    """Largest learner_version - policy_version a consumed token may have; 0 is synchronous on-policy."""
+    max_staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
+    """Largest learner_version - policy_version a consumed token may have; 0 is synchronous on-policy.
+    ``"auto"``: the learner picks it each step between 1 and ``auto_max_staleness`` — the smallest bound that
+    keeps both sides busy (``buffer.AutoStaleness``) — and sends it to the generators with every WeightsReady."""
+    auto_max_staleness: int = Field(4, ge=1)
+    """``max_staleness = "auto"``: the largest bound it may pick; groups up to this stale are still trained on."""
+    auto_idle_gap: float = Field(0.1, gt=0, lt=1)
+    """``max_staleness = "auto"``: the bound rises after a step in which the learner waited and the generators
+    idled each for more than this fraction of the step's cycle."""
+    auto_patience: int = Field(3, ge=1)
+    """``max_staleness = "auto"``: the bound falls by one after this many steps in a row in which the learner
+    waited less than half of ``auto_idle_gap`` of the cycle (the generators keep up with room to spare)."""
     variance_filter: bool = True
     """Dynamic sampling: drop groups whose rewards do not vary (they carry no signal). Off keeps every group,
     for pipeline tests and benches with a model that earns no reward."""
@@ -149,6 +159,20 @@ class BufferConfig(_Section):
     """Variance filter: groups whose reward std is at or below this carry no signal and are dropped."""
     pull_timeout_s: float = Field(600.0, gt=0)
     """How long the learner waits for a full batch before reporting a starved buffer."""
+
+    @property
+    def auto(self) -> bool:
+        return self.max_staleness == "auto"
+
+    @property
+    def ceiling(self) -> int:
+        """The staleness the buffer accepts: the fixed bound, or the largest one ``auto`` may pick."""
+        return self.auto_max_staleness if self.max_staleness == "auto" else self.max_staleness
+
+    @property
+    def initial_bound(self) -> int:
+        """The admission bound before the learner announces one: the fixed bound, or 1 under ``auto``."""
+        return 1 if self.max_staleness == "auto" else self.max_staleness
 
 
 class LossConfig(_Section):

@@ -103,10 +103,8 @@ class Generator:
                                      [spec.weight for spec in cfg.tasks.mix])
         if sampler_state is not None:
             self.sampler.restore(sampler_state)
-        capacity = (cfg.buffer.max_staleness + 1) * cfg.learner.batch_groups
-        budget = generator_budget(capacity, cfg.generator.num_generators, generator_id,
-                                  cfg.generator.admission_groups)
-        self.admission = Admission(budget, cfg.buffer.max_staleness)
+        bound = cfg.buffer.initial_bound
+        self.admission = Admission(self._budget(bound), bound, cfg.buffer.ceiling)
         self.learner_version = 0
         self.loaded_version = 0
         self.after_version = -1  # versions up to this one were broadcast before we joined the weight group
@@ -211,7 +209,15 @@ class Generator:
             if msg is not None:
                 await self._on_control(msg)
 
+    def _budget(self, bound: int) -> int:
+        """This generator's share of the admission capacity ``(bound + 1) x batch_groups``."""
+        capacity = (bound + 1) * self.cfg.learner.batch_groups
+        return generator_budget(capacity, self.cfg.generator.num_generators, self.gid,
+                                self.cfg.generator.admission_groups)
+
     async def _on_control(self, msg: Any) -> None:
+        if isinstance(msg, WeightsReady) and msg.max_staleness is not None:
+            self._set_bound(msg.max_staleness)
         if isinstance(msg, Stop):
             log.info("%s: stop (%s)", self.source, msg.reason)
             self.stopping.set()
@@ -227,6 +233,14 @@ class Generator:
             self.admission.forget_before(self.learner_version)
             self.changed.set()
             self._maybe_start_validation()
+
+    def _set_bound(self, bound: int) -> None:
+        """The learner's admission bound under ``max_staleness = "auto"`` (clamped to the configured ceiling)."""
+        bound = min(bound, self.admission.ceiling)
+        if bound != self.admission.max_staleness:
+            log.info("%s: admission bound %d -> %d", self.source, self.admission.max_staleness, bound)
+            self.admission.set_bound(bound, self._budget(bound))
+            self.changed.set()
 
     async def _join(self) -> None:
         host, port = self.weight_sync  # type: ignore[misc]
@@ -270,7 +284,7 @@ class Generator:
             self.last_update_s = time.perf_counter() - start
 
     async def _abort_stale(self) -> None:
-        floor = self.admission.oldest_usable(self.learner_version)
+        floor = self.admission.oldest_kept(self.learner_version)
         # Only groups still generating: a finished one is sent anyway (the learner drops it, counted).
         stale = [f for f in self.inflight.values() if f.start_version < floor and f.in_engine]
         for f in stale:
@@ -553,9 +567,11 @@ class Generator:
             "policy_version": self.loaded_version,
             "learner_version": self.learner_version,
             "admission_budget": self.admission.budget,
+            "admission_bound": self.admission.max_staleness,
             "admission_counted": self.admission.counted(self.learner_version),
             "tokens_per_s": self.counters["tokens_sent"] / elapsed,
             "idle_ratio": round(idle_s / elapsed, 4),
+            "idle_s": round(idle_s, 3),
             "weight_update_s": self.last_update_s,
             "sampler_state": json.dumps(self.sampler.state(in_flight=[f.draw for _, f in in_flight]),
                                         separators=(",", ":")),

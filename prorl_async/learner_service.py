@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import zmq
 
-from prorl_async.buffer import BufferStarved, ReplayBuffer, WaitingReplayBuffer
+from prorl_async.buffer import AutoStaleness, BufferStarved, ReplayBuffer, WaitingReplayBuffer
 from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, Validate, WeightsReady
 from prorl_async.metrics import MetricsLog
 from prorl_async.run_state import SamplerLedger, begin, commit, load_run_state, save_run_state, write_atomic
@@ -125,7 +125,7 @@ class LearnerService:
         self._learner = learner
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.buffer = WaitingReplayBuffer(
-            ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.max_staleness,
+            ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.ceiling,
                          cfg.buffer.min_reward_std if cfg.buffer.variance_filter else None)
         )
         self.metrics = MetricsLog(self.run_dir)
@@ -145,6 +145,11 @@ class LearnerService:
         self._draining = False  # after the final checkpoint: groups are discarded, validation answers kept
         self._put_scope: trio.CancelScope | None = None
         self._control: Any = None  # the control publisher while serving
+        # max_staleness = "auto": the bound announced with every WeightsReady, revised after each step from the
+        # learner's wait and the generators' idle time (reported as cumulative idle_s) over the step's cycle.
+        self.auto = (AutoStaleness(cfg.buffer.auto_max_staleness, gap=cfg.buffer.auto_idle_gap,
+                                   patience=cfg.buffer.auto_patience) if cfg.buffer.auto else None)
+        self._idle_mark: tuple[float, dict[str, float]] | None = None  # (monotonic time, idle_s per generator)
 
     @property
     def learner(self) -> Learner:
@@ -164,6 +169,8 @@ class LearnerService:
         self.samplers = SamplerLedger(samplers)
         self.arrived, self.idle_s = int(service["groups_arrived"]), float(service["learner_idle_s"])
         self.outcomes = {str(k): int(v) for k, v in service["outcomes"].items()}
+        if self.auto is not None and isinstance(service.get("auto_staleness"), dict):
+            self.auto.restore(service["auto_staleness"])
         self._write_samplers()
         self.metrics.write("event", event="resumed", path=str(directory), version=self.learner.version,
                            buffer_held=len(self.buffer.buffer), groups_arrived=self.arrived)
@@ -267,7 +274,7 @@ class LearnerService:
         self.validation_counts[outcome] = self.validation_counts.get(outcome, 0) + 1
 
     def _publish_weights(self, control: Any, version: int) -> None:
-        control.publish(WeightsReady(version=version))
+        control.publish(WeightsReady(version=version, max_staleness=self.auto.bound if self.auto else None))
         self._published_version = version
 
     def _request_validation(self, control: Any) -> None:
@@ -411,6 +418,7 @@ class LearnerService:
         sync: dict[str, Any] = {}
         async with self._weights_lock:
             step = await trio.to_thread.run_sync(learner.train_step, batch)
+            bound = self._revise_bound(waited, step.step_time_s)
             if learner.version % cfg.weight_sync.sync_every_steps == 0:
                 self._publish_weights(control, learner.version)
                 stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
@@ -418,7 +426,8 @@ class LearnerService:
                         "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
         elapsed = time.monotonic() - start
         record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
-        record.update(version=learner.version, wait_s=waited, learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
+        record.update(version=learner.version, wait_s=waited, max_staleness=bound,
+                      learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
                       groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
                       buffer_counters=self.buffer.buffer.counters,
                       buffer_staleness_hist={str(k): v for k, v in self.buffer.buffer.staleness_histogram().items()})
@@ -432,6 +441,27 @@ class LearnerService:
         self._request_validation(control)
         if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
             await self.checkpoint()
+
+    def _revise_bound(self, waited: float, step_s: float, now: float | None = None) -> int:
+        """The staleness bound after this step: the fixed one, or :class:`AutoStaleness`'s revision."""
+        if self.auto is None:
+            return self.cfg.buffer.ceiling
+        now = time.monotonic() if now is None else now
+        idle = {source: float(g["idle_s"]) for source, g in self.generators.items()
+                if isinstance(g.get("idle_s"), (int, float))}
+        fraction = None
+        if self._idle_mark is not None and idle:
+            since, before = self._idle_mark
+            deltas = [max(0.0, v - before.get(source, v)) for source, v in idle.items()]
+            fraction = min(1.0, sum(deltas) / len(deltas) / max(now - since, 1e-9))
+        self._idle_mark = (now, idle)
+        previous = self.auto.bound
+        bound = self.auto.update(waited / max(waited + step_s, 1e-9), fraction)
+        if bound != previous:
+            self.metrics.write("event", event="max_staleness", bound=bound, previous=previous,
+                               learner_wait_fraction=round(waited / max(waited + step_s, 1e-9), 3),
+                               generator_idle_fraction=None if fraction is None else round(fraction, 3))
+        return bound
 
     async def signals_loop(self, train_scope: trio.CancelScope) -> None:
         """SIGINT / SIGTERM end training after the step in progress; ``serve`` then checkpoints and stops."""
@@ -453,6 +483,8 @@ class LearnerService:
             return final
         buffer_state, samplers = self.buffer.buffer.state(), self.samplers.states()
         service = {"groups_arrived": self.arrived, "outcomes": dict(self.outcomes), "learner_idle_s": self.idle_s}
+        if self.auto is not None:
+            service["auto_staleness"] = self.auto.state()
 
         def write() -> Path:
             tmp = begin(final)

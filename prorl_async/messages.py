@@ -200,9 +200,13 @@ class TrajectoryGroup:
 
 @dataclass(frozen=True)
 class WeightsReady:
-    """Learner -> generators: weights of ``version`` are being broadcast; tokens after loading carry it."""
+    """Learner -> generators: weights of ``version`` are being broadcast; tokens after loading carry it.
+
+    ``max_staleness``: the admission bound from now on, under ``buffer.max_staleness = "auto"`` (absent from the
+    wire when None: a fixed bound is the config's)."""
 
     version: int
+    max_staleness: int | None = None
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ def encode(msg: Message) -> list[bytes]:
     elif isinstance(msg, Metrics):
         body = {"source": msg.source, "values": dict(msg.values)}
     else:
-        body = dict(msg.__dict__)
+        body = {k: v for k, v in msg.__dict__.items() if v is not None}  # None: an optional field left out
     body["v"] = SCHEMA_VERSION
     return [kind, _packer().pack(body)]
 
@@ -501,6 +505,12 @@ def _decode_metrics(b: _Body) -> Metrics:
     return Metrics(source=b.text("source"), values=values)
 
 
+# WeightsReady with its optional field: decoded with its own key set (every key set is exact).
+_WEIGHTS_WITH_BOUND = (
+    frozenset({"v", "version", "max_staleness"}),
+    lambda b: WeightsReady(version=b.integer("version"), max_staleness=b.integer("max_staleness")),
+)
+
 _DECODERS: dict[bytes, tuple[frozenset[str], Any]] = {
     b"G": (_GROUP_KEYS, _decode_group),
     b"W": (frozenset({"v", "version"}), lambda b: WeightsReady(version=b.integer("version"))),
@@ -542,4 +552,6 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     if body.get("v") != SCHEMA_VERSION or type(body.get("v")) is not int:
         raise MessageError("schema", f"schema version {body.get('v')!r}, expected {SCHEMA_VERSION}")
     keys, decoder = entry
+    if decoder is _DECODERS[b"W"][1] and "max_staleness" in body:
+        keys, decoder = _WEIGHTS_WITH_BOUND
     return decoder(_Body(body, keys, limits))

@@ -160,17 +160,35 @@ def generator_budget(capacity: int, num_generators: int, generator_id: int, expl
 
 
 class Admission:
-    """Groups started per policy version; decides whether one more may start (module docstring)."""
+    """Groups started per policy version; decides whether one more may start (module docstring).
 
-    def __init__(self, budget: int, max_staleness: int) -> None:
-        if budget < 1 or max_staleness < 0:
-            raise ValueError(f"need budget >= 1 and max_staleness >= 0 (got {budget}, {max_staleness})")
-        self.budget, self.max_staleness = budget, max_staleness
+    ``ceiling`` (default: ``max_staleness``) is the staleness the learner still accepts: under
+    ``max_staleness = "auto"`` the bound moves (:meth:`set_bound`) below a fixed ceiling, and a group started
+    under a larger bound is kept (not aborted, still counted while the bound allows) until the ceiling makes it
+    useless.
+    """
+
+    def __init__(self, budget: int, max_staleness: int, ceiling: int | None = None) -> None:
+        ceiling = max_staleness if ceiling is None else ceiling
+        if budget < 1 or not 0 <= max_staleness <= ceiling:
+            raise ValueError(f"need budget >= 1 and 0 <= max_staleness <= ceiling (got {budget}, {max_staleness}, "
+                             f"{ceiling})")
+        self.budget, self.max_staleness, self.ceiling = budget, max_staleness, ceiling
         self._started: Counter[int] = Counter()
 
+    def set_bound(self, max_staleness: int, budget: int) -> None:
+        """A new bound (and the budget that goes with it) announced by the learner."""
+        if budget < 1 or not 0 <= max_staleness <= self.ceiling:
+            raise ValueError(f"bound {max_staleness} outside [0, {self.ceiling}] or budget {budget} < 1")
+        self.max_staleness, self.budget = max_staleness, budget
+
     def oldest_usable(self, learner_version: int) -> int:
-        """The oldest start version still usable at ``learner_version``."""
+        """The oldest start version still usable at ``learner_version`` under the current bound."""
         return learner_version - self.max_staleness
+
+    def oldest_kept(self, learner_version: int) -> int:
+        """The oldest start version the learner still accepts (the ceiling): older groups are aborted."""
+        return learner_version - self.ceiling
 
     def counted(self, learner_version: int) -> int:
         """Groups started for versions the learner can still use."""
@@ -190,7 +208,7 @@ class Admission:
             self._started[version] -= 1
 
     def forget_before(self, learner_version: int) -> None:
-        """Drop the bookkeeping of versions that no longer count (keeps the counter small)."""
-        floor = self.oldest_usable(learner_version)
+        """Drop the bookkeeping of versions that can no longer count (keeps the counter small)."""
+        floor = self.oldest_kept(learner_version)
         for v in [v for v in self._started if v < floor]:
             del self._started[v]

@@ -74,6 +74,7 @@ class Snapshot:
     time_budget_s: float | None = None
     batch_groups: int | None = None
     buffer_capacity: int | None = None
+    auto_staleness: bool = False
     num_generators: int | None = None
     elapsed_s: float | None = None
     now_s: float | None = None
@@ -286,8 +287,10 @@ class RunView:
         snap.time_budget_s = run.get("time_budget_s")
         snap.num_generators = cfg.get("generator", {}).get("num_generators")
         snap.batch_groups = learner.get("batch_groups")
-        if isinstance(snap.batch_groups, int) and isinstance(buffer.get("max_staleness"), int):
-            snap.buffer_capacity = admission_capacity(snap.batch_groups, buffer["max_staleness"])
+        snap.auto_staleness = buffer.get("max_staleness") == "auto"
+        ceiling = buffer.get("auto_max_staleness") if snap.auto_staleness else buffer.get("max_staleness")
+        if isinstance(snap.batch_groups, int) and isinstance(ceiling, int):
+            snap.buffer_capacity = admission_capacity(snap.batch_groups, ceiling)
         for i in range(snap.num_generators or 0):  # a row per generator before its first report
             self._generator(f"generator-{i}")
 

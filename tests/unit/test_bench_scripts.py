@@ -121,6 +121,14 @@ def test_staleness_recommends_the_smallest_bound_near_the_best() -> None:
     assert staleness.recommend({}) is None
     no_reward = {0: {"samples_per_s": 1.0, "reward_at_budget": float("nan")}, 1: {"samples_per_s": 2.0}}
     assert staleness.recommend(no_reward) == 1
+    # auto wins only by being more than 5% faster than every fixed bound that keeps the reward
+    rows["auto"] = {"samples_per_s": 2.05, "reward_at_budget": 0.31}
+    assert staleness.recommend(rows) == 2
+    rows["auto"]["samples_per_s"] = 2.2
+    assert staleness.recommend(rows) == "auto"
+    assert staleness.parse_bounds("auto,4,0, 1,4") == [0, 1, 4, "auto"]
+    with pytest.raises(SystemExit, match="neither"):
+        staleness.parse_bounds("1,fast")
 
 
 def test_learning_late_reward_and_time_to_reward() -> None:

@@ -13,6 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from prorl_async.buffer import (
     DROP_REASONS,
+    AutoStaleness,
     BufferStarved,
     ReplayBuffer,
     WaitingReplayBuffer,
@@ -212,3 +213,23 @@ def test_variance_filter_off_keeps_zero_variance_groups() -> None:
     assert buf.put(group(0, ALL_WRONG, seq=0)) == "admitted"
     assert buf.put(group(0, (1.0, 1.0), seq=1)) == "admitted"
     assert len(buf.pull(2, learner_version=0)) == 2
+
+
+def test_auto_staleness_raises_when_both_sides_idle_and_lowers_when_calm() -> None:
+    auto = AutoStaleness(ceiling=3, gap=0.1, patience=2)
+    assert auto.update(0.5, None) == 1  # no generator report yet: no evidence that the bound holds them back
+    assert auto.update(0.5, 0.0) == 1  # generator-bound: the learner waits, the generators never idle
+    assert auto.update(0.0, 0.5) == 1  # learner-bound: the generators idle at the bound, the learner does not wait
+    assert [auto.update(0.3, 0.2) for _ in range(3)] == [2, 3, 3]  # both idle: up to the ceiling
+    assert auto.update(0.01, 0.0) == 3  # one calm step: not yet
+    assert auto.update(0.07, 0.0) == 3  # between gap/2 and gap: neither calm nor starved, the streak restarts
+    assert [auto.update(0.0, 0.0) for _ in range(6)] == [3, 2, 2, 1, 1, 1]  # never below 1
+    state = auto.state()
+    again = AutoStaleness(ceiling=3)
+    again.restore(state)
+    assert again.state() == state
+    for bad in ({"bound": 0}, {"bound": 4}, {"bound": 2, "calm_steps": -1}, {}):
+        with pytest.raises(ValueError):
+            again.restore(bad)
+    with pytest.raises(ValueError):
+        AutoStaleness(ceiling=0)

@@ -98,3 +98,22 @@ def test_resolved_config_is_complete_toml() -> None:
     text = config_to_toml(Config())
     for section in Config.model_fields:
         assert f"[{section}]" in text
+
+
+def test_max_staleness_auto() -> None:
+    cfg = load_config(None, ["buffer.max_staleness=auto", "buffer.auto_max_staleness=3"])
+    assert cfg.buffer.auto and cfg.buffer.ceiling == 3 and cfg.buffer.initial_bound == 1
+    fixed = load_config(None, ["buffer.max_staleness=2"])
+    assert not fixed.buffer.auto and fixed.buffer.ceiling == fixed.buffer.initial_bound == 2
+    assert load_config(write_resolved_roundtrip(cfg)).buffer.max_staleness == "auto"
+    for bad in ("fast", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="max_staleness"):
+            load_config(None, [f"buffer.max_staleness={bad}"])
+
+
+def write_resolved_roundtrip(cfg: Config) -> Path:
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "config.toml"
+    path.write_text(config_to_toml(cfg))
+    return path

@@ -101,3 +101,23 @@ def test_metrics_log_writes_tensorboard_scalars(tmp_path: Path) -> None:
     assert any(tag == "generator-0/tokens_per_s" and value == 123.0 for tag, _, value in scalars)
     tags = {tag for tag, _, _ in scalars}
     assert not tags & {"kl", "flag", "reset_reason", "sampler_state", "event", "version"}  # inf, bool, strings
+
+
+def test_auto_staleness_follows_the_step_cycle(tmp_path: Path) -> None:
+    from prorl_async.config import Config
+    from prorl_async.learner_service import LearnerService
+
+    cfg = Config.model_validate({"model": {"name": "tiny-random"}, "buffer": {"max_staleness": "auto",
+                                                                             "auto_max_staleness": 2}})
+    service = LearnerService(cfg, tmp_path)
+    assert service.buffer.buffer.max_staleness == 2  # the buffer keeps what the ceiling allows
+    service.generators = {"generator-0": {"idle_s": 1.0}}
+    assert service._revise_bound(5.0, 5.0, now=100.0) == 1  # first step: no idle figure over a cycle yet
+    service.generators["generator-0"]["idle_s"] = 5.0  # idle 4 s of the 10 s cycle, the learner waited half
+    assert service._revise_bound(5.0, 5.0, now=110.0) == 2
+    service.generators["generator-0"]["idle_s"] = 9.0
+    assert service._revise_bound(5.0, 5.0, now=120.0) == 2  # the ceiling
+    events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "max_staleness"]
+    assert [(e["previous"], e["bound"]) for e in events] == [(1, 2)]
+    fixed = LearnerService(Config.model_validate({"model": {"name": "tiny-random"}}), tmp_path / "fixed")
+    assert fixed.auto is None and fixed._revise_bound(9.0, 1.0) == 1

@@ -75,6 +75,7 @@ metric_values = st.one_of(st.integers(-(2**63), 2**63 - 1), finite, texts, st.bo
 messages = st.one_of(
     groups(),
     st.builds(WeightsReady, version=st.integers(0, 2**62)),
+    st.builds(WeightsReady, version=st.integers(0, 2**62), max_staleness=st.integers(0, 64)),
     st.builds(Stop, reason=texts),
     st.builds(Validate, version=st.integers(0, 2**62), round=st.integers(0, 2**62)),
     st.builds(Heartbeat, source=texts, time_s=finite),
@@ -321,3 +322,12 @@ def test_group_without_tokens_needs_explicit_versions() -> None:
         TrajectoryGroup("p", "t", "d", [1], [empty], generator_id=0, seq=0)
     group = TrajectoryGroup("p", "t", "d", [1], [empty], generator_id=0, seq=0, min_version=3, max_version=3)
     assert decode(encode(group), LIMITS) == group
+
+
+def test_weights_ready_bound_is_optional_on_the_wire() -> None:
+    plain, bounded = encode(WeightsReady(3)), encode(WeightsReady(3, max_staleness=2))
+    assert set(msgpack.unpackb(plain[1])) == {"v", "version"}  # a fixed bound: nothing new on the wire
+    assert decode(bounded) == WeightsReady(3, 2) and decode(plain) == WeightsReady(3)
+    for bad in ({"max_staleness": -1}, {"max_staleness": "2"}, {"max_staleness": 1, "extra": 0}):
+        with pytest.raises(MessageError):
+            decode([b"W", msgpack.packb({"v": 1, "version": 3, **bad})])

@@ -140,3 +140,26 @@ def test_withdrawn_groups_free_their_slot() -> None:
     adm.started(1)
     adm.forget_before(5)
     assert adm.counted(5) == 0
+
+
+def test_a_moving_bound_under_a_ceiling() -> None:
+    # max_staleness = "auto": the learner announces bounds between 1 and the ceiling.
+    adm = Admission(budget=2, max_staleness=1, ceiling=3)
+    for _ in range(2):
+        adm.started(0)
+    assert not adm.may_start(learner_version=0, loaded_version=0)  # the budget of bound 1
+    adm.set_bound(2, budget=3)
+    assert adm.may_start(learner_version=0, loaded_version=0)
+    adm.started(0)
+    # At version 3 the bound-2 floor is 1: version-0 groups no longer count, but the ceiling still keeps them
+    # (a group started under a larger bound is not aborted while the learner accepts it).
+    assert adm.counted(3) == 0 and adm.oldest_usable(3) == 1 and adm.oldest_kept(3) == 0
+    adm.set_bound(1, budget=2)
+    adm.forget_before(3)
+    assert adm.counted(3) == 0 and adm._started[0] == 3  # kept: within the ceiling
+    adm.forget_before(4)
+    assert 0 not in adm._started
+    with pytest.raises(ValueError):
+        adm.set_bound(4, budget=2)  # above the ceiling
+    with pytest.raises(ValueError):
+        Admission(budget=1, max_staleness=2, ceiling=1)
