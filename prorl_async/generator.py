@@ -440,16 +440,17 @@ class Generator:
                 await self.changed.wait()
             draw = self.sampler.next()
             seq, self.seq = self.seq, self.seq + 1
-            self.admission.started(self.loaded_version)
-            task = asyncio.create_task(self._group(seq, draw, self.loaded_version))
+            target = self.admission.start(self.learner_version, self.loaded_version)
+            task = asyncio.create_task(self._group(seq, draw, self.loaded_version, target))
             self.inflight[seq] = _Inflight(draw, self.loaded_version, task)
             self._engine_activity()
             await asyncio.sleep(0)  # let the group submit its request before the next one
 
-    async def _group(self, seq: int, draw: Draw, start_version: int) -> None:
+    async def _group(self, seq: int, draw: Draw, start_version: int, target: int) -> None:
+        """Generate, score and send one group; ``target``: its admission slot (freed if it is not sent)."""
         sent = False
         try:
-            sent = await self._generate_score_send(seq, draw, start_version)
+            sent = await self._generate_score_send(seq, draw, start_version, target)
         except asyncio.CancelledError:
             self.sampler.requeue(draw)
             self.counters["prompts_requeued"] += 1
@@ -461,12 +462,12 @@ class Generator:
             self.stopping.set()
         finally:
             if not sent:
-                self.admission.withdraw(start_version)
+                self.admission.withdraw(target)
             self.inflight.pop(seq, None)
             self._engine_activity()
             self.changed.set()
 
-    async def _generate_score_send(self, seq: int, draw: Draw, start_version: int) -> bool:
+    async def _generate_score_send(self, seq: int, draw: Draw, start_version: int, target: int) -> bool:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
@@ -514,7 +515,7 @@ class Generator:
                                                            cfg.buffer.min_reward_std) != "admitted":
             # The learner drops it (counted by reason there): it will never fill a batch, so it must not hold a
             # place in the admission budget — else a run where many groups carry no signal starves at the bound.
-            self.admission.withdraw(start_version)
+            self.admission.withdraw(target)
             self.counters["groups_filtered"] += 1
             self.changed.set()
         self.counters["groups_sent"] += 1

@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 HERE = Path(__file__).parent
 TEMPERATURE = 1.2
 GROUP_SIZE = 4
-BUDGET = 4  # (max_staleness 1 + 1) x batch_groups 2, one generator
+BUDGET = 4  # (max_staleness 1 + 1) x batch_groups 2, one generator: slots for versions v and v + 1
+BATCH = 2
 
 
 def make_config(tmp_path: Path) -> Config:
@@ -149,10 +150,11 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             learner.publish(WeightsReady(1))
             stats = sender.broadcast(1, new_model.named_parameters(remove_duplicate=False))
             assert stats.delivered == ["gen0.rank0"] and not stats.failed, stats
-            # 3. The learner stays at version 1: the generator fills its budget of 4 groups, then waits.
-            assert learner.pump(90, lambda: len(learner.groups) >= BUDGET), output()
+            # 3. The learner stays at version 1: version 0's slots are free (a learner would have consumed its
+            # batch), so the generator starts one more batch for version 2, holds its budget of 4 slots, then waits.
+            assert learner.pump(90, lambda: len(learner.groups) >= BUDGET + BATCH), output()
             learner.pump(3.0)
-            assert len(learner.groups) == BUDGET, "started more groups than the admission budget"
+            assert len(learner.groups) == BUDGET + BATCH, "started more groups than the admission slots allow"
             m = learner.last_metrics()
             assert m["admission_budget"] == BUDGET and m["admission_counted"] == BUDGET, m
             assert m["groups_in_flight"] == 0 and m["policy_version"] == 1 and m["weight_updates"] == 1, m

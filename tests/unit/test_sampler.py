@@ -112,53 +112,64 @@ def test_budget_splits_the_capacity_over_generators() -> None:
         generator_budget(2, 3, 2)
 
 
+def _fill(adm: Admission, learner_version: int, loaded_version: int) -> list[int]:
+    """Start groups until admission refuses; their targets."""
+    targets = []
+    while adm.may_start(learner_version, loaded_version):
+        targets.append(adm.start(learner_version, loaded_version))
+        assert len(targets) <= adm.budget
+    return targets
+
+
 def test_admission_holds_the_bound_with_a_frozen_learner_and_releases_as_it_moves() -> None:
     adm = Admission(budget=4, max_staleness=1)
-    started = 0
-    while adm.may_start(learner_version=0, loaded_version=0):
-        adm.started(0)
-        started += 1
-        assert started <= 4
-    assert started == 4
-    assert not adm.may_start(learner_version=1, loaded_version=1)  # version-0 groups still usable at 1 (K=1)
-    assert adm.may_start(learner_version=2, loaded_version=2)  # now they are too stale: they no longer count
-    assert adm.counted(2) == 0
+    assert _fill(adm, 0, 0) == [0, 0, 1, 1]  # two slots for version 0, two for version 1: K + 1 batches ahead
+    assert _fill(adm, 0, 0) == []  # a frozen learner: nothing more
+    assert _fill(adm, 1, 1) == [2, 2]  # the learner passed version 0: its slots are free, one batch per step
+    assert adm.counted(1) == 4
+    with pytest.raises(RuntimeError):
+        adm.start(1, 1)
+
+
+def test_a_faster_generator_starts_one_batch_per_learner_step() -> None:
+    # Slots by start version released a whole budget at once every K + 1 steps (the generator idled a whole
+    # step in between); slots by target release one batch per step.
+    adm = Admission(budget=8, max_staleness=1)
+    assert len(_fill(adm, 0, 0)) == 8
+    for v in range(1, 6):
+        adm.forget_before(v)
+        assert _fill(adm, v, v) == [v + 1] * 4
 
 
 def test_admission_waits_for_weights_that_are_not_too_old() -> None:
     adm = Admission(budget=4, max_staleness=0)
     assert not adm.may_start(learner_version=3, loaded_version=2)  # K=0: synchronous, wait for version 3
-    assert adm.may_start(learner_version=3, loaded_version=3)
+    assert _fill(adm, 3, 3) == [3, 3, 3, 3]
+    adm = Admission(budget=6, max_staleness=2)
+    assert _fill(adm, 5, 4) == [5, 5, 6, 6]  # weights of 4: targets up to 4 + K only
 
 
 def test_withdrawn_groups_free_their_slot() -> None:
-    adm = Admission(budget=1, max_staleness=2)
-    adm.started(5)
+    adm = Admission(budget=1, max_staleness=0)
+    target = adm.start(5, 5)
     assert not adm.may_start(5, 5)
-    adm.withdraw(5)
+    adm.withdraw(target)
     assert adm.may_start(5, 5)
-    adm.started(1)
-    adm.forget_before(5)
-    assert adm.counted(5) == 0
+    adm.start(5, 5)
+    adm.forget_before(6)
+    assert adm.counted(6) == 0 and adm.may_start(6, 6)
 
 
 def test_a_moving_bound_under_a_ceiling() -> None:
     # max_staleness = "auto": the learner announces bounds between 1 and the ceiling.
-    adm = Admission(budget=2, max_staleness=1, ceiling=3)
-    for _ in range(2):
-        adm.started(0)
-    assert not adm.may_start(learner_version=0, loaded_version=0)  # the budget of bound 1
-    adm.set_bound(2, budget=3)
-    assert adm.may_start(learner_version=0, loaded_version=0)
-    adm.started(0)
-    # At version 3 the bound-2 floor is 1: version-0 groups no longer count, but the ceiling still keeps them
-    # (a group started under a larger bound is not aborted while the learner accepts it).
-    assert adm.counted(3) == 0 and adm.oldest_usable(3) == 1 and adm.oldest_kept(3) == 0
-    adm.set_bound(1, budget=2)
-    adm.forget_before(3)
-    assert adm.counted(3) == 0 and adm._started[0] == 3  # kept: within the ceiling
-    adm.forget_before(4)
-    assert 0 not in adm._started
+    adm = Admission(budget=4, max_staleness=1, ceiling=3)
+    assert _fill(adm, 0, 0) == [0, 0, 1, 1]
+    adm.set_bound(2, budget=6)  # one more batch of lead
+    assert _fill(adm, 0, 0) == [2, 2]
+    assert adm.oldest_usable(3) == 1 and adm.oldest_kept(3) == 0  # groups started at 0 are aborted only past 3
+    adm.set_bound(1, budget=4)
+    adm.forget_before(1)
+    assert adm.counted(1) == 4 and not adm.may_start(1, 1)  # slots already taken stay taken
     with pytest.raises(ValueError):
         adm.set_bound(4, budget=2)  # above the ceiling
     with pytest.raises(ValueError):
