@@ -7,7 +7,8 @@ sender, starts ``python -m prorl_async.generator`` once, and checks in one run:
   learner's convention), per-token versions, and chain_sum rewards equal to the verifier's;
 - an in-flight weight update (version 1, perturbed weights) lands while groups are generating: later
   tokens carry version 1 and their log-probs match the new weights, earlier ones version 0 and the old;
-- with the learner's version frozen, the generator starts no more than its admission budget of groups;
+- with the learner's version frozen, the generator starts no more than its admission slots allow, and one
+  more batch once the learner announces a larger bound (``max_staleness = "auto"``);
 - a reward function that hangs (once) and raises (once) costs those two samples a 0 reward with a reason,
   counted in the metrics, and the generator goes on;
 - ``Stop`` ends the process with exit code 0 and a final metrics message with the prompt sampler's state.
@@ -57,7 +58,8 @@ def make_config(tmp_path: Path) -> Config:
                       "reward_function": "generator_rewards:reward"},
         # The test's reward function gives groups without variance: with the filter on they would give their admission
         # places back (the learner drops them) and the generator would rightly start more than the bound.
-        "buffer": {"max_staleness": 1, "variance_filter": False},
+        # max_staleness "auto" starts at bound 1 (the generator's admission until the learner announces another).
+        "buffer": {"max_staleness": "auto", "auto_max_staleness": 2, "variance_filter": False},
         "learner": {"batch_groups": 2},
         "weight_sync": {"timeout_s": 60.0},
     })
@@ -158,6 +160,13 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             m = learner.last_metrics()
             assert m["admission_budget"] == BUDGET and m["admission_counted"] == BUDGET, m
             assert m["groups_in_flight"] == 0 and m["policy_version"] == 1 and m["weight_updates"] == 1, m
+            # 4. The learner announces bound 2 (max_staleness "auto"): one more batch of slots (version 3).
+            learner.publish(WeightsReady(1, max_staleness=2))
+            assert learner.pump(90, lambda: len(learner.groups) >= BUDGET + 2 * BATCH), output()
+            learner.pump(3.0, lambda: learner.last_metrics().get("groups_in_flight") == 0)
+            assert len(learner.groups) == BUDGET + 2 * BATCH
+            m = learner.last_metrics()
+            assert (m["admission_bound"], m["admission_budget"], m["admission_counted"]) == (2, 6, 6), m
             learner.publish(Stop("test done"))
             assert proc.wait(timeout=60) == 0, output()
             learner.pump(1.0, lambda: learner.last_metrics().get("final") == 1)
@@ -194,5 +203,5 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
     final = learner.last_metrics()
     assert final.get("final") == 1 and final["score_timeout"] == 1 and final["score_error"] == 1, final
     state = json.loads(final["sampler_state"])
-    assert state["draws"] == BUDGET and state["requeued"] == [], state
+    assert state["draws"] == BUDGET + 2 * BATCH and state["requeued"] == [], state
     assert any(isinstance(m, Heartbeat) for m in learner.others)
