@@ -220,7 +220,8 @@ def _buffer_panel(snap: Snapshot) -> Panel:
     counters = s.get("buffer_counters") if isinstance(s.get("buffer_counters"), dict) else {}
     rows = [
         ("fill", fill),
-        ("bound", _fmt(_num(s, "max_staleness"), ".0f") + (" (auto)" if snap.auto_staleness else "")),
+        ("bound", _fmt(_num(s, "max_staleness") if "max_staleness" in s else snap.configured_bound, ".0f")
+         + (" (auto)" if snap.auto_staleness else "")),
         ("staleness", _histogram(s.get("buffer_staleness_hist"))),
         ("batch stale", f"mean {_fmt(_num(s, 'group_staleness_mean'), '.2f')} "
                         f"max {_fmt(_num(s, 'group_staleness_max'), '.0f')}"),

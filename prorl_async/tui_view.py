@@ -75,6 +75,8 @@ class Snapshot:
     batch_groups: int | None = None
     buffer_capacity: int | None = None
     auto_staleness: bool = False
+    configured_bound: int | None = None
+    """``buffer.max_staleness`` when fixed: the bound row shows it for records that predate the per-step field."""
     num_generators: int | None = None
     elapsed_s: float | None = None
     now_s: float | None = None
@@ -289,6 +291,7 @@ class RunView:
         snap.batch_groups = learner.get("batch_groups")
         snap.auto_staleness = buffer.get("max_staleness") == "auto"
         ceiling = buffer.get("auto_max_staleness") if snap.auto_staleness else buffer.get("max_staleness")
+        snap.configured_bound = None if snap.auto_staleness or not isinstance(ceiling, int) else ceiling
         if isinstance(snap.batch_groups, int) and isinstance(ceiling, int):
             snap.buffer_capacity = admission_capacity(snap.batch_groups, ceiling)
         for i in range(snap.num_generators or 0):  # a row per generator before its first report

@@ -106,7 +106,8 @@ def test_replay_in_a_terminal_shows_what_a_person_needs(tmux: Tmux, tmp_path: Pa
         ["generator-0", "finished", "n/a", "0", "94.2", "v3", "16"]
     assert _line_with(screen, "generator-1", "running").split()[:9] == \
         ["generator-1", "running", "n/a", "0", "141.3", "v2", "16", "0", "3"]
-    assert "-0.0321" in _line_with(screen, "loss ", "batch stale", "math")  # the three panels side by side
+    assert "-0.0321" in _line_with(screen, "loss ", "staleness", "math")  # the three panels side by side
+    assert _line_with(screen, "bound ", "tokens/s").split("bound")[1].split()[0] == "1"  # from config.toml
     assert "4.56e-03" in _line_with(screen, "KL ", "share 0.310")
     assert "1.6789" in _line_with(screen, "entropy")
     assert "3.00 MiB" in _line_with(screen, "weight sync", "0.123 s")
