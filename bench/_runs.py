@@ -330,39 +330,57 @@ def default_pin() -> dict[str, set[int]] | None:
 # ----------------------------------------------------------------------------------------------- plotting
 
 
-# 3x5 pixel digits for axis extremes (the canvas has no text): rows top to bottom, 3 bits each.
+# A 3x5 pixel font (the canvas has no text): rows top to bottom, 3 bits each; letters are drawn upper case.
 _GLYPHS = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
            "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-           ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "e": (0, 7, 7, 4, 7), "+": (0, 2, 7, 2, 0)}
+           ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "+": (0, 2, 7, 2, 0), "/": (1, 1, 2, 4, 4), ":": (0, 2, 0, 2, 0),
+           "(": (1, 2, 2, 2, 1), ")": (4, 2, 2, 2, 4), "%": (5, 1, 2, 4, 5), "_": (0, 0, 0, 0, 7), ",": (0, 0, 0, 2, 4),
+           "=": (0, 7, 0, 7, 0), "<": (1, 2, 4, 2, 1), ">": (4, 2, 1, 2, 4), "@": (2, 5, 7, 4, 3),
+           "A": (2, 5, 7, 5, 5), "B": (6, 5, 6, 5, 6), "C": (3, 4, 4, 4, 3), "D": (6, 5, 5, 5, 6), "E": (7, 4, 6, 4, 7),
+           "F": (7, 4, 6, 4, 4), "G": (3, 4, 5, 5, 3), "H": (5, 5, 7, 5, 5), "I": (7, 2, 2, 2, 7), "J": (1, 1, 1, 5, 2),
+           "K": (5, 5, 6, 5, 5), "L": (4, 4, 4, 4, 7), "M": (5, 7, 7, 5, 5), "N": (6, 5, 5, 5, 5), "O": (2, 5, 5, 5, 2),
+           "P": (6, 5, 6, 4, 4), "Q": (2, 5, 5, 6, 3), "R": (6, 5, 6, 5, 5), "S": (3, 4, 2, 1, 6), "T": (7, 2, 2, 2, 2),
+           "U": (5, 5, 5, 5, 7), "V": (5, 5, 5, 5, 2), "W": (5, 5, 7, 7, 5), "X": (5, 5, 2, 5, 5), "Y": (5, 5, 2, 2, 2),
+           "Z": (7, 1, 2, 4, 7)}
 
 
-def _text(canvas: Any, x: float, y: float, text: str, scale: int = 2) -> None:
-    """Digits at (x, y) (top-left), ``scale`` pixels per glyph pixel; other characters are skipped."""
-    for n, ch in enumerate(text):
+def _text(canvas: Any, x: float, y: float, text: str, scale: int = 2, rgb: tuple[int, ...] = (60, 60, 60)) -> None:
+    """``text`` at (x, y) (top-left), ``scale`` pixels per glyph pixel; characters without a glyph are blanks."""
+    for n, ch in enumerate(text.upper()):
         for row, bits in enumerate(_GLYPHS.get(ch, (0, 0, 0, 0, 0))):
             for col in range(3):
                 if bits >> (2 - col) & 1:
                     x0, y0 = x + (4 * n + col) * scale, y + row * scale
-                    canvas.rect(x0, y0, x0 + scale, y0 + scale, (60, 60, 60))
+                    canvas.rect(x0, y0, x0 + scale, y0 + scale, rgb)
+
+
+def _text_width(text: str, scale: int = 2) -> int:
+    return 4 * len(text) * scale
 
 
 def _short(value: float) -> str:
     return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-")
 
 
-def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, height: int = 280) -> None:
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, height: int = 300) -> None:
     """A PNG of line panels side by side, drawn with the project's dependency-free canvas (no matplotlib here).
 
-    Each panel: ``{"series": [[(x, y), ...], ...]}``; series take the canvas colours in order; axes are scaled to
-    the data (y from 0 when all values are >= 0) and labelled with their extremes in digits (y top-left, x
-    bottom-right); the printed table names the panels and series.
+    Each panel: ``{"series": [[(x, y), ...], ...]}`` and optionally ``"title"`` (drawn above the panel),
+    ``"xticks"`` (``[(x, label), ...]``: category labels under the x axis instead of its extremes) and
+    ``"legend"`` (a name per series, in the series' colours, top right). Series take the palette's colours in
+    order; axes are scaled to the data (y from 0 when all values are >= 0) and labelled with their extremes.
     """
     from prorl_async.evaluation_report import _Canvas  # the tiny PNG rasteriser; reused, not copied
 
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     canvas = _Canvas(width * len(panels), height)
-    pad, grey = 28, (90, 90, 90)
+    pad, top, grey = 28, 34, (90, 90, 90)
     for n, panel in enumerate(panels):
+        ox, oy, w, h = n * width + pad, top, width - 2 * pad, height - top - pad
+        if panel.get("title"):
+            _text(canvas, n * width + (width - _text_width(panel["title"])) / 2, 8, panel["title"], rgb=(20, 20, 20))
         points = [p for s in panel["series"] for p in s if not math.isnan(p[1])]
         if not points:
             continue
@@ -370,21 +388,27 @@ def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, heigh
         y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
         y_lo = 0.0 if y_lo >= 0 else y_lo
         x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
-        ox, oy, w, h = n * width + pad, pad // 2, width - 2 * pad, height - 2 * pad
         canvas.line(ox, oy + h, ox + w, oy + h, grey)
         canvas.line(ox, oy, ox, oy + h, grey)
         _text(canvas, ox + 4, oy, _short(y_hi))
         _text(canvas, ox + 4, oy + h - 12, _short(y_lo))
-        _text(canvas, ox + w - 8 * len(_short(x_hi)), oy + h + 4, _short(x_hi))
-        _text(canvas, ox, oy + h + 4, _short(x_lo))
+        if panel.get("xticks"):
+            for x, label in panel["xticks"]:
+                px = ox + w * (x - x_lo) / (x_hi - x_lo)
+                _text(canvas, min(max(px - _text_width(label) / 2, ox), ox + w - _text_width(label)), oy + h + 4, label)
+        else:
+            _text(canvas, ox + w - _text_width(_short(x_hi)), oy + h + 4, _short(x_hi))
+            _text(canvas, ox, oy + h + 4, _short(x_lo))
         for i, series in enumerate(panel["series"]):
             pts = [(ox + w * (x - x_lo) / (x_hi - x_lo), oy + h - h * (y - y_lo) / (y_hi - y_lo))
                    for x, y in series if not math.isnan(y)]
-            rgb = palette[i % len(palette)]
+            rgb = PALETTE[i % len(PALETTE)]
             for (x0, y0), (x1, y1) in itertools.pairwise(pts):
                 canvas.line(x0, y0, x1, y1, rgb)
             for x, y in pts:
                 canvas.rect(x - 2, y - 2, x + 2, y + 2, rgb)
+        for i, name in enumerate(panel.get("legend") or []):
+            _text(canvas, ox + w - _text_width(name), oy + 14 + 14 * i, name, rgb=PALETTE[i % len(PALETTE)])
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     print(f"wrote {path}")

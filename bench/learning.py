@@ -100,9 +100,13 @@ def main() -> int:
               "s to sync's final reward", "validation points"]
     print(_runs.table(header, [[m, r["max_staleness"], r["steps"], r["samples"], r["startup_s"], r["late_reward"],
                                 r["time_to_sync_final_reward_s"], len(r["validation"])] for m, r in out.items()]))
+    curves = {m: out[m]["curve"] for m in modes}
     _runs.plot_lines(Path(args.plot), [
-        {"series": [[(p["t_s"], p["reward"]) for p in out[m]["curve"]] for m in modes]},
-        {"series": [[(p["samples"], p["reward"]) for p in out[m]["curve"]] for m in modes]},
+        {"title": "step reward vs seconds", "series": [[(p["t_s"], p["reward"]) for p in c] for c in curves.values()],
+         "legend": list(curves)},
+        {"title": "step reward vs samples",
+         "series": [[(p["samples"], p["reward"]) for p in c] for c in curves.values()],
+         "legend": list(curves)},
     ])
     sync_samples, async_samples = out["sync"]["samples"], out["async"]["samples"]
     _runs.write_json(args.json, {"samples_ratio_async_over_sync": _runs.ratio(async_samples, sync_samples),

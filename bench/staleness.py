@@ -10,8 +10,8 @@ number of steps (so the same sample budget), generator and learner pinned to one
 Per bound: samples/s, the stale-drop fraction (groups dropped as stale / received), the IS-truncated fraction and
 ESS (means over the timed steps), and the reward reached at the budget (mean ``reward_mean`` of the last three
 steps). A PNG (``--plot``) has four panels, left to right: samples/s, stale-drop fraction, reward at the budget
-(each against the bound, in sweep order), and reward against samples seen, one line per bound (colours in sweep
-order: blue, orange, green, red, purple). Recommended: among the bounds whose reward at the budget is within
+(each against the bound, in sweep order), and reward against samples seen, one line per bound (a legend names
+them); each panel is titled. Recommended: among the bounds whose reward at the budget is within
 0.02 of the best, the smallest one within 5% of the fastest of them. ``auto`` in ``--bounds`` (e.g.
 ``0,1,2,4,auto``) adds a run with ``max_staleness = "auto"`` (the learner picks the bound each step; the table shows
 the mean bound it used): it is recommended only when it is more than 5% faster than every fixed bound that keeps the
@@ -97,11 +97,14 @@ def plot(path: Path, rows: dict[Bound, dict[str, Any]], curves: dict[Bound, list
         return [(float(i), float(rows[b].get(key) if _finite(rows[b].get(key)) else math.nan))
                 for i, b in enumerate(bounds)]
 
+    ticks = [(float(i), str(b)) for i, b in enumerate(bounds)]
     _runs.plot_lines(path, [
-        {"series": [against_bound("samples_per_s")]},
-        {"series": [against_bound("stale_drop_frac")]},
-        {"series": [against_bound("reward_at_budget")]},
-        {"series": [[(p["samples"], p["reward"]) for p in curves[b]] for b in bounds]},
+        {"title": "samples/s by bound", "series": [against_bound("samples_per_s")], "xticks": ticks},
+        {"title": "stale-drop fraction by bound", "series": [against_bound("stale_drop_frac")], "xticks": ticks},
+        {"title": "reward at the budget by bound", "series": [against_bound("reward_at_budget")], "xticks": ticks},
+        {"title": "step reward vs samples",
+         "series": [[(p["samples"], p["reward"]) for p in curves[b]] for b in bounds],
+         "legend": [f"bound {b}" for b in bounds]},
     ])
 
 
