@@ -8,10 +8,13 @@ config's model (``resolve_model``: SmolLM2-135M-Instruct for the embedded defaul
 (``prorl_async.tasks``: chat template, few-shot turns, ``<answer>`` prefill), scored by the same verifiers
 (``prorl_async.rewards.score``: TRL's reward function sends each completion to a scorer process of this
 project's environment), with the same group size, samples per step, temperature, learning rate and number of
-steps. Reported per side: seconds per 1,000 scored samples in steady state (after the first step) and end to
-end, the wait from start (model load, engine start) to the first update, and the reward after the same sample
-budget (mean of the last three steps). ``--json`` has top-level ``speedup_vs_trl`` (TRL's steady-state seconds
-per 1,000 samples / ours; goal >= 3 at equal or better reward) and ``trl_settings``.
+steps. Reported per side: seconds per 1,000 trained samples in steady state (after the first step) and end to
+end, the samples scored (this trainer scores more than it trains: its variance filter drops groups whose answers
+were all right or all wrong), the wait from start (model load, engine start) to the first update, and the reward
+after the same sample budget (mean of the last three steps), both of the trained batches and of everything the
+policy generated (the like-for-like figure: TRL trains on all it generates). ``--json`` has top-level
+``speedup_vs_trl`` (TRL's steady-state seconds per 1,000 trained samples / ours; goal >= 3 at equal or better
+reward) and ``trl_settings``.
 
 TRL runs in its own virtual environment (``--venv``, created on first use with ``python -m venv`` and
 ``pip install torch==2.13.0 trl``: the CPU torch from this machine's pip configuration; never this project's
@@ -234,8 +237,29 @@ def side_rows(trl: dict[str, Any], ours: dict[str, Any], samples_per_step: int) 
             "s_per_1k_end_to_end": 1000.0 * side["wall_s"] / (steps * samples_per_step) if steps else None,
             "first_step_end_s": side["load_s"] + side["step_ends"][0] if steps else None, "wall_s": side.get("wall_s"),
             "reward_at_budget": mean_last(side.get("rewards", [])), "first_reward": (side.get("rewards") or [None])[0],
+            # The policy's reward over every sample it generated: this trainer's batches hold only the groups that
+            # passed the variance filter (their mean leans to 0.5); TRL trains on everything it generated.
+            "policy_reward_at_budget": mean_last(side.get("policy_rewards") or side.get("rewards", [])),
+            "scored_samples": sum(side["scored"]) if side.get("scored") else steps * samples_per_step,
         }
     return out
+
+
+def _nan_if_none(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def print_sides(sides: dict[str, dict[str, Any]]) -> None:
+    import _runs
+
+    header = ["trainer", "steps", "samples trained", "samples scored", "s/1k trained (steady)", "s/1k (end to end)",
+              "1st step done s", "batch reward step 1", "batch reward at budget", "policy reward at budget"]
+    keys = ["steps", "samples", "scored_samples", "s_per_1k_steady", "s_per_1k_end_to_end", "first_step_end_s",
+            "first_reward", "reward_at_budget", "policy_reward_at_budget"]
+    print(_runs.table(header, [[name] + [side[k] for k in keys] for name, side in sides.items()], digits=2))
+    print("batch reward: mean reward of the samples each step trained on; policy reward: of every sample the policy "
+          "generated in that step (TRL trains on all of them: the same; this trainer's variance filter drops groups "
+          "whose answers were all right or all wrong); 'at budget': mean of the last three steps")
 
 
 def main() -> int:
@@ -285,14 +309,12 @@ def main() -> int:
     t0 = run.records[0]["time_s"] if run.records else 0.0
     ours = {"returncode": run.returncode, "wall_s": run.seconds,
             "step_ends": [r["time_s"] - t0 for r in step_records],
-            "rewards": [r.get("reward_mean", float("nan")) for r in step_records], "load_s": 0.0}
+            "rewards": [r.get("reward_mean", float("nan")) for r in step_records], "load_s": 0.0,
+            "policy_rewards": [_nan_if_none(r.get("reward_arrived_mean")) for r in step_records],
+            "scored": [int(r.get("samples_arrived") or 0) for r in step_records]}
     sides = side_rows(trl, ours, samples_per_step)
     ratio = speedup(sides["trl"]["s_per_1k_steady"], sides["prorl-async"]["s_per_1k_steady"])
-    print(_runs.table(["trainer", "steps", "samples", "s/1k samples (steady)", "s/1k (end to end)", "1st step done s",
-                       "reward first step", "reward at budget"],
-                      [[n, s["steps"], s["samples"], s["s_per_1k_steady"], s["s_per_1k_end_to_end"],
-                        s["first_step_end_s"], s["first_reward"], s["reward_at_budget"]] for n, s in sides.items()],
-                      digits=2))
+    print_sides(sides)
     print(f"speedup vs TRL (steady state): {_runs.fmt(ratio, 2)}x (goal >= 3 at equal or better reward)")
     _runs.write_json(args.json, {"speedup_vs_trl": ratio, "sides": sides, "trl_settings": settings,
                                  "trl_install_s": install_s, "trl_versions": {k: trl.get(k) for k in

@@ -150,9 +150,14 @@ def test_peers_seconds_per_1k_and_speedup() -> None:
     sides = peers.side_rows({"step_ends": [5.0, 15.0, 25.0], "rewards": [0.1, 0.2, 0.3], "wall_s": 40.0,
                              "load_s": 5.0},
                             {"step_ends": [20.0, 22.0, 24.0], "rewards": [0.1, 0.3, 0.5], "wall_s": 30.0,
-                             "load_s": 0.0}, samples_per_step=64)
+                             "load_s": 0.0, "policy_rewards": [float("nan"), 0.2, 0.1], "scored": [64, 128, 96]},
+                            samples_per_step=64)
     assert sides["trl"]["samples"] == 192 and sides["trl"]["first_step_end_s"] == 10.0
     assert sides["prorl-async"]["reward_at_budget"] == pytest.approx(0.3)
+    # TRL trains on everything it generates: its policy reward is its batch reward; ours counts every arrival
+    assert sides["trl"]["policy_reward_at_budget"] == pytest.approx(0.2) and sides["trl"]["scored_samples"] == 192
+    assert sides["prorl-async"]["policy_reward_at_budget"] == pytest.approx(0.15)
+    assert sides["prorl-async"]["scored_samples"] == 288
     assert peers.speedup(sides["trl"]["s_per_1k_steady"], sides["prorl-async"]["s_per_1k_steady"]) == 5.0
 
 
