@@ -93,7 +93,8 @@ def test_generator_process_handshakes_sends_groups_and_stops(endpoint: str, tmp_
 
     [(code, out)] = trio.run(learner.serve, [peer], done)
     assert code == 0, out
-    assert "WeightsReady(version=3, max_staleness=None)" in out  # the handshake answered with the latest control message
+    # the handshake answered with the latest control message
+    assert "WeightsReady(version=3, max_staleness=None)" in out
     assert learner.received[0] == Ready("gen-1")  # READY comes first on the groups socket
     groups = [m for m in learner.received if isinstance(m, TrajectoryGroup)]
     assert groups == [make_group(seq) for seq in range(count)]
