@@ -6,8 +6,12 @@ and engine settings, in the same run:
 - raw: ``vllm.LLM.generate`` on ``--prompts`` prompts x n in one call, in a child process (vLLM's offline API);
   tokens/s = generated tokens / wall time of the ``generate`` call;
 - generator: ``python -m prorl_async.generator`` against a learner played by this process (PULL + XPUB;
-  the learner version advances with every batch so admission never stalls it); tokens/s = response tokens of
-  the groups received / time from the first group received to the last, after ``--warmup`` groups.
+  no weights change in this bench, so the staleness bound is set above the number of batches measured and
+  admission never stalls it); tokens/s = response tokens of the groups received / time from the first group
+  received to the last, after ``--warmup`` groups.
+
+The tiny model generates ~5k tokens/s here, so its default is 128 prompts/groups (~15 s a side); 32 made the
+measurement 3 s long and noisy. SmolLM2 keeps 32 (~75 s a side).
 
     python bench/generator.py                        # tiny-random and smollm2-135m-instruct
     python bench/generator.py --models tiny-random --json out.json
@@ -36,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 from prorl_async.config import Config, write_resolved  # noqa: E402
 
 
-def bench_config(model: str, run_dir: Path, n: int, max_tokens: int, inflight: int) -> Config:
+def bench_config(model: str, run_dir: Path, n: int, max_tokens: int, inflight: int, batches: int) -> Config:
+    """The run config of one model; ``batches``: how many batches of ``inflight`` groups the bench will take."""
     return Config.model_validate({
         "run": {"run_dir": str(run_dir), "seed": 0},
         "model": {"name": model, "max_model_len": 512},
@@ -45,7 +50,8 @@ def bench_config(model: str, run_dir: Path, n: int, max_tokens: int, inflight: i
                   "train_size": 2000, "validation_size": 4, "prefill": "<answer>"},
         "sampling": {"group_size": n, "temperature": 1.0, "max_response_tokens": max_tokens},
         "generator": {"max_inflight_groups": inflight, "reward_workers": 1, "heartbeat_s": 1.0},
-        "buffer": {"max_staleness": 1},
+        # the bench never sends weights: a bound above the batches measured keeps admission out of the way
+        "buffer": {"max_staleness": batches + 1},
         "learner": {"batch_groups": inflight},
     })
 
@@ -104,8 +110,7 @@ def run_generator(cfg: Config, config_path: Path, groups: int, warmup: int) -> d
     with Transport(cfg.transport) as transport:
         pull = transport.socket(zmq.PULL, transport.endpoint("groups"), bind=True, groups=True)
         xpub = transport.socket(zmq.XPUB, transport.endpoint("control"), bind=True)
-        version = 0
-        latest = encode(WeightsReady(version))
+        latest = encode(WeightsReady(0))
         proc = subprocess.Popen(
             [sys.executable, "-m", "prorl_async.generator", "--config", str(config_path), "--generator-id", "0",
              "--groups", bound_endpoint(pull), "--control", bound_endpoint(xpub)],
@@ -133,10 +138,6 @@ def run_generator(cfg: Config, config_path: Path, groups: int, warmup: int) -> d
                     elif received > warmup:
                         tokens += msg.num_tokens
                         t_last = time.perf_counter()
-                    if received % cfg.learner.batch_groups == 0:  # a learner step: admission moves on
-                        version += 1
-                        latest = encode(WeightsReady(version))
-                        xpub.send_multipart(latest)
             xpub.send_multipart(encode(Stop("bench done")))
             proc.wait(timeout=120)
         finally:
@@ -154,8 +155,8 @@ def main() -> int:
     p.add_argument("--models", default="tiny-random,smollm2-135m-instruct")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=32, help="raw: prompts in the one generate call")
-    p.add_argument("--groups", type=int, default=32, help="generator: groups measured after the warm-up")
+    p.add_argument("--prompts", type=int, help="raw: prompts in the one generate call (default: tiny 128, else 32)")
+    p.add_argument("--groups", type=int, help="generator: groups measured after the warm-up (default as --prompts)")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--inflight", type=int, default=32)
     p.add_argument("--json", default=None)
@@ -163,10 +164,13 @@ def main() -> int:
     rows = []
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = bench_config(model, Path(tmp) / "run", args.n, args.max_tokens, args.inflight)
+            default = 128 if model == "tiny-random" else 32
+            prompts, groups = args.prompts or default, args.groups or default
+            batches = -(-(groups + args.warmup) // args.inflight)
+            cfg = bench_config(model, Path(tmp) / "run", args.n, args.max_tokens, args.inflight, batches)
             config_path = write_resolved(cfg, Path(tmp) / "run")
-            raw = run_raw(cfg, prompts_of(cfg, args.prompts))
-            gen = run_generator(cfg, config_path, args.groups, args.warmup)
+            raw = run_raw(cfg, prompts_of(cfg, prompts))
+            gen = run_generator(cfg, config_path, groups, args.warmup)
         row = {"model": model, "n": args.n, "max_tokens": args.max_tokens, "raw_tokens_per_s": raw["tokens_per_s"],
                "generator_tokens_per_s": gen["tokens_per_s"], "ratio": gen["tokens_per_s"] / raw["tokens_per_s"],
                "raw": raw, "generator": gen}
