@@ -87,6 +87,12 @@ class _Inflight:
     in_engine: bool = True
 
 
+def engine_max_num_seqs(cfg: Config) -> int:
+    """``generator.max_num_seqs``, or (0) room for every sample of the groups the generator keeps in flight."""
+    g = cfg.generator
+    return g.max_num_seqs or g.max_inflight_groups * max(cfg.sampling.group_size, cfg.eval.samples)
+
+
 class Generator:
     """One generator process's state and loops; :func:`run_generator` builds and runs it."""
 
@@ -194,7 +200,8 @@ class Generator:
         args = AsyncEngineArgs(model=str(resolve_model(m.name)), dtype=m.dtype, max_model_len=m.max_model_len,
                                enforce_eager=g.enforce_eager, gpu_memory_utilization=g.gpu_memory_utilization,
                                seed=self.cfg.run.seed + 1000 * self.gid, logprobs_mode=logprobs_mode,
-                               worker_extension_cls=EXTENSION, disable_log_stats=True)
+                               worker_extension_cls=EXTENSION, disable_log_stats=True,
+                               max_num_seqs=engine_max_num_seqs(self.cfg))
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(args.model)
