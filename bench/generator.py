@@ -10,7 +10,7 @@ and engine settings, in the same run:
   admission never stalls it); tokens/s = response tokens of the groups received / time from the first group
   received to the last, after ``--warmup`` groups.
 
-The tiny model generates ~5k tokens/s here, so its default is 128 prompts/groups (~15 s a side); 32 made the
+The tiny model generates ~6k tokens/s here, so its default is 128 prompts/groups (~15 s a side); 32 made the
 measurement 3 s long and noisy. SmolLM2 keeps 32 (~75 s a side).
 
     python bench/generator.py                        # tiny-random and smollm2-135m-instruct
