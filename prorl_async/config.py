@@ -116,9 +116,9 @@ class GeneratorConfig(_Section):
     max_inflight_groups: int = Field(8, ge=1)
     """Prompts a generator keeps in its engine at once (continuous batching)."""
     max_num_seqs: int = Field(0, ge=0)
-    """Sequences the vLLM engine runs at once; 0: ``max_inflight_groups`` x the larger of ``sampling.group_size``
-    and ``eval.samples``, so that every sample the generator admits runs at once (vLLM's own default for an
-    engine on CPU is 128, half of what its offline ``LLM`` gets)."""
+    """Sequences the vLLM engine runs at once; 0: ``max_inflight_groups`` x ``sampling.group_size``, so that every
+    training sample the generator admits runs at once, and never fewer than vLLM's own default for an engine
+    (128; its offline ``LLM`` gets 256 on CPU)."""
     kv_cache_gib: int = Field(1, ge=1)
     """KV-cache size per engine on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE takes an integer); unset, vLLM
     takes ~14 GiB."""

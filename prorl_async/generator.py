@@ -87,10 +87,11 @@ class _Inflight:
     in_engine: bool = True
 
 
-def engine_max_num_seqs(cfg: Config) -> int:
-    """``generator.max_num_seqs``, or (0) room for every sample of the groups the generator keeps in flight."""
+def engine_max_num_seqs(cfg: Config, engine_default: int) -> int:
+    """``generator.max_num_seqs``, or (0) room for every sample of the training groups the generator keeps in
+    flight, never below ``engine_default`` (vLLM's own, which validation requests may use)."""
     g = cfg.generator
-    return g.max_num_seqs or g.max_inflight_groups * max(cfg.sampling.group_size, cfg.eval.samples)
+    return g.max_num_seqs or max(g.max_inflight_groups * cfg.sampling.group_size, engine_default)
 
 
 class Generator:
@@ -189,6 +190,7 @@ class Generator:
         return 0
 
     def _start_engine(self) -> Any:
+        from vllm.config import SchedulerConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -201,7 +203,7 @@ class Generator:
                                enforce_eager=g.enforce_eager, gpu_memory_utilization=g.gpu_memory_utilization,
                                seed=self.cfg.run.seed + 1000 * self.gid, logprobs_mode=logprobs_mode,
                                worker_extension_cls=EXTENSION, disable_log_stats=True,
-                               max_num_seqs=engine_max_num_seqs(self.cfg))
+                               max_num_seqs=engine_max_num_seqs(self.cfg, SchedulerConfig.DEFAULT_MAX_NUM_SEQS))
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(args.model)

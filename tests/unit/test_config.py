@@ -122,9 +122,9 @@ def write_resolved_roundtrip(cfg: Config) -> Path:
 def test_engine_max_num_seqs_fits_every_admitted_sample() -> None:
     from prorl_async.generator import engine_max_num_seqs
 
-    cfg = load_config(None, ["generator.max_inflight_groups=32", "sampling.group_size=8", "eval.samples=8"])
-    assert engine_max_num_seqs(cfg) == 256  # 32 groups x 8 samples (vLLM's engine default on CPU: 128)
-    cfg = load_config(None, ["generator.max_inflight_groups=8", "sampling.group_size=8", "eval.samples=16"])
-    assert engine_max_num_seqs(cfg) == 128  # validation requests of 16 samples each
+    cfg = load_config(None, ["generator.max_inflight_groups=32", "sampling.group_size=8"])
+    assert engine_max_num_seqs(cfg, 128) == 256  # 32 groups x 8 samples, above vLLM's engine default
+    cfg = load_config(None, ["generator.max_inflight_groups=8", "sampling.group_size=8"])
+    assert engine_max_num_seqs(cfg, 128) == 128  # never below vLLM's default (validation requests use it)
     cfg = load_config(None, ["generator.max_num_seqs=48"])
-    assert engine_max_num_seqs(cfg) == 48
+    assert engine_max_num_seqs(cfg, 128) == 48
