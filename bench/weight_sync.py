@@ -13,7 +13,11 @@ Per receiver, medians over ``--repeats`` after one warm-up:
   the time ends when the receiver has the bytes (the limit);
 - update: ``WeightSender.broadcast``: header, manifest, buckets, and the worker's ack once loaded;
 - pause (vllm): how long generation stops per update (pause -> resume, as the generator sees it) and the
-  largest gap between two tokens of the streaming request across an update, against its median gap.
+  largest gap between two tokens of the streaming request across an update, against its median gap;
+- engine floor (vllm): vLLM's own ``reload_weights`` of the model's checkpoint from memory, inside the worker
+  (no network), and the part of it spent repacking linear layers into the CPU kernels' format
+  (``dispatch_cpu_unquantized_gemm``): raw time / this floor is the most any receiver that loads through vLLM
+  can reach on this machine (``ratio_bound_by_engine_reload``).
 
     python bench/weight_sync.py                            # tiny-random and smollm2-135m-instruct
     python bench/weight_sync.py --models tiny-random --json out.json
@@ -26,7 +30,7 @@ also takes a model folder (config + tokenizer; random weights suffice for timing
 
 ``--json`` writes every row and, top level, ``ratio_to_raw_broadcast``: raw time / update time into vLLM (median
 over rounds of the per-round ratio), the lowest over the models (goal >= 0.8); ``transfer_ratio_to_raw_broadcast``
-is the same for the plain receiver.
+is the same for the plain receiver; ``ratio_bound_by_engine_reload`` the lowest engine bound (see above).
 """
 
 from __future__ import annotations
@@ -48,7 +52,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from prorl_async.weight_receiver import WeightSyncWorkerExtension  # torch only, no vLLM
+
 MODELS = ("tiny-random", "smollm2-135m-instruct")
+BENCH_EXTENSION = "weight_sync.BenchWorkerExtension"  # this file, on the vLLM worker's path (Child's PYTHONPATH)
 PREFIX = "@@ws "
 
 
@@ -66,11 +73,9 @@ async def vllm_child(model_dir: str, host: str, port: int, cfg: dict) -> None:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from prorl_async.weight_sync import EXTENSION
-
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model_dir, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-        worker_extension_cls=EXTENSION, disable_log_stats=True))
+        worker_extension_cls=BENCH_EXTENSION, disable_log_stats=True))
     [info] = await engine.collective_rpc("weight_sync_join", args=(cfg, host, port, 0))
     arrivals: list[float] = []
     windows: list[tuple[float, float]] = []
@@ -104,6 +109,13 @@ async def vllm_child(model_dir: str, host: str, port: int, cfg: dict) -> None:
                 windows.append((t0, time.perf_counter()))
             got.pop("inflight_tokens", None)
             emit("done", pause_s=time.perf_counter() - t0, **got)
+        elif cmd["cmd"] == "floor":  # no stream interferes: the engine is paused
+            await engine.pause_generation(mode="keep", clear_cache=False)
+            try:
+                [floor] = await engine.collective_rpc("bench_reload_floor", args=(cmd["repeats"],))
+            finally:
+                await engine.resume_generation()
+            emit("floor", **floor)
         elif cmd["cmd"] == "gaps":  # token gaps across live updates, and in the second before each
             pairs = [(a, b) for a, b in itertools.pairwise(arrivals) if b > a]
             quiet = [b - a for a, b in pairs if any(w0 - 1.0 <= a and b < w0 for w0, _ in windows)]
@@ -113,6 +125,44 @@ async def vllm_child(model_dir: str, host: str, port: int, cfg: dict) -> None:
             break
     streamer.cancel()
     engine.shutdown()
+
+
+class BenchWorkerExtension(WeightSyncWorkerExtension):
+    """The weight-sync worker extension plus the bench's engine floor (imported by vLLM's worker by name)."""
+
+    def bench_reload_floor(self, repeats: int) -> dict[str, Any]:
+        """Median seconds of vLLM's ``reload_weights`` from the checkpoint in memory, and of its CPU repacking."""
+        import torch
+        from safetensors.torch import load_file
+        from vllm.model_executor.layers import utils as layer_utils
+
+        folder = Path(self.model_runner.model_config.model)  # type: ignore[attr-defined]
+        files = sorted(folder.glob("*.safetensors"))
+        weights = {k: v.to(torch.float32) for f in files for k, v in load_file(f).items()}
+        packing = layer_utils.dispatch_cpu_unquantized_gemm
+        spent = [0.0]
+
+        def timed_packing(*a: Any, **kw: Any) -> None:
+            t = time.perf_counter()
+            try:
+                packing(*a, **kw)
+            finally:
+                spent[0] += time.perf_counter() - t
+
+        totals, packs = [], []
+        layer_utils.dispatch_cpu_unquantized_gemm = timed_packing
+        try:
+            for i in range(repeats + 1):  # the first one warms up, as in measure()
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                self.reload_weights(weights_iterator=iter(list(weights.items())))  # type: ignore[attr-defined]
+                if i:
+                    totals.append(time.perf_counter() - t0)
+                    packs.append(spent[0])
+        finally:
+            layer_utils.dispatch_cpu_unquantized_gemm = packing
+        return {"engine_reload_s": statistics.median(totals), "engine_repack_s": statistics.median(packs),
+                "checkpoint_bytes": sum(t.numel() * t.element_size() for t in weights.values())}
 
 
 def plain_child(host: str, port: int, cfg: dict, device: str = "cpu") -> None:
@@ -150,7 +200,9 @@ def plain_child(host: str, port: int, cfg: dict, device: str = "cpu") -> None:
 
 class Child:
     def __init__(self, argv: list[str], log: Path) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(log.parent / "vllm-cache")}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(log.parent / "vllm-cache"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                           os.environ.get("PYTHONPATH")]))}
         self.log = open(log, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen([sys.executable, __file__, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=env)
@@ -261,6 +313,10 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
                     gaps = child.expect("gaps")
                     row[kind]["median_token_gap_s"] = gaps["median_gap_s"]
                     row[kind]["update_token_gap_s"] = statistics.median(gaps["update_gaps_s"][1:] or [0.0])
+                    child.send(cmd="floor", repeats=args.repeats)
+                    floor = child.expect("floor")
+                    floor.pop("event")
+                    row[kind].update(floor, ratio_bound_by_engine_reload=row[kind]["raw_s"] / floor["engine_reload_s"])
             finally:
                 child.close()
     return row
@@ -320,6 +376,12 @@ def main() -> int:
           " net wait: of the worker's update time, the part blocked on the network (the rest is loading); pause:\n"
           " pause -> resume around a live update; token gap: largest gap between two streamed tokens across a\n"
           " live update, with the median gap in the second before it in parentheses)")
+    for r in rows:
+        if "engine_reload_s" in r.get("vllm", {}):
+            m = r["vllm"]
+            print(f"{r['model']}: vLLM's reload_weights from memory (no network) {m['engine_reload_s'] * 1e3:.1f} ms, "
+                  f"{m['engine_repack_s'] * 1e3:.1f} ms of it repacking for the CPU kernels -> the most a receiver "
+                  f"loading through vLLM can reach here: {m['ratio_bound_by_engine_reload']:.2f} of the raw broadcast")
     lowest = {kind: min(r[kind]["ratio_to_raw_broadcast"] for r in rows) for kind in kinds}
     print("lowest ratio to the raw broadcast: " + ", ".join(f"{v:.2f} {k}" for k, v in lowest.items())
           + " (goal >= 0.8)")
@@ -327,6 +389,8 @@ def main() -> int:
         # the headline is the update into vLLM where it ran, else the plain receiver's (a GPU run: NCCL, no vLLM)
         out = {"ratio_to_raw_broadcast": lowest.get("vllm", lowest.get("plain")),
                "transfer_ratio_to_raw_broadcast": lowest.get("plain"), "goal": 0.8, "machine": info,
+               "ratio_bound_by_engine_reload": min((r["vllm"]["ratio_bound_by_engine_reload"] for r in rows
+                                                    if "vllm" in r), default=None),
                "backend": backend, "device": args.device, "receivers": kinds, "rows": rows}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
