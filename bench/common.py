@@ -1,9 +1,12 @@
-"""What every bench script reports about where it ran: CPU model, cores, load, GPU, versions."""
+"""What every bench script reports about where it ran (CPU model, cores, load, GPU, versions), and shared timing."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,3 +32,21 @@ def machine_info() -> dict[str, Any]:
 def describe(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return f"{info['cpu']}, {info['cores']} cores (load {info['load_avg_1m']:.1f}){gpu}"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, after one warm-up call that is not counted."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def checkpoint_weights(folder: Path, dtype: Any) -> dict[str, Any]:
+    """Every tensor of a model folder's safetensors files (checkpoint names), converted to ``dtype``."""
+    from safetensors.torch import load_file
+
+    return {k: v.to(dtype) for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}

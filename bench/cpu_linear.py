@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ PREFIX = "@@cpu-linear "
 def child(mode: str, model_name: str, prompts: int, tokens: int) -> dict[str, Any]:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: the patch below reaches it
     import torch
-    from safetensors.torch import load_file
+    from common import checkpoint_weights, median_seconds
 
     if mode == "unpacked":
         from vllm.model_executor.layers import utils as layer_utils
@@ -56,27 +55,18 @@ def child(mode: str, model_name: str, prompts: int, tokens: int) -> dict[str, An
 
     path = resolve_model(model_name)
     llm = LLM(model=str(path), dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
-    weights = {k: v.to(torch.float32) for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    weights = checkpoint_weights(path, torch.float32)
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     model = runner.get_model()
     batch = [{"prompt_token_ids": [100 + (i + j) % 200 for j in range(64)]} for i in range(prompts)]
     params = SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)
 
-    def median_of_3(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    generate_s = median_of_3(lambda: llm.generate(batch, params, use_tqdm=False))
+    generate_s = median_seconds(lambda: llm.generate(batch, params, use_tqdm=False), 3)
     if mode == "packed":
-        update_s = median_of_3(lambda: runner.reload_weights(weights_iterator=iter(list(weights.items()))))
+        update_s = median_seconds(lambda: runner.reload_weights(weights_iterator=iter(list(weights.items()))), 3)
     else:
         with torch.no_grad():
-            update_s = median_of_3(lambda: model.load_weights(iter(list(weights.items()))))
+            update_s = median_seconds(lambda: model.load_weights(iter(list(weights.items()))), 3)
     return {"mode": mode, "tokens_per_s": prompts * tokens / generate_s, "update_s": update_s,
             "weight_bytes": sum(t.numel() * t.element_size() for t in weights.values())}
 

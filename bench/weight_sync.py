@@ -133,35 +133,30 @@ class BenchWorkerExtension(WeightSyncWorkerExtension):
     def bench_reload_floor(self, repeats: int) -> dict[str, Any]:
         """Median seconds of vLLM's ``reload_weights`` from the checkpoint in memory, and of its CPU repacking."""
         import torch
-        from safetensors.torch import load_file
+        from common import checkpoint_weights, median_seconds
         from vllm.model_executor.layers import utils as layer_utils
 
-        folder = Path(self.model_runner.model_config.model)  # type: ignore[attr-defined]
-        files = sorted(folder.glob("*.safetensors"))
-        weights = {k: v.to(torch.float32) for f in files for k, v in load_file(f).items()}
+        weights = checkpoint_weights(Path(self.model_runner.model_config.model), torch.float32)  # type: ignore[attr-defined]
         packing = layer_utils.dispatch_cpu_unquantized_gemm
-        spent = [0.0]
+        packs: list[float] = []  # repacking seconds per reload, the warm-up's first
 
         def timed_packing(*a: Any, **kw: Any) -> None:
             t = time.perf_counter()
             try:
                 packing(*a, **kw)
             finally:
-                spent[0] += time.perf_counter() - t
+                packs[-1] += time.perf_counter() - t
 
-        totals, packs = [], []
+        def reload() -> None:
+            packs.append(0.0)
+            self.reload_weights(weights_iterator=iter(list(weights.items())))  # type: ignore[attr-defined]
+
         layer_utils.dispatch_cpu_unquantized_gemm = timed_packing
         try:
-            for i in range(repeats + 1):  # the first one warms up, as in measure()
-                spent[0] = 0.0
-                t0 = time.perf_counter()
-                self.reload_weights(weights_iterator=iter(list(weights.items())))  # type: ignore[attr-defined]
-                if i:
-                    totals.append(time.perf_counter() - t0)
-                    packs.append(spent[0])
+            total = median_seconds(reload, repeats)
         finally:
             layer_utils.dispatch_cpu_unquantized_gemm = packing
-        return {"engine_reload_s": statistics.median(totals), "engine_repack_s": statistics.median(packs),
+        return {"engine_reload_s": total, "engine_repack_s": statistics.median(packs[1:]),
                 "checkpoint_bytes": sum(t.numel() * t.element_size() for t in weights.values())}
 
 
