@@ -15,7 +15,10 @@ Rules, with ``K = max_staleness`` and ``v`` the learner version of the latest :m
   reward 1), ``all_wrong`` (every reward 0), ``no_variance`` (any other constant reward) — no signal;
 - ``pull(n, v)`` first drops, counted as ``stale``, every held group that ``v`` made too stale, then
   returns exactly ``n`` groups in arrival order — or ``None`` and takes nothing: never a short batch;
-- conservation: ``received == len(buffer) + yielded + stale + all_correct + all_wrong + no_variance``.
+- ``drop("untrainable")`` counts a group the learner cannot train on (the caller's check) as received and
+  dropped; :meth:`ReplayBuffer.evict` drops held ones the same way (a checkpoint written under looser rules);
+- conservation: ``received == len(buffer) + yielded + stale + all_correct + all_wrong + no_variance +
+  untrainable``.
 
 Under ``buffer.max_staleness = "auto"`` the buffer's K is ``auto_max_staleness`` (the most the learner accepts);
 :class:`AutoStaleness` picks the admission bound the generators obey, at most that.
@@ -24,15 +27,16 @@ Under ``buffer.max_staleness = "auto"`` the buffer's K is ``auto_max_staleness``
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import trio
 
-from prorl_async.messages import TrajectoryGroup, decode, encode
+from prorl_async.messages import MessageError, TrajectoryGroup, decode, encode
 
-PutOutcome = Literal["admitted", "full", "stale", "all_correct", "all_wrong", "no_variance"]
-DROP_REASONS = ("stale", "all_correct", "all_wrong", "no_variance")
+PutOutcome = Literal["admitted", "full", "stale", "all_correct", "all_wrong", "no_variance", "untrainable"]
+DROP_REASONS = ("stale", "all_correct", "all_wrong", "no_variance", "untrainable")
 STATE_VERSION = 1
 
 
@@ -110,6 +114,22 @@ class ReplayBuffer:
             self._counters[outcome] += 1
         return outcome
 
+    def drop(self, reason: PutOutcome) -> PutOutcome:
+        """Count a group as received and dropped for ``reason`` without holding it (the caller's verdict)."""
+        if reason not in DROP_REASONS:
+            raise ValueError(f"not a drop reason: {reason!r}")
+        self._counters["received"] += 1
+        self._counters[reason] += 1
+        return reason
+
+    def evict(self, keep: Callable[[TrajectoryGroup], bool], reason: PutOutcome) -> int:
+        """Drop, counted as ``reason``, every held group ``keep`` rejects; how many went."""
+        kept = [g for g in self._groups if keep(g)]
+        gone = len(self._groups) - len(kept)
+        self._groups = kept
+        self._counters[reason] += gone
+        return gone
+
     def pull(self, n_groups: int, learner_version: int) -> list[TrajectoryGroup] | None:
         """Exactly ``n_groups`` usable groups, oldest arrival first, or ``None`` (taking nothing).
 
@@ -150,11 +170,17 @@ class ReplayBuffer:
         for key in ("batch_groups", "max_staleness", "min_reward_std"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"checkpointed buffer has {key}={state[key]}, this run {getattr(self, key)}")
-        groups = [decode(frames) for frames in state["groups"]]
+        groups, unreadable = [], 0
+        for frames in state["groups"]:
+            try:
+                groups.append(decode(frames))
+            except MessageError:  # admitted under looser rules (an older version): count it, never die on it
+                unreadable += 1
         if len(groups) > self.capacity:
             raise ValueError(f"checkpointed buffer holds {len(groups)} groups, over the capacity {self.capacity}")
         self.learner_version = int(state["learner_version"])
         self._counters = Counter({k: int(v) for k, v in state["counters"].items()})
+        self._counters["untrainable"] += unreadable
         self._groups = groups  # type: ignore[assignment]
 
 
@@ -227,6 +253,8 @@ class WaitingReplayBuffer:
 
     def __init__(self, buffer: ReplayBuffer) -> None:
         self.buffer = buffer
+        self.parked: TrajectoryGroup | None = None
+        """The group a waiting ``put`` holds: received, not yet in the buffer. A checkpoint must keep it."""
         self._changed = trio.Event()
 
     def _notify(self) -> None:
@@ -235,10 +263,30 @@ class WaitingReplayBuffer:
 
     async def put(self, group: TrajectoryGroup) -> PutOutcome:
         """Like :meth:`ReplayBuffer.put`, but waits for room instead of answering ``"full"``."""
-        while (outcome := self.buffer.put(group)) == "full":
-            await self._changed.wait()
+        try:
+            while (outcome := self.buffer.put(group)) == "full":
+                self.parked = group
+                await self._changed.wait()
+        finally:
+            self.parked = None
         self._notify()
         return outcome
+
+    def state(self) -> dict[str, Any]:
+        """:meth:`ReplayBuffer.state` plus the parked group (``"parked"``: frames), so that a checkpoint taken
+        while ingestion waits for room (the normal state under backpressure) holds every received group."""
+        return {**self.buffer.state(), "parked": [encode(self.parked)] if self.parked is not None else []}
+
+    def restore(self, state: dict[str, Any]) -> list[TrajectoryGroup]:
+        """Restore the buffer from :meth:`state`; returns the parked groups, to be ``put`` before anything new."""
+        self.buffer.restore(state)
+        parked = []
+        for frames in state.get("parked", []):
+            try:
+                parked.append(decode(frames))
+            except MessageError:
+                self.buffer.drop("untrainable")
+        return parked
 
     async def pull(self, n_groups: int, learner_version: int, timeout_s: float) -> list[TrajectoryGroup]:
         """Exactly ``n_groups`` groups; raises :class:`BufferStarved` after ``timeout_s`` without them."""

@@ -7,12 +7,14 @@ Layout (everything safetensors or JSON; nothing is pickled)::
     DIR/reference/     the reference policy, same layout without the tokenizer (absent when kl_beta = 0)
     DIR/optimizer.safetensors   AdamW state per parameter: "<hf name>/<state key>" (exp_avg, exp_avg_sq, step)
     DIR/rng.safetensors         torch RNG states (CPU, and CUDA when present)
-    DIR/learner.json            version, reset-policy state, Python/NumPy RNG states, format
+    DIR/learner.json            policy version, optimizer step, reset-policy state, Python/NumPy RNG states,
+                                format (a checkpoint written before the two counters were separated holds one
+                                ``version``: it counted optimizer steps, and it resumes with both set to it)
 
 The learner writes into ``DIR`` (created if needed) and owns only these entries, so the orchestrator can
 add its own (replay buffer, sampler position) and make the whole directory appear atomically by
 writing it under a temporary name and renaming it. Optimizer hyper-parameters are not stored: they come
-from the config, the learning rate from the version. Under FSDP every rank must call both functions
+from the config, the learning rate from the optimizer step. Under FSDP every rank must call both functions
 (tensors are gathered); rank 0 writes.
 """
 
@@ -54,7 +56,8 @@ def save_learner(learner: Learner, directory: Path) -> Path:
         save_file(rng, directory / "rng.safetensors")
         meta = {
             "format": FORMAT,
-            "version": learner.version,
+            "policy_version": learner.policy_version,
+            "optimizer_step": learner.optimizer_step,
             "reset_policy": learner.reset_policy.state_dict(),
             "python_rng": _jsonable(random.getstate()),
             "numpy_rng": _jsonable(np.random.get_state()),
@@ -70,7 +73,10 @@ def restore_learner_state(learner: Learner, directory: Path) -> None:
     meta = json.loads((directory / "learner.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r}, expected {FORMAT}")
-    learner.version = int(meta["version"])
+    if "policy_version" in meta:
+        learner.policy_version, learner.optimizer_step = int(meta["policy_version"]), int(meta["optimizer_step"])
+    else:  # written before the counters were separated: one "version" that counted optimizer steps
+        learner.policy_version = learner.optimizer_step = int(meta["version"])
     learner.reset_policy.load_state_dict(meta["reset_policy"])
     _load_optimizer(learner, load_file(directory / "optimizer.safetensors"))
     rng = load_file(directory / "rng.safetensors")

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from prorl_async.errors import UserError
 
@@ -40,11 +40,14 @@ class RunConfig(_Section):
     seed: int = 0
     """Seed for prompt sampling, model initialisation and sampling."""
     max_steps: int = Field(100, ge=0)
-    """Optimizer steps to run; 0 means no limit (stop on time budget or Ctrl-C)."""
+    """Trainer steps (policy versions) to run: one step trains on one batch of ``learner.batch_groups`` groups,
+    whatever ``learner.mini_batches`` is; 0 means no limit (stop on time budget or Ctrl-C)."""
     time_budget_s: float = Field(0.0, ge=0)
-    """Wall-clock budget of the whole run in seconds; 0 means no limit."""
+    """Wall-clock budget of the whole run in seconds, counted across resumes (the training time before a resume
+    counts against it); 0 means no limit."""
     checkpoint_every_steps: int = Field(50, ge=0)
-    """Write a checkpoint every this many steps (and always at shutdown); 0 only at shutdown."""
+    """Write a checkpoint every this many trainer steps (policy versions), and always at shutdown; 0 only at
+    shutdown."""
     log_every_s: float = Field(10.0, gt=0)
     """Period of plain log lines when stdout is not a terminal."""
     tui: Literal["auto", "on", "off"] = "auto"
@@ -101,13 +104,28 @@ class SamplingConfig(_Section):
     temperature: float = Field(1.2, ge=0)
     """Sampling temperature of training rollouts (ProRL: 1.2)."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass of training rollouts; must be 1.0 (see :meth:`_full_distribution`)."""
     top_k: int = Field(-1, ge=-1)
-    """Top-k sampling; -1 disables it."""
+    """Top-k sampling of training rollouts; must be -1 or 0, both of which disable it (see
+    :meth:`_full_distribution`)."""
     max_response_tokens: int = Field(256, ge=1)
     """Longest response, in tokens."""
     stop: list[str] = Field(default_factory=list)
     """Extra stop strings (the tokenizer's EOS always stops)."""
+
+    @field_validator("top_p", "top_k")
+    @classmethod
+    def _full_distribution(cls, value: float, info: ValidationInfo) -> float:
+        """Training samples from the full distribution: vLLM renormalises its log-probs after top-p / top-k
+        filtering while the learner's log-probs are of the full softmax, so the importance weights would be
+        biased. Refused until the learner applies the same filter; ``eval.top_p`` / ``eval.top_k`` stay free."""
+        truncates = value < 1 if info.field_name == "top_p" else value > 0
+        if truncates:
+            allowed = "top_p = 1.0" if info.field_name == "top_p" else "top_k = -1 or 0"
+            raise ValueError(f"training needs {allowed}: vLLM renormalises its log-probs after filtering but the "
+                             "learner uses the full softmax, which biases the importance weights "
+                             "(eval.top_p / eval.top_k may filter)")
+        return value
 
 
 class GeneratorConfig(_Section):
@@ -145,17 +163,19 @@ class GeneratorConfig(_Section):
 
 class BufferConfig(_Section):
     max_staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
-    """Largest learner_version - policy_version a consumed token may have; 0 is synchronous on-policy.
-    ``"auto"``: the learner picks it each step between 1 and ``auto_max_staleness`` — the smallest bound that
-    keeps both sides busy (``buffer.AutoStaleness``) — and sends it to the generators with every WeightsReady."""
+    """Largest learner_version - policy_version a consumed token may have, in policy versions (trainer steps);
+    0 is synchronous on-policy. ``"auto"``: the learner picks it each trainer step between 1 and
+    ``auto_max_staleness`` — the smallest bound that keeps both sides busy (``buffer.AutoStaleness``) — and sends
+    it to the generators with every WeightsReady."""
     auto_max_staleness: int = Field(4, ge=1)
     """``max_staleness = "auto"``: the largest bound it may pick; groups up to this stale are still trained on."""
     auto_idle_gap: float = Field(0.1, gt=0, lt=1)
-    """``max_staleness = "auto"``: the bound rises after a step in which the learner waited and the generators
-    idled each for more than this fraction of the step's cycle."""
+    """``max_staleness = "auto"``: the bound rises after a trainer step in which the learner waited and the
+    generators idled each for more than this fraction of the step's cycle."""
     auto_patience: int = Field(3, ge=1)
-    """``max_staleness = "auto"``: the bound falls by one after this many steps in a row in which the learner
-    waited less than half of ``auto_idle_gap`` of the cycle (the generators keep up with room to spare)."""
+    """``max_staleness = "auto"``: the bound falls by one after this many trainer steps (policy versions) in a row
+    in which the learner waited less than half of ``auto_idle_gap`` of the cycle (the generators keep up with room
+    to spare)."""
     variance_filter: bool = True
     """Dynamic sampling: drop groups whose rewards do not vary (they carry no signal). Off keeps every group,
     for pipeline tests and benches with a model that earns no reward."""
@@ -208,16 +228,21 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     warmup_steps: int = Field(0, ge=0)
-    """Linear warm-up steps, then a constant learning rate."""
+    """Linear warm-up over this many optimizer steps (AdamW updates: a batch makes ``learner.mini_batches`` of
+    them), then a constant learning rate."""
     grad_clip: float = Field(1.0, gt=0)
     """Maximum global gradient norm."""
 
 
 class LearnerConfig(_Section):
     batch_groups: int = Field(8, ge=1)
-    """Groups (prompts) per optimizer step; samples per step = batch_groups x group_size."""
+    """Groups (prompts) per batch, i.e. per trainer step (policy version); samples per batch = batch_groups x
+    group_size, split evenly over ``mini_batches`` optimizer steps."""
     mini_batches: int = Field(1, ge=1)
-    """Optimizer updates per batch; above 1 the proximal log-probs come from a no-grad pass first."""
+    """Optimizer steps (AdamW updates) per batch; the policy version still advances once per batch (one trainer
+    step, one weight broadcast). Above 1 the proximal log-probs come from a no-grad pass first. With 1 the
+    proximal policy equals the current one, so the ratio is 1 and the 0.2/0.4 clip cannot bind: only the
+    importance weight, truncated (or dropped) at ``loss.is_cap``, bounds the step (decoupled PPO as in AReaL)."""
     micro_batch_tokens: int = Field(4096, ge=16)
     """Token budget of one forward/backward micro-batch (gradient accumulation beyond it)."""
     share_prompt: bool = True
@@ -251,13 +276,18 @@ class LearnerConfig(_Section):
 
 class ResetConfig(_Section):
     interval_steps: int = Field(0, ge=0)
-    """Hard-reset the reference policy and optimizer this many steps after the last reset; 0 disables it."""
+    """Hard-reset the reference policy and optimizer this many trainer steps (policy versions) after the last
+    reset; 0 disables it."""
     kl_share_threshold: float = Field(0.0, ge=0)
-    """Trigger a reset when the KL term's share of the loss stays above this over the window; 0 disables."""
+    """Trigger a reset when the KL term's share of the update stays above this (mean over the window); 0 disables.
+    The share is sum|d kl_loss/d logp| / (sum|d pg_loss/d logp| + sum|d kl_loss/d logp|) over the step's response
+    tokens, in [0, 1]: both terms reach the weights only through the token log-probs, so it is KL's weight in the
+    gradient (not a ratio of loss values, which is ~0 / ~0 for zero-mean group advantages)."""
     kl_window_steps: int = Field(20, ge=1)
-    """Window, in steps, of the KL-share trigger."""
+    """Window of the KL-share trigger, in trainer steps (policy versions)."""
     val_patience_steps: int = Field(0, ge=0)
-    """Trigger a reset when validation reward has not improved for this many steps; 0 disables."""
+    """Trigger a reset when validation reward has not improved for this many trainer steps (policy versions);
+    0 disables."""
     reset_optimizer: bool = True
     """Re-initialise the optimizer state on a reset (ProRL does)."""
 
@@ -278,7 +308,7 @@ class WeightSyncConfig(_Section):
     """Load buckets into the engine as they arrive (fastest, two buckets of memory). False receives the whole
     update first, so that a learner failing mid-update leaves the engine's weights untouched."""
     sync_every_steps: int = Field(1, ge=1)
-    """Broadcast weights every this many optimizer steps."""
+    """Broadcast weights every this many trainer steps (policy versions), not optimizer steps."""
 
 
 class TransportConfig(_Section):
@@ -339,7 +369,8 @@ class EvalConfig(_Section):
     out_dir: str = "runs/eval-{model}-{timestamp}"
     """Output directory of ``prorl-async eval`` (``{model}`` and ``{timestamp}`` are expanded)."""
     every_steps: int = Field(0, ge=0)
-    """Validate on the held-out split every this many steps during training; 0 disables."""
+    """Validate on the held-out split every this many trainer steps (policy versions) during training; 0
+    disables."""
 
 
 class Config(_Section):

@@ -58,11 +58,6 @@ class EvalModel:
     run_dir: Path | None = None  # the training run it comes from, if any
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "policy" / "config.json").is_file())
-    return steps[-1] if steps else None
-
-
 def resolve_eval_model(spec: str) -> EvalModel:
     """A model to evaluate: built-in name, HF directory, checkpoint (step dir or its policy) or run directory."""
     path = Path(spec).expanduser()
@@ -70,7 +65,9 @@ def resolve_eval_model(spec: str) -> EvalModel:
         if (path / "policy" / "config.json").is_file():
             path = path / "policy"
         elif (path / "checkpoints").is_dir():
-            latest = _latest_checkpoint(path)
+            from prorl_async.run_state import latest_checkpoint
+
+            latest = latest_checkpoint(path, holding="policy/config.json")
             if latest is None:
                 raise UserError(f"model {spec!r}: a run directory without a complete checkpoint")
             path = latest / "policy"

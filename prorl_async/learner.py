@@ -1,7 +1,9 @@
 """The ProRL learner: policy, frozen reference and AdamW; ``train_step(batch) -> StepMetrics``. No sockets.
 
 One ``train_step`` takes a :class:`TrainBatch` of whole groups and makes ``learner.mini_batches`` optimizer
-steps (``version`` counts them):
+steps. Two counters, never mixed: ``policy_version`` advances once per ``train_step`` (one batch, one weight
+broadcast: what generators sample with, what staleness and every ``*_every_steps`` setting count);
+``optimizer_step`` once per AdamW update (the learning-rate warm-up counts it):
 
 1. group advantages over the whole batch (``prorl_async.advantage.group_advantage``);
 2. proximal log-probs: with one mini-batch they are the gradient pass's own values, detached (one forward);
@@ -108,14 +110,17 @@ class StepMetrics:
     """What one ``train_step`` did. Loss terms and token stats cover every mini-batch of the step."""
 
     version: int
-    """Learner version after the step (optimizer steps taken so far)."""
+    """Policy version after the step: trainer steps (batches) taken so far."""
+    optimizer_step: int
+    """AdamW updates taken so far (``learner.mini_batches`` per trainer step)."""
     loss: float
     pg_loss: float
     kl_loss: float
     kl: float
     """Mean k3 KL to the reference over response tokens."""
     kl_share: float
-    """|kl_loss| / (|pg_loss| + |kl_loss|): the share of the KL term in the loss."""
+    """The KL term's share of the update: sum|d kl_loss/d logp| / (sum|d pg_loss/d logp| + sum|d kl_loss/d logp|)
+    over response tokens, in [0, 1] (not a ratio of loss values)."""
     entropy: float
     clip_frac_low: float
     clip_frac_high: float
@@ -256,16 +261,22 @@ class Learner:
             self.policy.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
         )
         self.reset_policy = ResetPolicy(cfg.reset)
-        self.version = 0
+        self.policy_version = 0  # trainer steps: +1 per train_step (see the module docstring)
+        self.optimizer_step = 0  # AdamW updates: +mini_batches per train_step
         self._reset_since_last_step = ""
 
     # ----------------------------------------------------------------------------------------- public
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the policy's input embedding: every token id the learner trains on must be below it."""
+        return int(self.policy.lm.get_input_embeddings().num_embeddings)
 
     def train_step(self, batch: TrainBatch) -> StepMetrics:
         """Train on ``batch`` (whole groups): ``learner.mini_batches`` optimizer steps, then maybe a reset."""
         start = time.perf_counter()
         batch.validate()
-        version_before = self.version
+        version_before = self.policy_version
         data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
         groups = len(batch.samples) // batch.group_size
         splits = [g.tolist() for g in torch.arange(groups).tensor_split(min(self.cfg.learner.mini_batches, groups))]
@@ -276,8 +287,9 @@ class Learner:
         for indices in minis:
             grad_norms.append(self._optimizer_step(data, indices, old, parts))
         stats = self._reduce_stats(parts)
+        self.policy_version += 1
 
-        reason = self.reset_policy.after_step(self.version, stats["kl_share"])
+        reason = self.reset_policy.after_step(self.policy_version, stats["kl_share"])
         if reason is not None:
             self.reset_reference(reason)
         reset_reason, self._reset_since_last_step = self._reset_since_last_step, ""
@@ -285,11 +297,12 @@ class Learner:
         staleness = data.staleness(version_before)
         total_tokens = float(sum(data.prompt_lens) + sum(data.resp_lens))
         return StepMetrics(
-            version=self.version,
+            version=self.policy_version,
+            optimizer_step=self.optimizer_step,
             **{k: stats[k] for k in ("loss", "pg_loss", "kl_loss", "kl", "kl_share", "entropy", "clip_frac_low",
                                      "clip_frac_high", "is_truncated_frac", "ess", "approx_kl", "tokens")},
             grad_norm=sum(grad_norms) / len(grad_norms),
-            lr=self._lr(self.version - 1),
+            lr=self._lr(self.optimizer_step - 1),
             total_tokens=total_tokens,
             forward_tokens=float(sum(u.length for u in data.units)),
             samples=float(len(batch.samples)),
@@ -310,7 +323,7 @@ class Learner:
                     ref_p.copy_(p)
         if self.cfg.reset.reset_optimizer:
             self.optimizer.state.clear()
-        self.reset_policy.mark_reset(self.version)
+        self.reset_policy.mark_reset(self.policy_version)
         self._reset_since_last_step = reason
 
     @torch.no_grad()
@@ -325,7 +338,7 @@ class Learner:
 
     def observe_validation(self, reward: float) -> None:
         """Feed a validation reward measured with the current weights to the plateau trigger."""
-        self.reset_policy.observe_validation(self.version, reward)
+        self.reset_policy.observe_validation(self.policy_version, reward)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) of every policy parameter, as vLLM's ``load_weights`` expects.
@@ -451,9 +464,9 @@ class Learner:
                 parts.append(stats)
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip))
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(self.version)
+            group["lr"] = self._lr(self.optimizer_step)
         self.optimizer.step()
-        self.version += 1
+        self.optimizer_step += 1
         return float(grad_norm)
 
     def _forward(

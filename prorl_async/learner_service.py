@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,7 @@ from prorl_async.buffer import AutoStaleness, BufferStarved, ReplayBuffer, Waiti
 from prorl_async.messages import Heartbeat, Limits, Metrics, Ready, Stop, TrajectoryGroup, Validate, WeightsReady
 from prorl_async.metrics import MetricsLog
 from prorl_async.run_state import SamplerLedger, begin, commit, load_run_state, save_run_state, write_atomic
+from prorl_async.transport import Rejections
 from prorl_async.validation import RESULTS_KEY, ValidationRound, ValidationTracker, decode_part, validation_record
 
 if TYPE_CHECKING:
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prorl_async.learner")
 
 _VALIDATION_POLL_S = 0.5
+_UNTRAINABLE_EVENTS = 10  # events written for untrainable groups; later ones are only counted
 
 
 def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
@@ -88,6 +92,24 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
                 )
             )
     return TrainBatch(samples=samples, group_size=n)
+
+
+def untrainable(group: TrajectoryGroup, vocab_size: int) -> str | None:
+    """Why the learner cannot train on ``group`` (one line), or None. The decoder enforces the same rules given the
+    vocabulary; this is the last line for groups that reached the buffer another way (a checkpoint)."""
+    if not len(group.prompt_token_ids):
+        return "empty prompt"
+    for i, s in enumerate(group.samples):
+        if not len(s.token_ids):
+            return f"sample {i}: empty response"
+        if len(s.logprobs) != len(s.token_ids) or len(s.versions) != len(s.token_ids):
+            return f"sample {i}: per-token fields of another length"
+        if not math.isfinite(s.reward):
+            return f"sample {i}: reward {s.reward} is not finite"
+    ids = [group.prompt_token_ids, *(s.token_ids for s in group.samples)]
+    if any(int(a.min()) < 0 or int(a.max()) >= vocab_size for a in ids):
+        return f"a token id outside the model's vocabulary [0, {vocab_size})"
+    return None
 
 
 def batch_summary(groups: list[TrajectoryGroup], learner_version: int) -> dict[str, Any]:
@@ -133,6 +155,10 @@ class LearnerService:
         self.arrived = 0
         self.outcomes: dict[str, int] = {}
         self.idle_s = 0.0
+        self.rejections = Rejections("learner groups socket")  # undecodable messages, counted by reason
+        self._parked: list[TrajectoryGroup] = []  # restored from a checkpoint: put before anything new
+        self._elapsed_before_s = 0.0  # training time of the run before this process (resume): run.time_budget_s
+        self._train_start: float | None = None  # monotonic time training started, minus _elapsed_before_s
         self.samplers = SamplerLedger()
         self.samplers_path = self.run_dir / "sampler-states.json"
         self._weights_lock = trio.Lock()
@@ -165,14 +191,20 @@ class LearnerService:
     def restore(self, directory: Path) -> None:
         """Buffered groups, sampler states and counters of the checkpoint in ``directory``."""
         buffer_state, samplers, service = load_run_state(directory)
-        self.buffer.buffer.restore(buffer_state)
+        self._parked = self.buffer.restore(buffer_state)
+        vocab = self.learner.vocab_size
+        self.buffer.buffer.evict(lambda g: untrainable(g, vocab) is None, "untrainable")
+        for group in [g for g in self._parked if untrainable(g, vocab) is not None]:
+            self._parked.remove(group)
+            self.buffer.buffer.drop("untrainable")
         self.samplers = SamplerLedger(samplers)
         self.arrived, self.idle_s = int(service["groups_arrived"]), float(service["learner_idle_s"])
+        self._elapsed_before_s = float(service.get("train_elapsed_s", 0.0))  # absent in older checkpoints
         self.outcomes = {str(k): int(v) for k, v in service["outcomes"].items()}
         if self.auto is not None and isinstance(service.get("auto_staleness"), dict):
             self.auto.restore(service["auto_staleness"])
         self._write_samplers()
-        self.metrics.write("event", event="resumed", path=str(directory), version=self.learner.version,
+        self.metrics.write("event", event="resumed", path=str(directory), version=self.learner.policy_version,
                            buffer_held=len(self.buffer.buffer), groups_arrived=self.arrived)
 
     def _write_samplers(self) -> None:
@@ -185,17 +217,18 @@ class LearnerService:
         learner = await trio.to_thread.run_sync(lambda: self.learner)
         if self.resume_from is not None:
             self.restore(self.resume_from)
-        limits = Limits.from_config(self.cfg, vocab_size=None)
+        limits = Limits.from_config(self.cfg, vocab_size=learner.vocab_size)
         with Transport(self.cfg.transport, limits) as transport:
             control = self._control = ControlPublisher(transport, transport.endpoint("control"))
-            self._publish_weights(control, learner.version)
+            self._publish_weights(control, learner.policy_version)
             sender = WeightSender(self.cfg.weight_sync, device=learner.device)
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control.serve_loop)
                     send_channel, receive_channel = trio.open_memory_channel(self.cfg.transport.channel_size)
                     groups = await nursery.start(
-                        receive_loop, transport, zmq.PULL, transport.endpoint("groups"), send_channel
+                        partial(receive_loop, rejections=self.rejections),
+                        transport, zmq.PULL, transport.endpoint("groups"), send_channel,
                     )
                     endpoints = {
                         "groups": groups,
@@ -203,7 +236,7 @@ class LearnerService:
                         "weight_sync": {"host": self.cfg.weight_sync.host, "port": sender.port},
                     }
                     (self.run_dir / "endpoints.json").write_text(json.dumps(endpoints, indent=2) + "\n")
-                    self.metrics.write("event", event="learner_ready", version=learner.version, **endpoints)
+                    self.metrics.write("event", event="learner_ready", version=learner.policy_version, **endpoints)
                     nursery.start_soon(self.ingest_loop, receive_channel)
                     nursery.start_soon(self.catch_up_loop, control, sender)
                     nursery.start_soon(self.validation_loop)
@@ -224,8 +257,13 @@ class LearnerService:
                 sender.close()
 
     async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:
-        """Route each message: groups into the buffer (counted by outcome), the rest into metrics."""
+        """Route each message: groups into the buffer (counted by outcome), the rest into metrics.
+
+        Groups a checkpoint held parked (received while the buffer was full) go in first, in their order.
+        """
         async with receive_channel:
+            while self._parked:
+                await self._put(self._parked.pop(0))
             async for msg in receive_channel:
                 if isinstance(msg, TrajectoryGroup):
                     await self._ingest_group(msg)
@@ -252,12 +290,33 @@ class LearnerService:
         self._arrived_rewards[1] += len(rewards)
         if self.samplers.on_group(msg.generator_id, msg.seq):
             self._write_samplers()
+        problem = untrainable(msg, self.learner.vocab_size)
+        if problem is not None:  # counted, logged once per reason; the run goes on
+            self._count(self.buffer.buffer.drop("untrainable"))
+            self._log_untrainable(msg, problem)
+            return
+        await self._put(msg)
+
+    async def _put(self, msg: TrajectoryGroup) -> None:
+        """Into the buffer, waiting for room; while it waits, a checkpoint holds ``msg`` as the parked group."""
         outcome: str = "after_final_checkpoint"
         # Cancelled when draining starts: a full buffer must not hold the validation answers queued behind it.
         with trio.CancelScope() as self._put_scope:
             outcome = await self.buffer.put(msg)
         self._put_scope = None
+        self._count(outcome)
+
+    def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def _log_untrainable(self, group: TrajectoryGroup, problem: str) -> None:
+        """The first few as events (a hostile or broken peer must not flood the log); all are counted."""
+        seen = self.outcomes.get("untrainable", 0)
+        if seen <= _UNTRAINABLE_EVENTS:
+            log.warning("dropped an untrainable group %s from generator %d: %s", group.prompt_id[:80],
+                        group.generator_id, problem)
+            self.metrics.write("event", event="untrainable_group", prompt_id=group.prompt_id[:200],
+                               generator_id=group.generator_id, detail=problem)
 
     def _on_validation_part(self, msg: Metrics) -> None:
         """File one part of a generator's validation answer; a malformed one is counted and logged, nothing else."""
@@ -279,7 +338,7 @@ class LearnerService:
 
     def _request_validation(self, control: Any) -> None:
         """After a step: ask the generators to validate the weights just published, every ``eval.every_steps``."""
-        every, version = self.cfg.eval.every_steps, self.learner.version
+        every, version = self.cfg.eval.every_steps, self.learner.policy_version
         if not every or version % every or not self.cfg.tasks.validation_size:
             return
         r = self.validations.request(self._published_version, version, time.monotonic())
@@ -366,7 +425,7 @@ class LearnerService:
         """Send the current weights to members that joined holding older ones (restarted generators, resume)."""
         while True:
             await trio.sleep(0.5)
-            version = self.learner.version
+            version = self.learner.policy_version
             if not sender.behind(version) or self._weights_lock.locked():
                 continue
             async with self._weights_lock:
@@ -391,14 +450,14 @@ class LearnerService:
     async def train_loop(self, control: Any, sender: Any) -> None:
         """Pull full batches, train, publish and broadcast the new weights; until max_steps or time budget."""
         cfg, learner = self.cfg, self.learner
-        start = time.monotonic()
+        start = self._train_start = time.monotonic() - self._elapsed_before_s  # the budget spans resumes
         while not self._done(start):
             t0 = time.monotonic()
             timeout_s = cfg.buffer.pull_timeout_s
             if cfg.run.time_budget_s:  # the budget also ends a wait for groups, not only a step
                 timeout_s = max(0.01, min(timeout_s, start + cfg.run.time_budget_s - t0))
             try:
-                groups = await self.buffer.pull(cfg.learner.batch_groups, learner.version, timeout_s)
+                groups = await self.buffer.pull(cfg.learner.batch_groups, learner.policy_version, timeout_s)
             except BufferStarved as err:
                 if not self._done(start):
                     self.metrics.write("event", event="buffer_starved", detail=str(err))
@@ -413,23 +472,32 @@ class LearnerService:
                     sender: Any) -> None:
         """One optimizer step on ``groups``, the weight broadcast, the step record and a periodic checkpoint."""
         cfg, learner = self.cfg, self.learner
-        summary = batch_summary(groups, learner.version)
+        problems = [untrainable(g, learner.vocab_size) for g in groups]
+        if any(problems):  # the last line (the buffer yielded them: counted by the service, not the buffer)
+            for group, problem in zip(groups, problems, strict=True):
+                if problem is not None:
+                    self._count("untrainable")
+                    self._log_untrainable(group, problem)
+            groups = [g for g, problem in zip(groups, problems, strict=True) if problem is None]
+            if not groups:
+                return
+        summary = batch_summary(groups, learner.policy_version)
         batch = groups_to_batch(groups)
         sync: dict[str, Any] = {}
         async with self._weights_lock:
             step = await trio.to_thread.run_sync(learner.train_step, batch)
             bound = self._revise_bound(waited, step.step_time_s)
-            if learner.version % cfg.weight_sync.sync_every_steps == 0:
-                self._publish_weights(control, learner.version)
-                stats = await trio.to_thread.run_sync(sender.broadcast, learner.version, learner.weights())
+            if learner.policy_version % cfg.weight_sync.sync_every_steps == 0:
+                self._publish_weights(control, learner.policy_version)
+                stats = await trio.to_thread.run_sync(sender.broadcast, learner.policy_version, learner.weights())
                 sync = {"sync_s": stats.seconds, "sync_bytes": stats.payload_bytes,
                         "sync_delivered": len(stats.delivered), "sync_failed": stats.failed}
         elapsed = time.monotonic() - start
         record = {**step.as_dict(), **summary, **sync}  # the batch summary's figures win over duplicates
-        record.update(version=learner.version, wait_s=waited, max_staleness=bound,
+        record.update(version=learner.policy_version, wait_s=waited, max_staleness=bound,
                       learner_idle_ratio=self.idle_s / max(elapsed, 1e-9),
                       groups_arrived=self.arrived, buffer_held=len(self.buffer.buffer),
-                      buffer_counters=self.buffer.buffer.counters,
+                      buffer_counters=self.buffer.buffer.counters, messages_rejected=self.rejections.counts(),
                       buffer_staleness_hist={str(k): v for k, v in self.buffer.buffer.staleness_histogram().items()})
         # The batch's reward_mean is over the groups that passed the variance filter; this one is over everything
         # the generators produced since the last step (filtered groups included): the policy's actual reward.
@@ -439,7 +507,7 @@ class LearnerService:
         self._arrived_rewards = [0.0, 0]
         self.metrics.write("step", **record)
         self._request_validation(control)
-        if cfg.run.checkpoint_every_steps and learner.version % cfg.run.checkpoint_every_steps == 0:
+        if cfg.run.checkpoint_every_steps and learner.policy_version % cfg.run.checkpoint_every_steps == 0:
             await self.checkpoint()
 
     def _revise_bound(self, waited: float, step_s: float, now: float | None = None) -> int:
@@ -467,7 +535,8 @@ class LearnerService:
         """SIGINT / SIGTERM end training after the step in progress; ``serve`` then checkpoints and stops."""
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                self.metrics.write("event", event="interrupted", signal=int(signum), version=self.learner.version)
+                self.metrics.write("event", event="interrupted", signal=int(signum),
+                                   version=self.learner.policy_version)
                 self._interrupted = True
                 train_scope.cancel()
                 return
@@ -478,11 +547,13 @@ class LearnerService:
         A version checkpointed already is not written again (the final checkpoint right after a periodic one):
         the earlier one is consistent, and a resume from it regenerates the groups that arrived since.
         """
-        final = self.run_dir / "checkpoints" / f"step-{self.learner.version:06d}"
-        if self._checkpointed == self.learner.version and final.is_dir():
+        final = self.run_dir / "checkpoints" / f"step-{self.learner.policy_version:06d}"
+        if self._checkpointed == self.learner.policy_version and final.is_dir():
             return final
-        buffer_state, samplers = self.buffer.buffer.state(), self.samplers.states()
-        service = {"groups_arrived": self.arrived, "outcomes": dict(self.outcomes), "learner_idle_s": self.idle_s}
+        buffer_state, samplers = self.buffer.state(), self.samplers.states()
+        elapsed = self._elapsed_before_s if self._train_start is None else time.monotonic() - self._train_start
+        service = {"groups_arrived": self.arrived, "outcomes": dict(self.outcomes), "learner_idle_s": self.idle_s,
+                   "train_elapsed_s": elapsed}
         if self.auto is not None:
             service["auto_staleness"] = self.auto.state()
 
@@ -493,14 +564,14 @@ class LearnerService:
             return commit(tmp, final)
 
         path = await trio.to_thread.run_sync(write)
-        self._checkpointed = self.learner.version
-        self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.version,
+        self._checkpointed = self.learner.policy_version
+        self.metrics.write("event", event="checkpoint", path=str(path), version=self.learner.policy_version,
                            buffer_held=len(buffer_state["groups"]))
         return path
 
     def _done(self, start: float) -> bool:
         run = self.cfg.run
-        if run.max_steps and self.learner.version >= run.max_steps:
+        if run.max_steps and self.learner.policy_version >= run.max_steps:
             return True
         return bool(run.time_budget_s and time.monotonic() - start >= run.time_budget_s)
 

@@ -19,7 +19,18 @@ Choices:
 - Micro-batching: pass ``denominator`` (the token or sequence count of the whole mini-batch) so that the
   gradients of the micro-batches add up to the gradient of the whole; :func:`merge_stats` combines their
   stats (``SUM_KEYS`` add, ``MEAN_KEYS`` are token-weighted means).
-- Everything here is float32 maths: log-probs arrive as float32 whatever the model's precision.
+- ``kl_share``, the reset trigger's measure (:mod:`prorl_async.reset`), is the KL term's share of the update,
+  taken on the gradient with respect to the token log-probs (both terms depend on the policy only through
+  ``logp_t``, so this is exact per token and needs no extra backward)::
+
+      g_pg_t = d pg_t / d logp_t = -w_t * A_i * r_t where the unclipped branch is active, 0 where the clip binds
+      g_kl_t = beta * d kl_t / d logp_t = beta * (1 - exp(ref_t - logp_t))
+      kl_share = sum_t a_t |g_kl_t| / (sum_t a_t |g_pg_t| + sum_t a_t |g_kl_t|)   a_t: the aggregation's weight
+
+  i.e. the L1 norms of d kl_loss / d logp and d pg_loss / d logp. Not the loss values: the token-mean pg loss
+  of zero-mean group advantages is ~0 whatever the update, so a share of loss values reads ~1 even for a tiny beta.
+- Everything here is float32 maths: :func:`token_logprobs` returns float32 log-probs whatever the model's
+  precision or an enclosing autocast.
 - The KL term's masked sums come from :func:`prorl_async.kl.kl_reduce`: the fused native op when enabled
   (``learner.ops``), else its PyTorch reference; both give the same values and gradients to float32 rounding.
 """
@@ -37,8 +48,9 @@ from prorl_async.kl import kl_reduce
 if TYPE_CHECKING:
     from prorl_async.config import LossConfig
 
-# Stats that add up across micro-batches (they already carry the global denominator) ...
-SUM_KEYS = ("loss", "pg_loss", "kl_loss", "tokens", "sequences")
+# Stats that add up across micro-batches (they already carry the global denominator; grad_*_abs_sum are the L1
+# norms over the tokens of d pg_loss / d logp and d kl_loss / d logp, from which kl_share derives) ...
+SUM_KEYS = ("loss", "pg_loss", "kl_loss", "tokens", "sequences", "grad_pg_abs_sum", "grad_kl_abs_sum")
 # ... and stats that are token means (merged with token weights).
 MEAN_KEYS = (
     "kl",
@@ -50,6 +62,10 @@ MEAN_KEYS = (
     "is_weight_sq_mean",
     "approx_kl",
 )
+# |old - behav| is clamped to this before exp: e^20 ~ 5e8 is beyond any useful is_cap (so truncation and
+# dropping are unchanged), its square (~2e17) still sums in float32 over any batch, and e^-20 ~ 2e-9 is 0 for
+# the loss; a -inf behaviour log-prob (the generator sends -1e30) then gives finite IS stats and ESS.
+MAX_LOG_IS_RATIO = 20.0
 
 
 def importance_weights(
@@ -58,8 +74,10 @@ def importance_weights(
     """Off-policy weights ``(w, raw, corrected)``, no gradient; ``corrected`` marks truncated or dropped tokens.
 
     ``none``: w = 1; ``truncated``: w = min(raw, cap); ``decoupled``: w = raw, or 0 where raw > cap.
+    ``raw = exp(old - behav)`` with the log-ratio clamped to +-``MAX_LOG_IS_RATIO``: always finite.
     """
-    raw = torch.exp(old_logp.detach() - behav_logp.detach())
+    log_raw = (old_logp.detach() - behav_logp.detach()).clamp(-MAX_LOG_IS_RATIO, MAX_LOG_IS_RATIO)
+    raw = torch.exp(log_raw)
     over = raw > cap
     if mode == "none":
         return torch.ones_like(raw), raw, torch.zeros_like(over)
@@ -86,7 +104,8 @@ def prorl_loss(
 
     ``ref_logp=None`` drops the KL term (``kl_beta = 0`` needs no reference model). ``denominator``
     defaults to this batch's unmasked tokens (``aggregation="token"``) or non-empty sequences
-    (``"sequence"``). ``entropy`` (B, T), when given, is only reported.
+    (``"sequence"``). ``entropy`` (B, T), when given, is only reported. Stats: see ``SUM_KEYS``, ``MEAN_KEYS``
+    and :func:`derive_stats`; ``kl_share`` is the KL term's share of d loss / d logp (module docstring).
     """
     mask = mask.bool()
     # Padding may hold anything (inf, nan): zero it first, so that neither the values nor the gradients see it.
@@ -132,16 +151,28 @@ def prorl_loss(
             return torch.where(mask, x.float(), torch.zeros((), device=x.device)).sum() / n
 
         log_ratio = logp.detach() - old_logp.detach()
+        clipped_low = (ratio < 1 - cfg.eps_low) & (adv < 0)  # the clip binds: constant in logp
+        clipped_high = (ratio > 1 + cfg.eps_high) & (adv > 0)
+        d_loss_d_term = per_token_weight * scale  # (B, T): d loss / d (pg_t + beta kl_t); 0 at padding
+        g_pg = torch.where(clipped_low | clipped_high, 0.0, w * adv * ratio)  # |d pg_t / d logp_t|
+        grad_pg_abs_sum = (d_loss_d_term * g_pg.abs()).sum()
+        if kl is not None:  # |beta d kl_t / d logp_t| = beta |1 - exp(ref_t - logp_t)|, padding zeroed above
+            g_kl = cfg.kl_beta * torch.expm1(ref_logp.detach().float() - logp.detach().float()).abs()
+            grad_kl_abs_sum = (d_loss_d_term * g_kl).sum()
+        else:
+            grad_kl_abs_sum = torch.zeros((), device=logp.device)
         values = {
             "loss": loss.detach(),
             "pg_loss": pg_loss.detach(),
             "kl_loss": kl_loss.detach(),
             "tokens": seq_tokens.sum().float(),
             "sequences": (seq_tokens > 0).sum().float(),
+            "grad_pg_abs_sum": grad_pg_abs_sum,
+            "grad_kl_abs_sum": grad_kl_abs_sum,
             "kl": kl.kl_sum.detach() / n if kl is not None else torch.zeros((), device=logp.device),
             "entropy": token_mean(entropy) if entropy is not None else torch.full((), math.nan, device=logp.device),
-            "clip_frac_low": token_mean(((ratio < 1 - cfg.eps_low) & (adv < 0)).float()),
-            "clip_frac_high": token_mean(((ratio > 1 + cfg.eps_high) & (adv > 0)).float()),
+            "clip_frac_low": token_mean(clipped_low.float()),
+            "clip_frac_high": token_mean(clipped_high.float()),
             "is_truncated_frac": token_mean(corrected.float()),
             "is_weight_mean": token_mean(raw_w),
             "is_weight_sq_mean": token_mean(raw_w * raw_w),
@@ -153,12 +184,17 @@ def prorl_loss(
 
 
 def derive_stats(stats: dict[str, float]) -> dict[str, float]:
-    """Add the stats that are functions of the additive ones: ``ess`` and ``kl_share``."""
+    """Add the stats that are functions of the additive ones: ``ess`` and ``kl_share``.
+
+    ``kl_share = grad_kl_abs_sum / (grad_pg_abs_sum + grad_kl_abs_sum)`` in [0, 1], 0 when both are 0: the KL
+    term's share of the gradient of the loss with respect to the token log-probs.
+    """
     out = dict(stats)
     mean_sq = out["is_weight_sq_mean"]
     out["ess"] = out["is_weight_mean"] ** 2 / mean_sq if mean_sq > 0 else 1.0
-    denom = abs(out["pg_loss"]) + abs(out["kl_loss"])
-    out["kl_share"] = abs(out["kl_loss"]) / denom if denom > 0 else 0.0
+    grad_kl = out["grad_kl_abs_sum"]
+    denom = out["grad_pg_abs_sum"] + grad_kl
+    out["kl_share"] = grad_kl / denom if denom > 0 else 0.0
     return out
 
 
@@ -200,6 +236,10 @@ def token_logprobs(
     ``hidden`` (N, H), ``weight`` (V, H). The vocabulary projection runs ``chunk_tokens`` rows at a time;
     with gradient each chunk is checkpointed, so at most one chunk of (chunk, V) logits is alive in the
     forward and in the backward. ``with_entropy`` also returns the per-token entropy (no gradient).
+
+    The projection, log-softmax and entropy run in float32 with autocast off, whatever the dtype of ``hidden``
+    and ``weight`` or an enclosing ``torch.autocast``: the log-probs feed the ratio exp(logp - old), where bf16
+    logits (errors of ~1e-2 nats) would be ~1% noise. Gradients reach ``hidden`` and ``weight`` in their dtypes.
     """
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logps, entropies = [], []
@@ -220,13 +260,18 @@ def token_logprobs(
 def _chunk_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = torch.nn.functional.linear(hidden, weight).float()  # (C, V), float32 even under autocast
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
-    if not with_entropy:
-        return logp, lse.new_zeros(0)
-    with torch.no_grad():
-        entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """Log-probs (and entropies) of one chunk, all in float32: autocast would run the projection in bf16.
+
+    The weight is cast per chunk (a no-op for float32 master weights), so no float32 copy outlives the chunk.
+    """
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = torch.nn.functional.linear(hidden.float(), weight.float())  # (C, V) float32
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1)  # (C,)
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+        if not with_entropy:
+            return logp, lse.new_zeros(0)
+        with torch.no_grad():
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy

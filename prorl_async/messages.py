@@ -14,9 +14,10 @@ validation is a handful of vectorised numpy reductions whatever the group size â
 ``decode`` trusts nothing: any deviation raises one :class:`MessageError` whose ``reason`` is one of
 :data:`REASONS` (receivers count by reason and go on). It checks the frame count and type byte, the
 schema version, the exact key set and the type of every field, array dtypes and byte lengths, sizes
-under :class:`Limits`, token ids in ``[0, vocab_size)``, log-probs finite and ``<= 0``, rewards and
-every float finite, per-sample policy versions ``>= 0`` and non-decreasing, and the group's
-``min_version``/``max_version`` equal to the extremes of its tokens' versions.
+under :class:`Limits`, a non-empty prompt and responses of at least one token (a group must be
+trainable: one the learner cannot train on would stop it), token ids in ``[0, vocab_size)``, log-probs
+finite and ``<= 0``, rewards and every float finite, per-sample policy versions ``>= 0`` and
+non-decreasing, and the group's ``min_version``/``max_version`` equal to the extremes of its tokens' versions.
 
 Usage::
 
@@ -435,7 +436,9 @@ def _decode_group(b: _Body) -> TrajectoryGroup:
     if n == 0:
         raise MessageError("value", "a group needs at least one sample")
     if min(lengths) < 0 or max(lengths) > lim.max_response_tokens:
-        raise MessageError("size", f"sample lengths must be in [0, {lim.max_response_tokens}]")
+        raise MessageError("size", f"sample lengths must be in [1, {lim.max_response_tokens}]")
+    if min(lengths) == 0 or not len(prompt):  # nothing to train on: the learner would refuse the whole batch
+        raise MessageError("value", "a group needs a non-empty prompt and samples of at least one token")
     ends = list(itertools.accumulate(lengths))
     total = ends[-1]
     ids, logprobs, versions = (

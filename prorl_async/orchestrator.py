@@ -283,8 +283,7 @@ class Supervisor:
 
     def _learner_failed(self) -> int:
         code = self.learner.process.returncode if self.learner.process else None
-        checkpoints = sorted((self.run_dir / "checkpoints").glob("step-*"))
-        last = checkpoints[-1] if checkpoints else "none"
+        last = latest_checkpoint(self.run_dir) or "none"
         print(f"prorl-async: the learner stopped with exit code {code}; last checkpoint: {last}; "
               f"log: {self.learner.log_path}\n{self.learner.tail()}", file=sys.stderr, flush=True)
         return 1

@@ -4,8 +4,12 @@ Three causes, each off when its knob is 0 (``ResetConfig``):
 
 - ``schedule``: ``interval_steps`` optimizer steps have passed since the last reset (any reset, so a
   triggered one restarts the clock);
-- ``kl_share``: the KL term's share of the loss, averaged over the last ``kl_window_steps`` steps since
-  the last reset (a full window), is above ``kl_share_threshold`` - the penalty dominates the objective;
+- ``kl_share``: the KL term's share of the update, averaged over the last ``kl_window_steps`` steps since
+  the last reset (a full window), is above ``kl_share_threshold`` - the penalty dominates the policy gradient.
+  The share is taken on the gradient of the loss with respect to the token log-probs,
+  ``sum|d kl_loss/d logp| / (sum|d pg_loss/d logp| + sum|d kl_loss/d logp|)`` in [0, 1]
+  (:mod:`prorl_async.loss`), not on the loss values: the pg loss of zero-mean group advantages is ~0
+  whatever the update, so a share of loss values read ~1 even for a tiny beta;
 - ``validation_plateau``: a validation reward arrived that is not above the best seen so far, and neither
   the best nor a reset happened in the last ``val_patience_steps`` steps. Validation results arrive
   between steps; the reset they call for is taken at the end of the next step.
@@ -32,7 +36,7 @@ if TYPE_CHECKING:
 
 
 class ResetPolicy:
-    """Decides reference resets from the step count, the KL share of the loss and validation rewards."""
+    """Decides reference resets from the step count, the KL term's share of the update and validation rewards."""
 
     def __init__(self, cfg: ResetConfig) -> None:
         self.cfg = cfg
@@ -44,7 +48,7 @@ class ResetPolicy:
         self._val_stalled = False
 
     def after_step(self, step: int, kl_share: float) -> str | None:
-        """Record the step's KL share; the reason for a reset due now, or None."""
+        """Record the step's ``kl_share`` (loss stats, in [0, 1]); the reason for a reset due now, or None."""
         self._kl_shares.append(kl_share)
         cfg = self.cfg
         if cfg.interval_steps and step - self.last_reset_step >= cfg.interval_steps:

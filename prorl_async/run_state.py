@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 import msgpack
 
 PARTIAL = ".partial"
+_CHECKPOINT_NAME = re.compile(r"step-([0-9]+)")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -84,10 +86,25 @@ class SamplerLedger:
         return out
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete ``RUN_DIR/checkpoints/step-*`` directory, or None."""
-    done = [p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)]
-    return max(done, key=lambda p: p.name) if done else None
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint's name, ``step-<digits>``; None for anything else (``.partial``, junk)."""
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(run_dir: Path, *, holding: str | None = None) -> Path | None:
+    """The newest complete checkpoint ``RUN_DIR/checkpoints/step-<digits>``, or None: the one pick everyone uses.
+
+    Only directories named ``step-<digits>`` count (a torn ``step-N.partial``, a stray file or any other name
+    never does), ordered by the number, not the string. ``holding``: a relative path the checkpoint must
+    contain (``policy/config.json`` for a loadable policy); checkpoints without it are passed over.
+    """
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None and p.is_dir()]
+    done = [(step, p) for step, p in steps if holding is None or (p / holding).exists()]
+    return max(done)[1] if done else None
 
 
 def save_run_state(directory: Path, buffer_state: dict[str, Any], samplers: dict[str, dict[str, Any]],

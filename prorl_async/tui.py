@@ -92,7 +92,7 @@ def _validation_text(snap: Snapshot) -> str:
 
 
 def _steps_text(snap: Snapshot) -> str:
-    done = NA if snap.version is None else str(snap.version)  # a step is one optimizer update: version = steps
+    done = NA if snap.version is None else str(snap.version)  # a step is one batch: the policy version counts steps
     return f"{done}/{snap.max_steps}" if snap.max_steps else f"{done} (no step limit)"
 
 
@@ -230,6 +230,9 @@ def _buffer_panel(snap: Snapshot) -> Panel:
     ]
     reasons = [k for k in counters if k not in ("received", "yielded")] or list(DROP_REASONS)  # what the buffer counts
     rows += [(f"drop {r}", _fmt(_num(counters, r), ".0f")) for r in reasons]
+    rejected = s.get("messages_rejected")
+    if isinstance(rejected, dict):  # messages the learner could not decode (malformed, out of vocabulary, ...)
+        rows.append(("bad msgs", str(sum(v for v in rejected.values() if isinstance(v, int | float)))))
     rows += [("gen aborted", _fmt(_gen_sum(snap, "groups_aborted_stale"), ".0f")),
              ("too long", _fmt(_gen_sum(snap, "prompts_too_long"), ".0f"))]
     return _kv_panel("buffer", rows)

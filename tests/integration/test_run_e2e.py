@@ -172,3 +172,61 @@ def test_run_tiny_auto_staleness(tmp_path: Path) -> None:
     assert reports and {r["admission_bound"] for r in reports} <= set(bounds) | {1}
     saved = json.loads((run_dir / "checkpoints" / "step-000004" / "service.json").read_text())
     assert saved["auto_staleness"]["bound"] == bounds[-1]
+
+
+def _hostile_frames(vocab: int) -> list[list[bytes]]:
+    """What a broken or hostile peer might push at the groups socket: junk, a group with an empty response,
+    a group with token ids outside the model's vocabulary (but below 2**31)."""
+    import numpy as np
+
+    from prorl_async.messages import Sample, TrajectoryGroup, encode
+
+    def group(seq: int, ids: list[int]) -> TrajectoryGroup:
+        n = len(ids)
+        samples = [Sample(np.asarray(ids, np.int32), np.full(n, -0.5, np.float32), np.zeros(n, np.int32), "stop",
+                          float(i % 2)) for i in range(4)]
+        return TrajectoryGroup(prompt_id=f"hostile-{seq}", task="chain_sum", domain="logic",
+                               prompt_token_ids=np.array([1, 2], np.int32), samples=samples, generator_id=0,
+                               seq=10**9 + seq, min_version=0, max_version=0)
+
+    return [[b"G", b"\xc1 not msgpack"], [b"G"], encode(group(0, [])), encode(group(1, [vocab + 5, 3]))]
+
+
+def test_mini_batches_advance_one_version_per_batch_and_hostile_groups_cost_nothing(tmp_path: Path) -> None:
+    """The paper's shape (several mini-batches per batch, bound 1) at tiny scale: a batch is one policy version, so
+    no group goes stale in steady state; a peer pushing malformed frames, an empty response and out-of-vocabulary
+    ids at the learner's groups socket is counted and the run completes every step."""
+    import zmq
+
+    run_dir = tmp_path / "run"
+    overrides = ["run.max_steps=8", "run.checkpoint_every_steps=0", "learner.mini_batches=2",
+                 "buffer.max_staleness=1", f"run.run_dir={json.dumps(str(run_dir))}", "eval.every_steps=0"]
+    proc = subprocess.Popen([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    context = zmq.Context()
+    try:
+        endpoints = run_dir / "endpoints.json"
+        deadline = time.monotonic() + 300
+        while not endpoints.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert endpoints.exists(), "the learner never listened"
+        push = context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 2000)
+        push.connect(json.loads(endpoints.read_text())["groups"])
+        for frames in _hostile_frames(vocab=1024):
+            push.send_multipart(frames)
+        push.close()
+        out, _ = proc.communicate(timeout=500)
+    finally:
+        context.term()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(60)
+    assert proc.returncode == 0, out[-3000:] + _logs(run_dir)
+    steps = read_metrics(run_dir / "metrics.jsonl", kind="step")
+    assert [s["version"] for s in steps] == list(range(1, 9))
+    assert [s["optimizer_step"] for s in steps] == list(range(2, 17, 2))
+    assert steps[-1]["buffer_counters"]["stale"] == 0, [s["buffer_counters"] for s in steps]
+    assert sum(steps[-1]["messages_rejected"].values()) == 4, steps[-1]["messages_rejected"]
+    trained = [p for s in steps for p in s["prompt_ids"]]
+    assert not any(p.startswith("hostile") for p in trained) and len(trained) == len(set(trained)) == 32

@@ -56,7 +56,8 @@ def test_variance_filter_reasons() -> None:
     buf = ReplayBuffer(batch_groups=4, max_staleness=0, min_reward_std=1e-6)
     for rewards in (ALL_RIGHT, ALL_WRONG, ALL_WRONG, ALL_HALF, MIXED):
         buf.put(group(0, rewards))
-    assert buf.counters == {"received": 5, "yielded": 0, "stale": 0, "all_correct": 1, "all_wrong": 2, "no_variance": 1}
+    assert buf.counters == {"received": 5, "yielded": 0, "stale": 0, "all_correct": 1, "all_wrong": 2, "no_variance": 1,
+                            "untrainable": 0}
 
 
 def test_pull_returns_exactly_n_in_arrival_order_or_nothing() -> None:

@@ -50,6 +50,12 @@ def test_bad_override_exits_2() -> None:
     assert out.returncode == 2 and "sampling.temperature" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_truncated_training_sampling_exits_2() -> None:
+    out = _run("config", "configs/tiny.toml", "--set", "sampling.top_p=0.9")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "tiny.toml" in out.stderr and "sampling.top_p" in out.stderr and "importance weights" in out.stderr
+
+
 def test_config_prints_resolved(capsys) -> None:
     assert main(["config", str(ROOT / "configs/tiny.toml"), "--set", "optim.lr=0.5"]) == 0
     assert "lr = 0.5" in capsys.readouterr().out

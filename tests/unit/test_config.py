@@ -67,6 +67,24 @@ def test_bad_overrides_give_one_line_naming_file_and_key(overrides: list[str], e
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(("override", "key"), [("sampling.top_p=0.9", "sampling.top_p"),
+                                                ("sampling.top_k=20", "sampling.top_k")])
+def test_training_refuses_truncated_sampling(override: str, key: str) -> None:
+    """vLLM renormalises its log-probs after top-p/top-k filtering while the learner uses the full softmax."""
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS_DIR / "tiny.toml", [override])
+    message = str(info.value)
+    assert message.startswith(f"{CONFIGS_DIR / 'tiny.toml'}: {key}: ") and "\n" not in message
+    assert "importance weights" in message and "full softmax" in message
+    assert ("top_p = 1.0" if key.endswith("top_p") else "top_k = -1 or 0") in message  # what is allowed
+
+
+def test_eval_may_truncate_sampling() -> None:
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["eval.top_p=0.9", "eval.top_k=20", "sampling.top_k=0"])
+    assert (cfg.eval.top_p, cfg.eval.top_k, cfg.sampling.top_p) == (0.9, 20, 1.0)
+    assert load_config(CONFIGS_DIR / "prorl-1.5b.toml").eval.top_p == 0.95
+
+
 def test_bad_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("[optim\nlr = 1")

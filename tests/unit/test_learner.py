@@ -93,7 +93,7 @@ def test_few_steps_raise_positive_and_lower_negative_samples(tiny_model_dir):
     after = [float(lp.sum()) for lp in learner.logprobs(batch)]
     for i, (b, a) in enumerate(zip(before, after, strict=True)):
         assert (a > b) == (i in positive), (i, b, a)
-    assert learner.version == 3 and learner.reference is None
+    assert learner.policy_version == 3 and learner.reference is None
 
 
 def _grads(learner: Learner) -> dict[str, torch.Tensor]:
@@ -120,17 +120,31 @@ def test_mini_batches_step_the_optimizer_against_one_proximal_policy(tiny_model_
     one = Learner(tiny_config())
     batch = on_policy(one, random_batch(seed=4), noise=0.1)
     m_one = one.train_step(batch)
-    assert one.version == 1 and m_one.approx_kl == 0.0  # proximal = current weights: ratio exactly 1
+    assert one.policy_version == 1 and m_one.approx_kl == 0.0  # proximal = current weights: ratio exactly 1
     two = Learner(tiny_config(learner={"mini_batches": 2}))
     m_two = two.train_step(batch)
-    assert two.version == 2 and m_two.version == 2
+    assert two.optimizer_step == 2 and m_two.optimizer_step == 2
     assert m_two.approx_kl > 0  # the second mini-batch is scored against the pre-step (proximal) policy
     assert m_two.tokens == m_one.tokens and math.isfinite(m_two.loss)
 
 
+def test_a_batch_is_one_policy_version_however_many_mini_batches(tiny_model_dir):
+    """Staleness and every *_every_steps setting count batches: mini-batches advance only the optimizer step."""
+    learner = Learner(tiny_config(learner={"mini_batches": 2}, optim={"warmup_steps": 4}))
+    batch = on_policy(learner, random_batch(seed=4), noise=0.1)
+    lrs = []
+    for expected in (1, 2):
+        m = learner.train_step(batch)
+        assert (learner.policy_version, m.version) == (expected, expected)
+        assert (learner.optimizer_step, m.optimizer_step) == (2 * expected, 2 * expected)
+        lrs.append(m.lr)
+    lr = learner.cfg.optim.lr
+    assert lrs == pytest.approx([lr * 2 / 4, lr * 4 / 4])  # warm-up counts optimizer steps
+
+
 def test_metrics_describe_the_step(learner):
     batch = random_batch(seed=5)
-    versions = [[learner.version - 1] * len(s.response_ids) for s in batch.samples]
+    versions = [[learner.policy_version - 1] * len(s.response_ids) for s in batch.samples]
     batch = TrainBatch(
         [TrainSample(s.prompt_ids, s.response_ids, s.behaviour_logprobs, s.reward, v)
          for s, v in zip(batch.samples, versions, strict=True)],

@@ -22,7 +22,7 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     first.save_checkpoint(tmp_path / "ckpt")
     del first
     resumed = Learner.load_checkpoint(tmp_path / "ckpt", cfg)
-    assert resumed.version == 1
+    assert (resumed.policy_version, resumed.optimizer_step) == (1, 1)
     got = [resumed.train_step(b) for b in batches[1:]]
     # Step 2's loss needs the weights and the reference; step 3's also the optimizer moments and the lr.
     for g, e in zip(got, expected[1:], strict=True):
@@ -45,7 +45,14 @@ def test_checkpoint_layout_and_transformers_load(tiny_model_dir, tmp_path):
     }
     assert list(ckpt.glob("*.safetensors")) and not list(policy.glob("optimizer*"))  # vLLM globs *.safetensors
     meta = json.loads((ckpt / "learner.json").read_text())
-    assert meta["version"] == 1
+    assert (meta["policy_version"], meta["optimizer_step"]) == (1, 1)
+
+    # A checkpoint written before the two counters were separated ("version": optimizer steps) still resumes.
+    meta["version"] = meta.pop("policy_version")
+    del meta["optimizer_step"]
+    (ckpt / "learner.json").write_text(json.dumps(meta))
+    old = Learner.load_checkpoint(ckpt, tiny_config())
+    assert (old.policy_version, old.optimizer_step) == (1, 1)
 
     model = AutoModelForCausalLM.from_pretrained(policy)
     for got, want in zip(hf_logprobs(model, batch, 1.2), learner.logprobs(batch), strict=True):

@@ -226,3 +226,96 @@ def test_chunked_logprobs_match_full_log_softmax(temperature):
     want = torch.autograd.grad((expected * upstream).sum(), (hidden, weight))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------ kl_share
+
+
+def _loss_share(stats: dict) -> float:
+    """The former kl_share, on loss values: |kl_loss| / (|pg_loss| + |kl_loss|)."""
+    return abs(stats["kl_loss"]) / (abs(stats["pg_loss"]) + abs(stats["kl_loss"]))
+
+
+def _zero_mean_batch(drift: float, b: int = 4, t: int = 8, seed: int = 0):
+    """On-policy (old = behav = logp), equal-length responses, advantages +-1 (zero mean), ref = logp + drift."""
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(b, t, generator=g) * 3).requires_grad_()
+    adv = torch.tensor([1.0, -1.0] * (b // 2))
+    ref = logp.detach() + drift * torch.randn(b, t, generator=g).abs()
+    return logp, logp.detach(), logp.detach(), ref, adv, torch.ones(b, t, dtype=torch.bool)
+
+
+def test_kl_share_is_small_when_the_kl_term_barely_moves_the_update():
+    # Zero-mean advantages over equal lengths make the token-mean pg loss exactly 0, whatever the update:
+    # the loss-value share called a beta = 1e-4 penalty with logp ~ ref the whole objective.
+    logp, old, behav, ref, adv, mask = _zero_mean_batch(drift=0.01)
+    _, stats = prorl_loss(logp, old, behav, ref, adv, mask, LossConfig(kl_beta=1e-4))
+    assert stats["pg_loss"] == 0.0 and _loss_share(stats) == 1.0
+    assert stats["kl_share"] < 0.05
+    # Each token's pg gradient is -A r = -+1; its KL gradient beta (1 - exp(ref - logp)) is ~1e-6.
+    assert stats["kl_share"] == pytest.approx(stats["grad_kl_abs_sum"] / (stats["grad_pg_abs_sum"]
+                                                                          + stats["grad_kl_abs_sum"]))
+    assert stats["grad_pg_abs_sum"] == pytest.approx(1.0)
+
+
+def test_kl_share_is_large_when_a_strong_penalty_pulls_a_drifted_policy():
+    logp, old, behav, ref, adv, mask = _zero_mean_batch(drift=2.0)
+    _, stats = prorl_loss(logp, old, behav, ref, adv, mask, LossConfig(kl_beta=1.0))
+    assert stats["kl_share"] > 0.5
+
+
+@pytest.mark.parametrize("mode", ["none", "truncated", "decoupled"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("on_policy", [False, True])
+def test_kl_share_sums_are_the_l1_norms_of_each_terms_logprob_gradient(mode, aggregation, on_policy):
+    # Against autograd: d pg_loss / d logp from the loss without its KL term, d kl_loss / d logp the difference.
+    # on_policy: old = logp, every ratio exactly 1 (a tie of the clip's min, which autograd splits 50/50).
+    cfg = LossConfig(is_correction=mode, aggregation=aggregation, kl_beta=0.3)
+    logp, old, behav, ref, adv, mask = _random_inputs(seed=5, b=4, t=6)
+    if on_policy:
+        old = logp.detach()
+    full, stats = prorl_loss(logp, old, behav, ref, adv, mask, cfg)
+    pg_only, _ = prorl_loss(logp, old, behav, None, adv, mask, cfg)
+    (g_full,) = torch.autograd.grad(full, logp)
+    (g_pg,) = torch.autograd.grad(pg_only, logp)
+    assert on_policy or stats["clip_frac_low"] + stats["clip_frac_high"] > 0  # some tokens have no pg gradient
+    assert stats["grad_pg_abs_sum"] == pytest.approx(g_pg.abs().sum().item(), rel=1e-5)
+    assert stats["grad_kl_abs_sum"] == pytest.approx((g_full - g_pg).abs().sum().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_merged_micro_batch_stats_give_the_batch_kl_share(aggregation):
+    cfg = LossConfig(kl_beta=0.2, aggregation=aggregation)
+    logp, old, behav, ref, adv, mask = _random_inputs(seed=9, b=5, t=7)
+    mask[2] = False  # a fully masked row
+    _, whole = prorl_loss(logp, old, behav, ref, adv, mask, cfg)
+    denominator = float(mask.sum()) if aggregation == "token" else float((mask.sum(1) > 0).sum())
+    parts = [
+        prorl_loss(*(x[rows] for x in (logp, old, behav, ref, adv, mask)), cfg, denominator=denominator)[1]
+        for rows in (slice(0, 2), slice(2, 3), slice(3, 5))
+    ]
+    merged = merge_stats(parts)
+    for key in ("grad_pg_abs_sum", "grad_kl_abs_sum", "kl_share"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert 0.0 < whole["kl_share"] < 1.0
+
+
+# ------------------------------------------------------------------------------------------ extreme log-probs
+
+
+@pytest.mark.parametrize("mode", ["none", "truncated", "decoupled"])
+def test_infinite_importance_ratios_leave_loss_stats_and_gradients_finite(mode):
+    # The generator clamps a -inf behaviour log-prob to -1e30: old - behav = 1e30 would make exp() inf and the
+    # IS stats inf/NaN. The other extreme: behaviour 0, proximal very negative (exp underflows to 0).
+    logp = torch.tensor([[-0.5, -1e30, -1.0, -2.0]], requires_grad=True)
+    old = logp.detach()
+    behav = torch.tensor([[-1e30, 0.0, -1.1, -2.0]])
+    ref = logp.detach() + torch.tensor([[0.1, 0.0, -0.2, 0.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = prorl_loss(logp, old, behav, ref, torch.tensor([1.0]), mask, LossConfig(is_correction=mode))
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
+    bad = {k: v for k, v in stats.items() if k != "entropy" and not math.isfinite(v)}  # entropy: nan, not given
+    assert not bad
+    assert 0.0 < stats["ess"] <= 1.0 and stats["is_truncated_frac"] == (0.0 if mode == "none" else 0.25)
+    assert math.isfinite(merge_stats([stats, stats])["is_weight_sq_mean"])

@@ -42,7 +42,7 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 
 @st.composite
 def samples(draw: st.DrawFn, start_version: int) -> Sample:
-    n = draw(st.integers(0, 64))
+    n = draw(st.integers(1, 64))
     steps = draw(arrays(np.int32, n, elements=st.integers(0, 1)))  # an in-flight update bumps the version
     return Sample(
         token_ids=draw(arrays(np.int32, n, elements=st.integers(0, VOCAB - 1))),
@@ -63,7 +63,7 @@ def groups(draw: st.DrawFn) -> TrajectoryGroup:
         prompt_id=draw(texts),
         task=draw(texts),
         domain=draw(texts),
-        prompt_token_ids=draw(arrays(np.int32, draw(st.integers(0, 64)), elements=st.integers(0, VOCAB - 1))),
+        prompt_token_ids=draw(arrays(np.int32, draw(st.integers(1, 64)), elements=st.integers(0, VOCAB - 1))),
         samples=members,
         generator_id=draw(st.integers(0, 2**31)),
         seq=draw(st.integers(0, 2**62)),
@@ -128,14 +128,14 @@ def test_every_message_round_trips(msg: object) -> None:
 
 
 def test_group_fields_and_dtypes_survive() -> None:
-    group = make_group((4, 0, 2))
+    group = make_group((4, 1, 2))
     back = decode(encode(group), LIMITS)
     assert isinstance(back, TrajectoryGroup)
     assert (back.min_version, back.max_version) == (5, 5)
-    assert [len(s.token_ids) for s in back.samples] == [4, 0, 2]
+    assert [len(s.token_ids) for s in back.samples] == [4, 1, 2]
     for s in back.samples:
         assert (s.token_ids.dtype, s.logprobs.dtype, s.versions.dtype) == (np.int32, np.float32, np.int32)
-    assert back.rewards.tolist() == [0.0, 1.0, 0.0] and back.num_tokens == 6
+    assert back.rewards.tolist() == [0.0, 1.0, 0.0] and back.num_tokens == 7
 
 
 def test_wire_layout_is_documented_one() -> None:
@@ -316,12 +316,29 @@ def test_encode_refuses_what_is_not_a_message() -> None:
         encode({"version": 1})  # type: ignore[arg-type]
 
 
-def test_group_without_tokens_needs_explicit_versions() -> None:
+def test_group_without_tokens_needs_explicit_versions_and_is_refused_on_the_wire() -> None:
     empty = Sample([], [], [], "abort", 0.0)
     with pytest.raises(ValueError, match="min_version"):
         TrajectoryGroup("p", "t", "d", [1], [empty], generator_id=0, seq=0)
     group = TrajectoryGroup("p", "t", "d", [1], [empty], generator_id=0, seq=0, min_version=3, max_version=3)
-    assert decode(encode(group), LIMITS) == group
+    with pytest.raises(MessageError) as err:  # the learner cannot train on an empty response
+        decode(encode(group), LIMITS)
+    assert err.value.reason == "value"
+
+
+def test_untrainable_groups_are_refused_at_decode() -> None:
+    one = Sample([5], [-0.5], [3], "stop", 1.0)
+    empty_prompt = TrajectoryGroup("p", "t", "d", [], [one], generator_id=0, seq=0)
+    with pytest.raises(MessageError, match="non-empty prompt") as err:
+        decode(encode(empty_prompt), LIMITS)
+    assert err.value.reason == "value"
+    mixed = TrajectoryGroup("p", "t", "d", [1], [one, Sample([], [], [], "stop", 0.0)], generator_id=0, seq=0)
+    with pytest.raises(MessageError, match="at least one token"):
+        decode(encode(mixed), LIMITS)
+    outside = TrajectoryGroup("p", "t", "d", [1], [Sample([VOCAB], [-0.5], [3], "stop", 1.0)], generator_id=0, seq=0)
+    with pytest.raises(MessageError) as err:
+        decode(encode(outside), LIMITS)
+    assert err.value.reason == "token"
 
 
 def test_weights_ready_bound_is_optional_on_the_wire() -> None:

@@ -115,7 +115,7 @@ def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner
     assert old_shared.keys() == old_unshared.keys() == set(range(len(batch.samples)))
     for i in old_unshared:
         torch.testing.assert_close(old_shared[i], old_unshared[i], rtol=1e-5, atol=1e-5)
-    if shared.version == 1:
+    if shared.optimizer_step == 1:
         # The last mini-batch's gradients. After an optimizer step the two paths' weights differ, by up to 2 lr:
         # Adam's first step is ~lr * sign(g) even where g ~ 1e-9 and rounding decides the sign.
         for name in g_unshared:

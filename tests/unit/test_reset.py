@@ -6,8 +6,9 @@ import pytest
 import torch
 from test_learner import random_batch, tiny_config
 
-from prorl_async.config import ResetConfig
+from prorl_async.config import LossConfig, ResetConfig
 from prorl_async.learner import Learner
+from prorl_async.loss import prorl_loss
 from prorl_async.reset import ResetPolicy
 
 
@@ -59,6 +60,35 @@ def test_state_round_trip():
     copy.load_state_dict(policy.state_dict())
     assert copy.state_dict() == policy.state_dict()
     assert copy.after_step(3, 0.9) == policy.after_step(3, 0.9) == "kl_share"
+
+
+def _step_stats(drift: float, beta: float, seed: int) -> dict[str, float]:
+    """Loss stats of an on-policy step: zero-mean advantages, equal lengths, the reference ``drift`` nats away."""
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(4, 8, generator=g) * 3
+    ref = logp + drift * torch.randn(4, 8, generator=g)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    _, stats = prorl_loss(logp, logp, logp, ref, adv, torch.ones(4, 8, dtype=torch.bool), LossConfig(kl_beta=beta))
+    return stats
+
+
+def test_kl_share_fires_when_the_penalty_dominates_the_update():
+    # A strong penalty and a policy 2 nats from its reference: the KL gradient outweighs the policy gradient.
+    shares = [_step_stats(drift=2.0, beta=1.0, seed=s)["kl_share"] for s in range(3)]
+    assert min(shares) > 0.5
+    policy = ResetPolicy(ResetConfig(kl_share_threshold=0.5, kl_window_steps=3))
+    assert _run(policy, shares) == [(3, "kl_share")]  # only once the window is full
+
+
+def test_kl_share_stays_quiet_for_a_weak_penalty_near_the_reference():
+    # The default beta (1e-4) and small drift: the pg loss of zero-mean advantages is ~0, so the former
+    # loss-value share was ~1 and fired every window; the gradient share is ~1e-5.
+    stats = [_step_stats(drift=0.05, beta=1e-4, seed=s) for s in range(10)]
+    loss_shares = [abs(s["kl_loss"]) / (abs(s["pg_loss"]) + abs(s["kl_loss"])) for s in stats]
+    assert sum(loss_shares) / len(loss_shares) > 0.5  # what the former definition would have fed the policy
+    assert max(s["kl_share"] for s in stats) < 1e-3
+    policy = ResetPolicy(ResetConfig(kl_share_threshold=0.5, kl_window_steps=3))
+    assert _run(policy, [s["kl_share"] for s in stats]) == []
 
 
 def _moments(learner: Learner) -> int:

@@ -182,7 +182,8 @@ class FakeControl:
 
 class FakeLearner:
     def __init__(self, cfg: object, version: int) -> None:
-        self.version = version
+        self.policy_version = version
+        self.vocab_size = 1 << 20
         self.reset_policy = ResetPolicy(cfg.reset)  # type: ignore[attr-defined]
 
 
@@ -200,9 +201,9 @@ def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(
     service._request_validation(control)
     # Validate, then the latest WeightsReady again: a generator subscribing now still gets weights first
     assert control.published == [Validate(version=2, round=0), WeightsReady(version=2)]
-    learner.version = 3
+    learner.policy_version = 3
     service._request_validation(control)  # 3 is not a multiple of every_steps
-    learner.version = 4
+    learner.policy_version = 4
     service._request_validation(control)  # round 0 still in flight: skipped, said so
     assert len(control.published) == 2
 
