@@ -18,6 +18,7 @@ sys.path.insert(0, str(BENCH))
 
 import _runs  # noqa: E402
 import all as all_benches  # noqa: E402
+import chaos  # noqa: E402
 import learning  # noqa: E402
 import peers  # noqa: E402
 import speedup  # noqa: E402
@@ -187,3 +188,11 @@ def test_all_summary_rows_and_headlines() -> None:
     assert rows[2][1] == "failed (1)" and rows[2][3] is None
     cmd = all_benches.command("native", quick=True, json_path=Path("/tmp/x.json"))
     assert cmd[-2:] == ["--json", "/tmp/x.json"] and "--quick" in cmd
+
+
+def test_chaos_timeline_rolls_back_the_steps_a_killed_learner_took_after_its_checkpoint() -> None:
+    records = [{"kind": "step", "version": v, "prompt_ids": [f"a{v}"]} for v in (1, 2, 3)]
+    records += [{"kind": "event", "event": "resumed", "version": 2}]  # killed after step 3, checkpoint at 2
+    records += [{"kind": "step", "version": v, "prompt_ids": [f"b{v}"]} for v in (3, 4)]
+    steps = chaos.final_timeline(records)
+    assert [(s["version"], s["prompt_ids"]) for s in steps] == [(1, ["a1"]), (2, ["a2"]), (3, ["b3"]), (4, ["b4"])]
