@@ -193,6 +193,8 @@ def account(run_dir: Path) -> dict[str, Any]:
 
 
 def chaos(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    from prorl_async.run_state import latest_checkpoint
+
     run_dir = out_dir / "run"
     budget_s = args.minutes * 60
     overrides = ["generator.num_generators=2", "run.max_steps=0", f"run.time_budget_s={budget_s}",
@@ -206,6 +208,7 @@ def chaos(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     next_generator_kill = started + args.generator_kill_every_s
     events: list[dict[str, Any]] = []
     victim = 0
+    killed_learner: dict[str, Any] | None = None  # until the run it killed has ended and been resumed
     deadline = started + budget_s * 3 + 900  # resumes redo work: generous, but never endless
     try:
         while time.monotonic() < deadline:
@@ -214,18 +217,24 @@ def chaos(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             if code is not None:
                 if code == 0:
                     break
-                if not events or events[-1]["kind"] != "learner":
+                if not killed_learner:
                     raise SystemExit(f"the run ended with {code} without a learner kill; see {log}")
-                events[-1]["supervisor_exit"] = code
+                killed_learner["supervisor_exit"] = code
+                killed_learner = None
                 run = Supervised(["run", "--resume", str(run_dir)], log)  # same config, same budget
                 events.append({"kind": "resume", "t_s": round(now - started, 1)})
                 print(f"  {now - started:6.0f} s  resumed", flush=True)
                 continue
+            if killed_learner:  # the supervisor is stopping the run: nothing else to kill until the resume
+                time.sleep(1.0)
+                continue
             pids = run_pids(run_dir)
-            if learner_kills_at and now >= learner_kills_at[0] and "learner" in pids and _alive(pids["learner"]):
+            due = learner_kills_at and now >= learner_kills_at[0] and latest_checkpoint(run_dir) is not None
+            if due and "learner" in pids and _alive(pids["learner"]):  # after a checkpoint: a resume needs one
                 learner_kills_at.pop(0)
                 os.kill(pids["learner"], signal.SIGKILL)
-                events.append({"kind": "learner", "t_s": round(now - started, 1), "pid": pids["learner"]})
+                killed_learner = {"kind": "learner", "t_s": round(now - started, 1), "pid": pids["learner"]}
+                events.append(killed_learner)
                 print(f"  {now - started:6.0f} s  SIGKILL learner {pids['learner']}", flush=True)
             elif now >= next_generator_kill:
                 name = f"generator-{victim}"

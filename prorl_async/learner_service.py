@@ -1,4 +1,4 @@
-"""The learner process: groups in, optimizer steps, weights out. One trio nursery, four loops.
+"""The learner process: groups in, trainer steps, weights out. One trio nursery, four loops.
 
     receive_loop (transport thread) ─► ingest_loop ─► WaitingReplayBuffer ─► train_loop ─► Learner.train_step
                                                                                    │
@@ -11,8 +11,12 @@ Invariants:
   draining the sockets while the learner computes: generation and training overlap (DESIGN.md section 4).
 - ``WeightsReady(v)`` is published before ``broadcast(v)``: generators learn the version on the control
   socket and join the collective that the sender is about to start.
-- Every group that arrives is accounted for: admitted, or dropped with a reason (buffer counters), and
-  every step writes one ``step`` record to ``RUN_DIR/metrics.jsonl``.
+- Every group that arrives is accounted for: admitted, or dropped with a reason (buffer counters; a group the
+  learner cannot train on is ``untrainable``, never an exception in a step), and every step writes one ``step``
+  record to ``RUN_DIR/metrics.jsonl``. Messages the decoder refuses (malformed, empty, outside the model's
+  vocabulary) are counted by reason (``messages_rejected``).
+- One policy version per trainer step (batch), whatever ``learner.mini_batches`` is: staleness, admission and
+  every ``*_every_steps`` setting count it.
 - The bound endpoints are written to ``RUN_DIR/endpoints.json`` once listening: that is how the supervisor
   (and generators) find the learner. Before it, ``RUN_DIR/sampler-states.json`` (each generator's prompt
   position, corrected for the groups already received: ``run_state.SamplerLedger``) when there is one; it
@@ -20,8 +24,10 @@ Invariants:
 - A generator that joins the weight group holding older weights than the learner's (restarted, or a resumed
   run) is caught up by ``catch_up_loop`` between steps, alone. The weights never change during a broadcast:
   the train step and every broadcast hold ``_weights_lock``.
-- A checkpoint is the learner's files plus the buffered groups, the sampler states and the counters
-  (``run_state``), snapshotted between two ingested messages and written under a temporary name.
+- A checkpoint is the learner's files plus the buffered groups (with the *parked* one: received while the
+  buffer was full, waiting for room — the ledger already counts it as received), the sampler states and the
+  counters (``run_state``), snapshotted between two ingested messages and written under a temporary name.
+  Its ``train_elapsed_s`` carries ``run.time_budget_s`` across resumes.
 - Periodic validation (``eval.every_steps``; :mod:`prorl_async.validation`): after a step whose version is a
   multiple of it, ``Validate(v, round)`` is published for the weights just broadcast (then the latest
   ``WeightsReady`` again, so that a new subscriber's handshake still answers with weights). The generators'
@@ -470,7 +476,7 @@ class LearnerService:
 
     async def _step(self, groups: list[TrajectoryGroup], waited: float, start: float, control: Any,
                     sender: Any) -> None:
-        """One optimizer step on ``groups``, the weight broadcast, the step record and a periodic checkpoint."""
+        """One trainer step (one policy version) on ``groups``, the broadcast, the step record, a checkpoint."""
         cfg, learner = self.cfg, self.learner
         problems = [untrainable(g, learner.vocab_size) for g in groups]
         if any(problems):  # the last line (the buffer yielded them: counted by the service, not the buffer)

@@ -2,7 +2,7 @@
 
 Three causes, each off when its knob is 0 (``ResetConfig``):
 
-- ``schedule``: ``interval_steps`` optimizer steps have passed since the last reset (any reset, so a
+- ``schedule``: ``interval_steps`` trainer steps have passed since the last reset (any reset, so a
   triggered one restarts the clock);
 - ``kl_share``: the KL term's share of the update, averaged over the last ``kl_window_steps`` steps since
   the last reset (a full window), is above ``kl_share_threshold`` - the penalty dominates the policy gradient.
@@ -14,16 +14,17 @@ Three causes, each off when its knob is 0 (``ResetConfig``):
   the best nor a reset happened in the last ``val_patience_steps`` steps. Validation results arrive
   between steps; the reset they call for is taken at the end of the next step.
 
-Steps are optimizer steps (the learner's ``version``). No torch, no I/O; the learner owns the action.
+Steps are trainer steps: the learner's ``policy_version`` (one per batch, whatever ``learner.mini_batches``
+is), the unit validation results are measured in too. No torch, no I/O; the learner owns the action.
 
 Usage::
 
     policy = ResetPolicy(cfg.reset)
-    policy.observe_validation(step=learner.version, reward=0.41)  # whenever validation runs
-    reason = policy.after_step(step=learner.version, kl_share=stats["kl_share"])
+    policy.observe_validation(step=learner.policy_version, reward=0.41)  # whenever validation runs
+    reason = policy.after_step(step=learner.policy_version, kl_share=stats["kl_share"])
     if reason is not None:
         ...  # copy the policy into the reference, clear the optimizer, then:
-        policy.mark_reset(step=learner.version)
+        policy.mark_reset(step=learner.policy_version)
 """
 
 from __future__ import annotations
