@@ -312,6 +312,8 @@ def test_fields_the_records_will_carry_are_shown_once_they_do(tmp_path: Path) ->
     records = _records()
     step = next(r for r in reversed(records) if r["kind"] == "step")
     step["buffer_staleness_hist"] = {"1": 1, "0": 3}
+    step["messages_rejected"] = {"token": 2, "value": 1}  # what the learner's decoder refused
+    step["buffer_counters"]["untrainable"] = 4
     for r in records:
         if r["kind"] == "generator":
             r["idle_ratio"] = 0.25 if r["source"] == "generator-0" else 0.75
@@ -320,6 +322,8 @@ def test_fields_the_records_will_carry_are_shown_once_they_do(tmp_path: Path) ->
                     "pass_at_k": {"1": 0.125, "16": 0.5}})
     screen = _screen(_view(tmp_path, [json.dumps(r) for r in records]))
     _has(screen, "staleness", "0:3", "1:1")
+    _has(screen, "bad msgs", "3")
+    _has(screen, "drop untrainable", "4")
     _has(screen, "generator-0", "finished")
     assert "0.25" in _line_with(screen, "generator-0") and "0.75" in _line_with(screen, "generator-1")
     _has(screen, "gen idle", "mean 0.50 max 0.75")
