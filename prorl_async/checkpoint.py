@@ -77,6 +77,7 @@ def restore_learner_state(learner: Learner, directory: Path) -> None:
         learner.policy_version, learner.optimizer_step = int(meta["policy_version"]), int(meta["optimizer_step"])
     else:  # written before the counters were separated: one "version" that counted optimizer steps
         learner.policy_version = learner.optimizer_step = int(meta["version"])
+        meta["reset_policy"]["kl_shares"] = []  # kl_share then meant a ratio of loss values: start a new window
     learner.reset_policy.load_state_dict(meta["reset_policy"])
     _load_optimizer(learner, load_file(directory / "optimizer.safetensors"))
     rng = load_file(directory / "rng.safetensors")

@@ -50,9 +50,11 @@ def test_checkpoint_layout_and_transformers_load(tiny_model_dir, tmp_path):
     # A checkpoint written before the two counters were separated ("version": optimizer steps) still resumes.
     meta["version"] = meta.pop("policy_version")
     del meta["optimizer_step"]
+    meta["reset_policy"]["kl_shares"] = [0.99]  # the old kl_share (a ratio of loss values) is not carried over
     (ckpt / "learner.json").write_text(json.dumps(meta))
     old = Learner.load_checkpoint(ckpt, tiny_config())
     assert (old.policy_version, old.optimizer_step) == (1, 1)
+    assert old.reset_policy.state_dict()["kl_shares"] == []
 
     model = AutoModelForCausalLM.from_pretrained(policy)
     for got, want in zip(hf_logprobs(model, batch, 1.2), learner.logprobs(batch), strict=True):
