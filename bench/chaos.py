@@ -44,10 +44,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import REPO, fmt, machine_header, table, write_json
-
-_ENTRY = "import sys; from prorl_async.cli import main; sys.exit(main())"
-
+from _runs import _ENTRY, REPO, fmt, machine_header, table, write_json
 
 # ------------------------------------------------------------------------------------------- processes
 
@@ -60,13 +57,6 @@ class Supervised:
         with log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-c", _ENTRY, *argv], cwd=REPO, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
 
     def stop(self) -> None:
         """SIGINT (checkpoint, clean stop), then the whole group this script started if it does not end."""
@@ -88,11 +78,10 @@ def run_pids(run_dir: Path) -> dict[str, int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    from prorl_async.lifecycle import process_table
+
+    entry = process_table().get(pid)
+    return entry is not None and entry[0] not in ("Z", "X")
 
 
 def rss_by_process(root_pid: int, names: dict[int, str]) -> dict[str, float]:
@@ -134,6 +123,7 @@ def final_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def drawn_prompt_ids(cfg: Any, samplers: dict[str, dict[str, Any]]) -> tuple[list[str], int]:
     """Every prompt the generators drew on the final timeline (replayed), and the highest epoch reached."""
     from prorl_async.sampler import PromptSampler
+    from prorl_async.tasks import task_id
 
     ids, epoch = [], 0
     for state in samplers.values():
@@ -142,7 +132,7 @@ def drawn_prompt_ids(cfg: Any, samplers: dict[str, dict[str, Any]]) -> tuple[lis
         for _ in range(int(state["draws"])):
             d = sampler.next()
             spec = cfg.tasks.mix[d.spec]
-            ids.append(f"{spec.domain}/{spec.name}/{d.spec}/train/{d.index}")
+            ids.append(task_id(spec.domain, spec.name, d.spec, "train", d.index))
             epoch = max(epoch, d.epoch)
     return ids, epoch
 
@@ -153,6 +143,7 @@ def account(run_dir: Path) -> dict[str, Any]:
     from prorl_async.messages import decode
     from prorl_async.metrics import read_metrics
     from prorl_async.run_state import latest_checkpoint, load_run_state
+    from prorl_async.tasks import task_id
 
     cfg = load_config(run_dir / "config.toml")
     checkpoint = latest_checkpoint(run_dir)
@@ -163,8 +154,9 @@ def account(run_dir: Path) -> dict[str, Any]:
     steps = [s for s in final_timeline(read_metrics(run_dir / "metrics.jsonl")) if s["version"] <= version]
     trained = [p for s in steps for p in s["prompt_ids"]]
     buffered = [decode(f).prompt_id for f in [*buffer_state["groups"], *buffer_state.get("parked", [])]]
-    spec_ids = [f"{s.domain}/{s.name}/{i}/train/" for i, s in enumerate(cfg.tasks.mix)]
-    requeued = [spec_ids[d[0]] + str(d[1]) for st in samplers.values() for d in st["requeued"]]
+    mix = cfg.tasks.mix
+    requeued = [task_id(mix[d[0]].domain, mix[d[0]].name, d[0], "train", d[1])
+                for st in samplers.values() for d in st["requeued"]]
     drawn, epoch = drawn_prompt_ids(cfg, samplers)
     counters = buffer_state["counters"]
     dropped = {k: int(v) for k, v in counters.items() if k not in ("received", "yielded") and v}

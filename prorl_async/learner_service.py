@@ -478,15 +478,6 @@ class LearnerService:
                     sender: Any) -> None:
         """One trainer step (one policy version) on ``groups``, the broadcast, the step record, a checkpoint."""
         cfg, learner = self.cfg, self.learner
-        problems = [untrainable(g, learner.vocab_size) for g in groups]
-        if any(problems):  # the last line (the buffer yielded them: counted by the service, not the buffer)
-            for group, problem in zip(groups, problems, strict=True):
-                if problem is not None:
-                    self._count("untrainable")
-                    self._log_untrainable(group, problem)
-            groups = [g for g, problem in zip(groups, problems, strict=True) if problem is None]
-            if not groups:
-                return
         summary = batch_summary(groups, learner.policy_version)
         batch = groups_to_batch(groups)
         sync: dict[str, Any] = {}

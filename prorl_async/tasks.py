@@ -99,6 +99,11 @@ def derive_seed(*parts: Any) -> int:
 # ------------------------------------------------------------------------------------------- splits
 
 
+def task_id(domain: str, name: str, spec_index: int, split: str, index: int) -> str:
+    """A task's id (the wire's ``prompt_id``): its spec and its problem index in that spec's split."""
+    return f"{domain}/{name}/{spec_index}/{split}/{index}"
+
+
 class _Split:
     """Validation and training problems of one spec; built lazily, on first use."""
 
@@ -193,7 +198,7 @@ class _Split:
         spec = self.spec
         shots = {"few_shot": self.examples()} if self.cfg.few_shot and problem.answer is not None else {}
         return Task(
-            id=f"{spec.domain}/{spec.name}/{self.spec_index}/{split}/{index}",
+            id=task_id(spec.domain, spec.name, self.spec_index, split, index),
             domain=spec.domain,
             name=spec.name,
             question=problem.question,
