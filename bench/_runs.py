@@ -373,7 +373,7 @@ def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, heigh
     ``"legend"`` (a name per series, in the series' colours, top right). Series take the palette's colours in
     order; axes are scaled to the data (y from 0 when all values are >= 0) and labelled with their extremes.
     """
-    from prorl_async.evaluation_report import _Canvas  # the tiny PNG rasteriser; reused, not copied
+    from prorl_async.eval.report import _Canvas  # the tiny PNG rasteriser; reused, not copied
 
     canvas = _Canvas(width * len(panels), height)
     pad, top, grey = 28, 34, (90, 90, 90)

@@ -36,9 +36,9 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from prorl_async.envs.score import score
+    from prorl_async.envs.tasks import TaskMix, render_prompt
     from prorl_async.models import resolve_model
-    from prorl_async.rewards import score
-    from prorl_async.tasks import TaskMix, render_prompt
 
     model_dir = str(resolve_model(cfg.model.name))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -78,7 +78,7 @@ def run_pids(run_dir: Path) -> dict[str, int]:
 
 
 def _alive(pid: int) -> bool:
-    from prorl_async.lifecycle import process_table
+    from prorl_async.supervisor.lifecycle import process_table
 
     entry = process_table().get(pid)
     return entry is not None and entry[0] not in ("Z", "X")
@@ -86,7 +86,7 @@ def _alive(pid: int) -> bool:
 
 def rss_by_process(root_pid: int, names: dict[int, str]) -> dict[str, float]:
     """RSS in MiB of ``root_pid`` and every descendant, named by ``names`` (pids.json) or by parent + command."""
-    from prorl_async.lifecycle import process_table
+    from prorl_async.supervisor.lifecycle import process_table
 
     children: dict[int, list[int]] = {}
     for pid, (_, ppid, _) in process_table().items():
@@ -122,8 +122,8 @@ def final_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def drawn_prompt_ids(cfg: Any, samplers: dict[str, dict[str, Any]]) -> tuple[list[str], int]:
     """Every prompt the generators drew on the final timeline (replayed), and the highest epoch reached."""
-    from prorl_async.sampler import PromptSampler
-    from prorl_async.tasks import task_id
+    from prorl_async.envs.tasks import task_id
+    from prorl_async.learner.prompts import PromptSampler
 
     ids, epoch = [], 0
     for state in samplers.values():
@@ -140,10 +140,10 @@ def drawn_prompt_ids(cfg: Any, samplers: dict[str, dict[str, Any]]) -> tuple[lis
 def account(run_dir: Path) -> dict[str, Any]:
     """The prompt ledger of a finished run (module docstring)."""
     from prorl_async.config import load_config
-    from prorl_async.messages import decode
-    from prorl_async.metrics import read_metrics
-    from prorl_async.run_state import latest_checkpoint, load_run_state
-    from prorl_async.tasks import task_id
+    from prorl_async.envs.tasks import task_id
+    from prorl_async.monitor.metrics import read_metrics
+    from prorl_async.transport.messages import decode
+    from prorl_async.utils.run_dir import latest_checkpoint, load_run_state
 
     cfg = load_config(run_dir / "config.toml")
     checkpoint = latest_checkpoint(run_dir)
@@ -185,7 +185,7 @@ def account(run_dir: Path) -> dict[str, Any]:
 
 
 def chaos(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    from prorl_async.run_state import latest_checkpoint
+    from prorl_async.utils.run_dir import latest_checkpoint
 
     run_dir = out_dir / "run"
     budget_s = args.minutes * 60

@@ -77,8 +77,8 @@ print("@@raw " + json.dumps({"tokens": tokens, "seconds": dt}), flush=True)
 def prompts_of(cfg: Config, count: int) -> list[list[int]]:
     from transformers import AutoTokenizer
 
+    from prorl_async.envs.tasks import TaskMix, render_prompt
     from prorl_async.models import resolve_model
-    from prorl_async.tasks import TaskMix, render_prompt
 
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
     mix = TaskMix(cfg.tasks)
@@ -104,8 +104,8 @@ def run_raw(cfg: Config, prompts: list[list[int]]) -> dict:
 def run_generator(cfg: Config, config_path: Path, groups: int, warmup: int) -> dict:
     import zmq
 
-    from prorl_async.messages import Metrics, Stop, TrajectoryGroup, WeightsReady, decode, encode
-    from prorl_async.transport import Transport, bound_endpoint
+    from prorl_async.transport.messages import Metrics, Stop, TrajectoryGroup, WeightsReady, decode, encode
+    from prorl_async.transport.sockets import Transport, bound_endpoint
 
     with Transport(cfg.transport) as transport:
         pull = transport.socket(zmq.PULL, transport.endpoint("groups"), bind=True, groups=True)

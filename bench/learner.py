@@ -61,7 +61,7 @@ DEFAULT_BATCH = (4, 8, 48, 128)
 
 
 def _machine() -> dict:
-    from prorl_async.learner import available_cores
+    from prorl_async.learner.trainer import available_cores
 
     return {**machine_info(), "usable_cores": available_cores()}
 
@@ -76,7 +76,7 @@ def grouped_batch(groups: int, group_size: int, prompt_tokens: int, response_ran
     """Random token ids, one prompt per group as in real batches; response lengths uniform in ``response_range``."""
     import torch
 
-    from prorl_async.learner import TrainBatch, TrainSample
+    from prorl_async.learner.trainer import TrainBatch, TrainSample
 
     g = torch.Generator().manual_seed(seed)
     samples = []
@@ -98,7 +98,7 @@ def run_sharing(model: str, path: str, steps: int, threads: int, prompt_tokens: 
     import torch
 
     from prorl_async.config import load_config
-    from prorl_async.learner import Learner
+    from prorl_async.learner.trainer import Learner
 
     base = load_config()  # configs/default.toml
     group_size, groups, resp = base.sampling.group_size, base.learner.batch_groups, base.sampling.max_response_tokens
@@ -187,7 +187,7 @@ def run_one(model: str, precision: str, steps: int, device: str, threads: int) -
     import torch
 
     from prorl_async.config import Config
-    from prorl_async.learner import Learner
+    from prorl_async.learner.trainer import Learner
 
     groups, group_size, _, _ = BATCHES.get(model, DEFAULT_BATCH)
     data = {

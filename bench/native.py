@@ -4,7 +4,7 @@ and, on a GPU, achieved memory bandwidth against the device's copy bandwidth mea
     python bench/native.py [--quick] [--json PATH] [--dtype float32|bfloat16] [--threads N] [--no-compile]
 
 Ops: ``group_advantage`` (one reward per row, groups of `samples`), ``kl_reduce`` forward, and ``kl_reduce`` forward +
-backward (``kl_sum.backward()``), each through its public dispatcher (``prorl_async.kl.kl_reduce`` in native
+backward (``kl_sum.backward()``), each through its public dispatcher (``prorl_async.algo.kl.kl_reduce`` in native
 mode, Python overhead included) against ``*_reference`` eagerly and under ``torch.compile(dynamic=True)``.
 Shapes: rows = prompts x samples, T = padded tokens per row, responses right-padded to a uniform random
 length (about half the tokens masked), log-prob gaps ~ N(0, 0.3). Up to the paper's 256 prompts x 16
@@ -39,9 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prorl_async import _native
-from prorl_async.advantage import group_advantage, group_advantage_reference
-from prorl_async.kl import kl_reduce, kl_reduce_reference
+from prorl_async.algo import native as _native
+from prorl_async.algo.advantage import group_advantage, group_advantage_reference
+from prorl_async.algo.kl import kl_reduce, kl_reduce_reference
 
 # (name, prompts, samples, T)
 SHAPES = [

@@ -5,8 +5,8 @@
 
 What it measures and why: whether this trainer is worth using over the common baseline. Both sides train the
 config's model (``resolve_model``: SmolLM2-135M-Instruct for the embedded default) on the same rendered prompts
-(``prorl_async.tasks``: chat template, few-shot turns, ``<answer>`` prefill), scored by the same verifiers
-(``prorl_async.rewards.score``: TRL's reward function sends each completion to a scorer process of this
+(``prorl_async.envs.tasks``: chat template, few-shot turns, ``<answer>`` prefill), scored by the same verifiers
+(``prorl_async.envs.score.score``: TRL's reward function sends each completion to a scorer process of this
 project's environment), with the same group size, samples per step, temperature, learning rate and number of
 steps. Reported per side: seconds per 1,000 trained samples in steady state (after the first step) and end to
 end, the samples scored (this trainer scores more than it trains: its variance filter drops groups whose answers
@@ -90,8 +90,8 @@ def write_dataset(cfg: Any, rows: int, path: Path) -> Path:
     """The first ``rows`` training prompts of the config's task mix, rendered as our generators render them."""
     from transformers import AutoTokenizer
 
+    from prorl_async.envs.tasks import TaskMix, render_prompt
     from prorl_async.models import resolve_model
-    from prorl_async.tasks import TaskMix, render_prompt
 
     model_dir = resolve_model(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -107,7 +107,7 @@ def write_dataset(cfg: Any, rows: int, path: Path) -> Path:
 
 def serve_scores() -> int:
     """``--serve-scores``: one JSON line in (``text``, ``task``), one reward line out; this project's verifiers."""
-    from prorl_async.rewards import score
+    from prorl_async.envs.score import score
 
     for line in sys.stdin:
         item = json.loads(line)

@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.rewards import score
-from prorl_async.rewards.extract import parse_number
-from prorl_async.rewards.sandbox import run_python
-from prorl_async.tasks import Task, TaskMix
+from prorl_async.envs.domains.extract import parse_number
+from prorl_async.envs.sandbox import run_python
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import Task, TaskMix
 
 EASY = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 FILLER = "Let me work through this step by step, checking each part of the question carefully. " * 3

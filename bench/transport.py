@@ -27,8 +27,8 @@ import trio
 import zmq
 
 from prorl_async.config import TransportConfig
-from prorl_async.messages import Metrics, Sample, Stop, TrajectoryGroup, WeightsReady, decode, encode
-from prorl_async.transport import ControlPublisher, Sender, Subscriber, Transport, handshake, receive_loop
+from prorl_async.transport.messages import Metrics, Sample, Stop, TrajectoryGroup, WeightsReady, decode, encode
+from prorl_async.transport.sockets import ControlPublisher, Sender, Subscriber, Transport, handshake, receive_loop
 
 VOCAB = 151_936  # Qwen2's vocabulary: token ids use the full int32 range a real run has
 

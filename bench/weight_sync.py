@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prorl_async.weight_receiver import WeightSyncWorkerExtension  # torch only, no vLLM
+from prorl_async.transport.weights.receiver import WeightSyncWorkerExtension  # torch only, no vLLM
 
 MODELS = ("tiny-random", "smollm2-135m-instruct")
 BENCH_EXTENSION = "weight_sync.BenchWorkerExtension"  # this file, on the vLLM worker's path (Child's PYTHONPATH)
@@ -164,7 +164,7 @@ def plain_child(host: str, port: int, cfg: dict, device: str = "cpu") -> None:
     import torch
 
     from prorl_async.config import WeightSyncConfig
-    from prorl_async.weight_receiver import WeightReceiver
+    from prorl_async.transport.weights.receiver import WeightReceiver
 
     rx = WeightReceiver(WeightSyncConfig(**cfg), host, port, "plain.rank0", device)
     dst: dict[str, torch.Tensor] = {}
@@ -284,7 +284,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str,
 
     from prorl_async.config import WeightSyncConfig
     from prorl_async.models import resolve_model
-    from prorl_async.weight_sync import WeightSender
+    from prorl_async.transport.weights.sender import WeightSender
 
     model_dir = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)

@@ -4,7 +4,7 @@
 
 A CPU build of torch ships the CUDA headers but not libc10_cuda/libtorch_cuda, so the extension cannot
 link here; nvcc can still compile the kernels against torch's headers with the flags a real build uses
-(torch.utils.cpp_extension.load, as prorl_async._native does on GPU machines), given a stub of the one
+(torch.utils.cpp_extension.load, as prorl_async.algo.native does on GPU machines), given a stub of the one
 generated c10/cuda header that CPU builds lack (c10/cuda/impl/cuda_cmake_macros.h). Exit status 0 when the
 object file was produced; the compiler's output is printed otherwise. Takes about a minute.
 Not part of the default test run: tests/native/test_cuda_compile.py runs it when PRORL_CUDA_COMPILE_CHECK=1.
@@ -34,7 +34,7 @@ def find_cuda_home() -> Path | None:
 
 def compile_check(arch: str = "9.0", keep: Path | None = None) -> tuple[bool, str]:
     """(object file produced, compiler output)."""
-    from prorl_async import _native
+    from prorl_async.algo import native as _native
 
     cuda_home = find_cuda_home()
     if cuda_home is None:

@@ -1,6 +1,6 @@
 // prorl native ops: the schemas (TORCH_LIBRARY), the argument checks and the CPU implementations, which
 // hand contiguous tensors to the loops in cpu_kernels.cpp; CUDA: ops_cuda.cu; shared math: prorl_math.h.
-// The Python side (prorl_async/_native.py) builds these files and registers the fake kernels and the autograd
+// The Python side (prorl_async/algo/native.py) builds these files and registers the fake kernels and the autograd
 // formula; prorl_async/{advantage,kl}.py hold the plain-PyTorch references the kernels must match.
 //
 //   group_advantage(rewards (G*n,), n, eps, normalize_std) -> (G*n,) float32

@@ -100,7 +100,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from prorl_async.config import load_config
     from prorl_async.errors import UserError
-    from prorl_async.orchestrator import resume_config, run
+    from prorl_async.supervisor.supervisor import resume_config, run
 
     if args.resume is not None:
         if args.config is not None:
@@ -117,7 +117,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from prorl_async.config import load_config
     from prorl_async.errors import UserError
-    from prorl_async.evaluation_run import find_run_config, run_eval
+    from prorl_async.eval.run import find_run_config, run_eval
 
     overrides = list(args.overrides)  # the shortcut flags come last: they win over --set
     if args.tasks:

@@ -158,7 +158,7 @@ class GeneratorConfig(_Section):
     learner's (max_staleness + 1) x batch_groups evenly over the generators."""
     reward_function: str = ""
     """``module:function`` called as ``fn(text, task_dict) -> reward | (reward, reason)`` in the scoring pool;
-    empty uses the built-in verifiers (``prorl_async.rewards.score``)."""
+    empty uses the built-in verifiers (``prorl_async.envs.score.score``)."""
 
 
 class BufferConfig(_Section):

@@ -8,7 +8,7 @@ import os
 import time
 from itertools import count
 
-from prorl_async.rewards import score
+from prorl_async.envs.score import score
 
 HANG_S = 3600.0
 

@@ -46,7 +46,7 @@ def _script(ckpt: Path, config_path: Path, out: Path) -> None:
     from vllm.inputs import TokensPrompt
 
     from prorl_async.config import load_config
-    from prorl_async.learner import Learner, TrainBatch, TrainSample
+    from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
 
     cfg = load_config(config_path)
     llm = LLM(
@@ -97,7 +97,7 @@ def test_checkpoint_serves_in_vllm_and_weights_reload(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from prorl_async.config import write_resolved
-    from prorl_async.learner import Learner, TrainBatch, TrainSample
+    from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
     from test_learner import hf_logprobs, random_batch, tiny_config

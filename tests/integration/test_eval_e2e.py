@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def reward(text: str, task: dict) -> tuple[float, str]:
-    from prorl_async.rewards import score
+    from prorl_async.envs.score import score
 
     _, reason = score(text, task)
     return float(len(text) % 2 == 0), f"even length test reward (verifier: {reason})"

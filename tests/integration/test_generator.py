@@ -31,11 +31,20 @@ import torch
 import zmq
 
 from prorl_async.config import Config, write_resolved
-from prorl_async.messages import Heartbeat, Metrics, Ready, Stop, TrajectoryGroup, WeightsReady, decode, encode
-from prorl_async.rewards import score
-from prorl_async.tasks import TaskMix
-from prorl_async.transport import Transport, bound_endpoint
-from prorl_async.weight_sync import WeightSender
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import TaskMix
+from prorl_async.transport.messages import (
+    Heartbeat,
+    Metrics,
+    Ready,
+    Stop,
+    TrajectoryGroup,
+    WeightsReady,
+    decode,
+    encode,
+)
+from prorl_async.transport.sockets import Transport, bound_endpoint
+from prorl_async.transport.weights.sender import WeightSender
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 

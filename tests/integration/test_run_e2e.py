@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from prorl_async.lifecycle import process_table
-from prorl_async.metrics import read_metrics
+from prorl_async.monitor.metrics import read_metrics
+from prorl_async.supervisor.lifecycle import process_table
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -179,7 +179,7 @@ def _hostile_frames(vocab: int) -> list[list[bytes]]:
     a group with token ids outside the model's vocabulary (but below 2**31)."""
     import numpy as np
 
-    from prorl_async.messages import Sample, TrajectoryGroup, encode
+    from prorl_async.transport.messages import Sample, TrajectoryGroup, encode
 
     def group(seq: int, ids: list[int]) -> TrajectoryGroup:
         n = len(ids)

@@ -18,8 +18,8 @@ import zmq.auth
 from transport_peer import BAD_MESSAGES, make_group
 
 from prorl_async.config import TransportConfig
-from prorl_async.messages import Heartbeat, Message, Ready, Stop, TrajectoryGroup, WeightsReady, decode
-from prorl_async.transport import ControlPublisher, Rejections, Sender, Transport, receive_loop
+from prorl_async.transport.messages import Heartbeat, Message, Ready, Stop, TrajectoryGroup, WeightsReady, decode
+from prorl_async.transport.sockets import ControlPublisher, Rejections, Sender, Transport, receive_loop
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""The real TUI in a real terminal: ``python -m prorl_async.tui --replay`` inside tmux, read with capture-pane.
+"""The real TUI in a real terminal: ``python -m prorl_async.monitor.tui --replay`` inside tmux, read with capture-pane.
 
 The replay writes a recorded run's lines into a fresh run directory (each line in two writes) while the TUI
 follows it, exactly as during ``prorl-async run``. Every tmux command goes to a server on a socket of this
@@ -95,7 +95,7 @@ def test_replay_in_a_terminal_shows_what_a_person_needs(tmux: Tmux, tmp_path: Pa
     recorded.mkdir()
     shutil.copyfile(SAMPLE, recorded / "metrics.jsonl")
     (recorded / "config.toml").write_text(CONFIG_TOML)
-    tmux.start(f"{sys.executable} -m prorl_async.tui --replay {recorded / 'metrics.jsonl'} --interval-s 0.05 "
+    tmux.start(f"{sys.executable} -m prorl_async.monitor.tui --replay {recorded / 'metrics.jsonl'} --interval-s 0.05 "
                f"--hold; echo TUI-EXITED $?; sleep 60")
 
     screen = tmux.wait_for("pass@4 0.688")  # the validation record is the last one of the file
@@ -121,7 +121,7 @@ def test_replay_in_a_terminal_shows_what_a_person_needs(tmux: Tmux, tmp_path: Pa
 
 
 def test_replay_without_a_terminal_prints_plain_lines(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "prorl_async.tui", "--replay", str(SAMPLE), "--plain",
+    done = subprocess.run([sys.executable, "-m", "prorl_async.monitor.tui", "--replay", str(SAMPLE), "--plain",
                            "--interval-s", "0.02"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -132,7 +132,7 @@ def test_replay_without_a_terminal_prints_plain_lines(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_ends_a_replay_midway_without_a_traceback(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "prorl_async.tui", "--replay", str(SAMPLE), "--plain",
+    proc = subprocess.Popen([sys.executable, "-m", "prorl_async.monitor.tui", "--replay", str(SAMPLE), "--plain",
                              "--interval-s", "0.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO)
     try:

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from prorl_async.config import WeightSyncConfig
-from prorl_async.weight_sync import WeightSender
+from prorl_async.transport.weights.sender import WeightSender
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -21,8 +21,8 @@ import numpy as np
 import zmq
 
 from prorl_async.config import TransportConfig
-from prorl_async.messages import Heartbeat, Sample, Stop, TrajectoryGroup
-from prorl_async.transport import Sender, Subscriber, Transport, TransportError, handshake
+from prorl_async.transport.messages import Heartbeat, Sample, Stop, TrajectoryGroup
+from prorl_async.transport.sockets import Sender, Subscriber, Transport, TransportError, handshake
 
 # Bad messages the generator sends between its groups, and the reason each must be counted under.
 BAD_MESSAGES: list[tuple[list[bytes], str]] = [

@@ -1,7 +1,7 @@
 """A minimal generator for the weight-sync tests: vLLM ``AsyncLLM`` (CPU) with the weight-sync worker extension,
 driven by JSON commands on stdin; it answers ``@@ws {json}`` lines on stdout (vLLM logs there too).
 
-It uses the calls the module docstring of ``prorl_async.weight_sync`` documents: join, then for an update
+It uses the calls the module docstring of ``prorl_async.transport.weights.sender`` documents: join, then for an update
 pause (keep) -> ``weight_sync_receive`` -> reset the prefix cache, running requests included -> resume, and
 stamps each token with the version of the weights that produced it from ``inflight_tokens``.
 
@@ -60,7 +60,7 @@ class Generator:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        from prorl_async.weight_receiver import split_request_id
+        from prorl_async.transport.weights.receiver import split_request_id
 
         samples: dict[tuple[str, int], dict] = {}
         for r in requests:
@@ -100,7 +100,7 @@ async def main(model_dir: str, host: str, port: int, generator_id: int, cfg: dic
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from prorl_async.weight_sync import EXTENSION
+    from prorl_async.transport.weights.sender import EXTENSION
 
     args = AsyncEngineArgs(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
                            worker_extension_cls=EXTENSION, disable_log_stats=True)

@@ -14,7 +14,7 @@ def native_ops() -> frozenset[str]:
 
     Skips only where there is no C++ compiler at all; a build that fails is a test failure.
     """
-    from prorl_async import _native
+    from prorl_async.algo import native as _native
 
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None and not _native.build_dir().joinpath(f"{_native.LIBRARY_NAME}.so").is_file():
@@ -25,7 +25,7 @@ def native_ops() -> frozenset[str]:
 @pytest.fixture
 def ops_mode(monkeypatch: pytest.MonkeyPatch):
     """Set the dispatch mode for one test (as learner.ops would), restored afterwards."""
-    from prorl_async import _native
+    from prorl_async.algo import native as _native
 
     def set_mode(mode: str) -> None:
         monkeypatch.setattr(_native, "_configured", mode)

@@ -19,7 +19,7 @@ import pytest
 PROBE = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING)
-from prorl_async import _native
+from prorl_async.algo import native as _native
 print(sorted(_native.load()))
 try:
     torch.ops.prorl.group_advantage(torch.zeros(3), 2, 1e-6, True)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from prorl_async import _native
+from prorl_async.algo import native as _native
 
 
 @pytest.mark.skipif(os.environ.get("PRORL_CUDA_COMPILE_CHECK") != "1", reason="set PRORL_CUDA_COMPILE_CHECK=1")

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from prorl_async import _native
+from prorl_async.algo import native as _native
 from prorl_async.errors import UserError
 
 
@@ -61,8 +61,8 @@ def test_reference_mode_never_loads(fresh_state, monkeypatch: pytest.MonkeyPatch
 
 
 def test_auto_falls_back_with_one_warning(fresh_state, monkeypatch: pytest.MonkeyPatch) -> None:
-    from prorl_async.advantage import group_advantage, group_advantage_reference
-    from prorl_async.kl import kl_reduce
+    from prorl_async.algo.advantage import group_advantage, group_advantage_reference
+    from prorl_async.algo.kl import kl_reduce
 
     attempts = _unavailable(monkeypatch)
     rewards = torch.rand(8)
@@ -97,11 +97,11 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 _TWO_CALLS = """
 import torch
-from prorl_async.kl import kl_reduce
-from prorl_async.advantage import group_advantage
+from prorl_async.algo.kl import kl_reduce
+from prorl_async.algo.advantage import group_advantage
 kl_reduce(-torch.rand(2, 3), -torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool))
 group_advantage(torch.rand(8), 4)
-from prorl_async import _native
+from prorl_async.algo import native as _native
 print("loaded" if _native._devices else "reference")
 """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorl_async.advantage import group_advantage_reference
-from prorl_async.kl import KLReduction, kl_reduce_reference
+from prorl_async.algo.advantage import group_advantage_reference
+from prorl_async.algo.kl import KLReduction, kl_reduce_reference
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorl_async.advantage import group_advantage, group_advantage_reference
+from prorl_async.algo.advantage import group_advantage, group_advantage_reference
 
 
 def _rewards(groups: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

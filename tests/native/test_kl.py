@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorl_async.kl import KLReduction, kl_reduce, kl_reduce_reference
+from prorl_async.algo.kl import KLReduction, kl_reduce, kl_reduce_reference
 
 
 def _batch(rows: int, T: int, dtype: torch.dtype = torch.float32, seed: int = 0, spread: float = 0.3):

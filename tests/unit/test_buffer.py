@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from prorl_async.buffer import (
+from prorl_async.learner.buffer import (
     DROP_REASONS,
     AutoStaleness,
     BufferStarved,
@@ -20,7 +20,7 @@ from prorl_async.buffer import (
     admission_capacity,
     variance_outcome,
 )
-from prorl_async.messages import Sample, TrajectoryGroup
+from prorl_async.transport.messages import Sample, TrajectoryGroup
 
 MIXED, ALL_RIGHT, ALL_WRONG, ALL_HALF = (0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.5, 0.5, 0.5)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from prorl_async import cli, evaluation_report
+from prorl_async import cli
 from prorl_async.config import load_config
+from prorl_async.envs.tasks import TaskMix
 from prorl_async.errors import UserError
-from prorl_async.evaluation import PromptResult
-from prorl_async.evaluation_run import (
+from prorl_async.eval import report as evaluation_report
+from prorl_async.eval.run import (
     EvalModel,
     assemble,
     eval_tasks,
@@ -22,7 +23,7 @@ from prorl_async.evaluation_run import (
     resolve_eval_model,
     select_specs,
 )
-from prorl_async.tasks import TaskMix
+from prorl_async.eval.stats import PromptResult
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "default.toml"
@@ -92,7 +93,7 @@ def test_cli_flags_become_eval_overrides(monkeypatch: pytest.MonkeyPatch) -> Non
         seen.update(cfg=cfg, model=model, compare=compare, out_dir=out_dir)
         return {}
 
-    monkeypatch.setattr("prorl_async.evaluation_run.run_eval", fake_run_eval)
+    monkeypatch.setattr("prorl_async.eval.run.run_eval", fake_run_eval)
     assert cli.main(["eval", "tiny-random", "--tasks", "chain_sum,letter_counting", "--k", "1,16,32",
                      "--prompts", "3", "--compare", "other", "--out", "/tmp/x"]) == 0
     cfg = seen["cfg"]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prorl_async.evaluation import (
+from prorl_async.eval.stats import (
     PromptResult,
     compare,
     count_correct,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from prorl_async.config import Config
-from prorl_async.evaluation_run import resolve_eval_model
-from prorl_async.orchestrator import Supervisor
-from prorl_async.run_state import latest_checkpoint
+from prorl_async.eval.run import resolve_eval_model
+from prorl_async.supervisor.supervisor import Supervisor
+from prorl_async.utils.run_dir import latest_checkpoint
 
 
 def _checkpoint(path: Path) -> Path:

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from prorl_async.config import Config
-from prorl_async.learner import Learner, TrainBatch, TrainSample, plan_micro_batches
+from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample, plan_micro_batches
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:

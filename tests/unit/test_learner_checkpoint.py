@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from test_learner import hf_logprobs, random_batch, tiny_config
 
-from prorl_async.learner import Learner
+from prorl_async.learner.trainer import Learner
 
 
 def test_resume_is_exact(tiny_model_dir, tmp_path):

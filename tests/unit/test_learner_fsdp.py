@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_learner import tiny_config
 
 from prorl_async.config import Config
-from prorl_async.learner import Learner, TrainBatch, TrainSample
+from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
 
 
 def fsdp_config() -> Config:

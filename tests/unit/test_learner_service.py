@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prorl_async.learner_service import batch_summary, groups_to_batch
-from prorl_async.messages import Sample, TrajectoryGroup
-from prorl_async.metrics import MetricsLog, read_metrics
+from prorl_async.learner.service import batch_summary, groups_to_batch
+from prorl_async.monitor.metrics import MetricsLog, read_metrics
+from prorl_async.transport.messages import Sample, TrajectoryGroup
 
 
 def _group(prompt_id: str, rewards: list[float], version: int, domain: str = "logic") -> TrajectoryGroup:
@@ -105,7 +105,7 @@ def test_metrics_log_writes_tensorboard_scalars(tmp_path: Path) -> None:
 
 def test_auto_staleness_follows_the_step_cycle(tmp_path: Path) -> None:
     from prorl_async.config import Config
-    from prorl_async.learner_service import LearnerService
+    from prorl_async.learner.service import LearnerService
 
     cfg = Config.model_validate({"model": {"name": "tiny-random"}, "buffer": {"max_staleness": "auto",
                                                                              "auto_max_staleness": 2}})

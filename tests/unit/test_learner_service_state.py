@@ -11,11 +11,11 @@ import numpy as np
 import trio
 import trio.testing
 
-from prorl_async.buffer import ReplayBuffer
 from prorl_async.config import load_config
-from prorl_async.learner_service import LearnerService, untrainable
-from prorl_async.messages import Metrics, Sample, TrajectoryGroup
-from prorl_async.reset import ResetPolicy
+from prorl_async.learner.buffer import ReplayBuffer
+from prorl_async.learner.reset import ResetPolicy
+from prorl_async.learner.service import LearnerService, untrainable
+from prorl_async.transport.messages import Metrics, Sample, TrajectoryGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 100

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 
-from prorl_async import _native
+from prorl_async.algo import native as _native
+from prorl_async.algo.loss import merge_stats, prorl_loss, token_logprobs
 from prorl_async.config import LossConfig
-from prorl_async.loss import merge_stats, prorl_loss, token_logprobs
 
 LN = math.log
 

@@ -14,10 +14,10 @@ import shutil
 import pytest
 import torch
 
-from prorl_async import _native
+from prorl_async.algo import native as _native
+from prorl_async.algo.kl import kl_reduce_reference
+from prorl_async.algo.loss import merge_stats, prorl_loss
 from prorl_async.config import LossConfig
-from prorl_async.kl import kl_reduce_reference
-from prorl_async.loss import merge_stats, prorl_loss
 
 
 def use_ops(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:

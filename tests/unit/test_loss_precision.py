@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prorl_async.loss import token_logprobs
+from prorl_async.algo.loss import token_logprobs
 
 N, H, V = 48, 64, 300
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from prorl_async.messages import (
+from prorl_async.transport.messages import (
     REASONS,
     SCHEMA_VERSION,
     Heartbeat,
@@ -28,7 +28,7 @@ from prorl_async.messages import (
     decode,
     encode,
 )
-from prorl_async.transport import Rejections
+from prorl_async.transport.sockets import Rejections
 
 VOCAB = 1000
 LIMITS = Limits(vocab_size=VOCAB, max_samples=16, max_response_tokens=64, max_prompt_tokens=64)
@@ -301,7 +301,7 @@ def test_truncated_or_corrupted_messages_never_crash_the_decoder(msg: object, da
 def test_rejections_count_every_message_and_log_each_reason_once(caplog: pytest.LogCaptureFixture) -> None:
     rejections = Rejections("test receiver")
     bad = [[b"X", b""], [b"W", b"\xc1"], [b"X", b""], [b"W", msgpack.packb({"v": 99, "version": 1})], [b"X", b""]]
-    with caplog.at_level(logging.WARNING, logger="prorl_async.transport"):
+    with caplog.at_level(logging.WARNING, logger="prorl_async.transport.sockets"):
         for frames in bad:
             try:
                 decode(frames, LIMITS)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_learner import hf_logprobs, on_policy, tiny_config
 
-from prorl_async.learner import Learner, TrainBatch, TrainSample
-from prorl_async.prefix_forward import Unit, block_attention_mask, collate, plan_units
+from prorl_async.learner.packing import Unit, block_attention_mask, collate, plan_units
+from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
 
 
 def grouped_batch(
@@ -63,7 +63,7 @@ def test_shared_logprobs_equal_unshared_and_plain_transformers(pair, tiny_model_
 
 def _logprob_grads(learner: Learner, batch: TrainBatch, budget: int) -> dict[str, torch.Tensor]:
     """Gradients of a weighted sum of all response log-probs (a weight per token), micro-batch by micro-batch."""
-    from prorl_async.learner import _Prepared
+    from prorl_async.learner.trainer import _Prepared
 
     learner.policy.zero_grad(set_to_none=True)
     data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
@@ -94,7 +94,7 @@ def test_shared_gradients_equal_unshared(pair, budget):
     ids=["one-mini-batch", "proximal-pass-and-small-budget"],
 )
 def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner_fields):
-    from prorl_async.learner import _Prepared
+    from prorl_async.learner.trainer import _Prepared
 
     shared, unshared = learners(**learner_fields)
     # Group 1's samples have different prompts: it takes the unshared rows inside the shared learner too.

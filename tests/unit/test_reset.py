@@ -6,10 +6,10 @@ import pytest
 import torch
 from test_learner import random_batch, tiny_config
 
+from prorl_async.algo.loss import prorl_loss
 from prorl_async.config import LossConfig, ResetConfig
-from prorl_async.learner import Learner
-from prorl_async.loss import prorl_loss
-from prorl_async.reset import ResetPolicy
+from prorl_async.learner.reset import ResetPolicy
+from prorl_async.learner.trainer import Learner
 
 
 def _run(policy: ResetPolicy, shares: list[float]) -> list[tuple[int, str]]:

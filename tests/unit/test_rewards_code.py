@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.rewards import score
-from prorl_async.tasks import TaskMix
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import TaskMix
 
 
 @pytest.fixture(scope="module")

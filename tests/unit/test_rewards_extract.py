@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from prorl_async.rewards.extract import choice_letter, code_block, final_answer, parse_number
+from prorl_async.envs.domains.extract import choice_letter, code_block, final_answer, parse_number
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.rewards import ifeval_checks, score
-from prorl_async.tasks import Task, TaskMix
+from prorl_async.envs.domains import ifeval_checks
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import Task, TaskMix
 
 CASES = [  # (instruction id, kwargs, a response that follows it, one that does not)
     ("keywords:existence", {"keywords": ["moon", "tide"]}, "The Moon moves the tide.", "The sun rises."),

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import TaskMix
 from prorl_async.errors import UserError
-from prorl_async.rewards import score
-from prorl_async.tasks import TaskMix
 
 EASY_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
 

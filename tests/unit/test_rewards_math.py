@@ -7,9 +7,9 @@ import time
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.rewards import score
-from prorl_async.rewards.math import equivalent, explosive
-from prorl_async.tasks import TaskMix
+from prorl_async.envs.domains.math import equivalent, explosive
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import TaskMix
 
 
 @pytest.fixture(scope="module")

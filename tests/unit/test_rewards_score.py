@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prorl_async import rewards
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.rewards import score
-from prorl_async.tasks import Task, TaskMix
+from prorl_async.envs import score as rewards
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import Task, TaskMix
 
 JUNK = [
     "", " ", "<answer>", "</answer>", "<answer></answer>" * 1000, "<answer>" * 10000, "\\boxed{" * 5000,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import TaskMix, build_messages
 from prorl_async.errors import UserError
-from prorl_async.rewards import score
-from prorl_async.tasks import TaskMix, build_messages
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prorl_async.buffer import ReplayBuffer
-from prorl_async.messages import Sample, TrajectoryGroup
-from prorl_async.run_state import (
+from prorl_async.learner.buffer import ReplayBuffer
+from prorl_async.learner.prompts import PromptSampler
+from prorl_async.transport.messages import Sample, TrajectoryGroup
+from prorl_async.utils.run_dir import (
     SamplerLedger,
     begin,
     commit,
@@ -26,7 +27,6 @@ from prorl_async.run_state import (
     load_run_state,
     save_run_state,
 )
-from prorl_async.sampler import PromptSampler
 
 
 def _sampler() -> PromptSampler:
@@ -112,7 +112,7 @@ def test_a_child_stops_when_its_supervisor_is_killed(tmp_path: Path) -> None:
     marker = tmp_path / "child-stopped"
     child = textwrap.dedent(f"""
         import signal, sys, time, pathlib
-        from prorl_async.lifecycle import exit_with_parent
+        from prorl_async.supervisor.lifecycle import exit_with_parent
         def stop(*_):
             pathlib.Path({str(marker)!r}).write_text("sigterm")
             sys.exit(0)
@@ -123,7 +123,7 @@ def test_a_child_stops_when_its_supervisor_is_killed(tmp_path: Path) -> None:
     """)
     supervisor = textwrap.dedent(f"""
         import os, subprocess, sys
-        from prorl_async.lifecycle import supervisor_env
+        from prorl_async.supervisor.lifecycle import supervisor_env
         p = subprocess.Popen([sys.executable, "-c", {child!r}], env=supervisor_env(dict(os.environ)),
                              start_new_session=True, stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == "watching"

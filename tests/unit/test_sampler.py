@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prorl_async.sampler import Admission, Draw, PromptSampler, generator_budget
+from prorl_async.learner.prompts import Admission, Draw, PromptSampler, generator_budget
 
 
 def sampler(shard: int = 0, shards: int = 1, sizes=(10,), weights=None, seed: int = 7) -> PromptSampler:

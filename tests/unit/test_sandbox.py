@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prorl_async.rewards.sandbox import SANDBOX_UIDS, SandboxLimits, run_python
+from prorl_async.envs.sandbox import SANDBOX_UIDS, SandboxLimits, run_python
 
 FAST = SandboxLimits(timeout_s=1.5, cpu_s=1)
 OS_ONLY = SandboxLimits(timeout_s=1.5, cpu_s=1, python_guards=False)
@@ -205,7 +205,7 @@ def test_ctypes_and_subprocess_are_refused_by_the_guards():
 
 
 def test_failed_namespace_setup_falls_back_once(monkeypatch):
-    from prorl_async.rewards import sandbox
+    from prorl_async.envs import sandbox
 
     real_run = sandbox._run
     calls = []

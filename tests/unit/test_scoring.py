@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
-from prorl_async.scoring import ScoringError, ScoringPool, _score_one
-from prorl_async.tasks import TaskMix
+from prorl_async.envs.scoring_pool import ScoringError, ScoringPool, _score_one
+from prorl_async.envs.tasks import TaskMix
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,10 +8,10 @@ import pickle
 import pytest
 
 from prorl_async.config import TasksConfig, TaskSpec
+from prorl_async.envs.score import score
+from prorl_async.envs.tasks import Task, TaskMix, build_messages, render_prompt
 from prorl_async.errors import UserError
 from prorl_async.models import build_tiny_tokenizer
-from prorl_async.rewards import score
-from prorl_async.tasks import Task, TaskMix, build_messages, render_prompt
 
 EASY_SUM = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # about 200 distinct problems
 

@@ -19,8 +19,8 @@ import trio
 import trio.testing
 from rich.console import Console
 
-from prorl_async.tui import live_loop, plain_line, plain_loop, render, sparkline, wants_live
-from prorl_async.tui_view import RunView
+from prorl_async.monitor.tui.app import live_loop, plain_line, plain_loop, render, sparkline, wants_live
+from prorl_async.monitor.tui.view import RunView
 
 SAMPLE = Path(__file__).with_name("test_tui_sample.jsonl")
 CONFIG = {"run": {"max_steps": 3, "time_budget_s": 0.0}, "model": {"name": "tiny-random"},

@@ -11,11 +11,7 @@ import pytest
 import trio
 
 from prorl_async.config import load_config
-from prorl_async.learner_service import LearnerService
-from prorl_async.messages import Metrics, Ready, Validate, WeightsReady
-from prorl_async.metrics import read_metrics
-from prorl_async.reset import ResetPolicy
-from prorl_async.validation import (
+from prorl_async.eval.validation import (
     RESULTS_KEY,
     PromptRewards,
     ValidationTracker,
@@ -23,6 +19,10 @@ from prorl_async.validation import (
     encode_shard,
     validation_record,
 )
+from prorl_async.learner.reset import ResetPolicy
+from prorl_async.learner.service import LearnerService
+from prorl_async.monitor.metrics import read_metrics
+from prorl_async.transport.messages import Metrics, Ready, Validate, WeightsReady
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -262,7 +262,7 @@ def test_service_end_of_run_writes_an_incomplete_round_without_feeding_the_polic
 def test_service_end_of_run_drains_a_full_buffer_to_reach_the_answers_queued_behind_it(tmp_path: Path) -> None:
     import numpy as np
 
-    from prorl_async.messages import Sample, TrajectoryGroup
+    from prorl_async.transport.messages import Sample, TrajectoryGroup
 
     service, learner = _service(tmp_path)
     service._request_validation(FakeControl())

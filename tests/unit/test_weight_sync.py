@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prorl_async.config import WeightSyncConfig
-from prorl_async.weight_buckets import (
+from prorl_async.transport.weights.buckets import (
     ALIGN,
     BufferPool,
     TensorEntry,
@@ -31,8 +31,8 @@ from prorl_async.weight_buckets import (
     plan_buckets,
     unpack,
 )
-from prorl_async.weight_receiver import WeightReceiver, split_request_id
-from prorl_async.weight_sync import WeightSender, WeightSyncError, resolve_backend
+from prorl_async.transport.weights.receiver import WeightReceiver, split_request_id
+from prorl_async.transport.weights.sender import WeightSender, WeightSyncError, resolve_backend
 
 TIMEOUT_S = 4.0
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]

@@ -1,0 +1,279 @@
+"""Tasks: what a prompt asks and how its answer is checked, the task mix, and prompt rendering.
+
+A :class:`Task` is plain data (strings, numbers, lists, dicts): it pickles into a scoring process, and
+``Task.from_dict(task.to_dict())`` rebuilds it. ``prorl_async.envs.score.score(text, task)`` scores it.
+
+:class:`TaskMix` turns ``TasksConfig`` into two deterministic views per task spec:
+
+- a **validation split** of ``validation_size`` distinct problems, held out;
+- a **training split** of up to ``train_size`` problems whose questions are never in the validation
+  split (compared by question text, so procedural generators with small problem spaces stay disjoint);
+
+and a training stream ``train_task(i)``: draw i picks a spec by weight and a problem of its training
+split, both from a RNG seeded by ``(seed, i)`` alone. Any process (generator, learner, a resumed run)
+gets the same task for the same i, in O(1), without shared state. Splits depend on the seed and on the
+spec's domain/name/params, not on its position in the mix.
+
+Usage::
+
+    mix = TaskMix(cfg.tasks)
+    task = mix.train_task(step * batch + k)
+    prompt = render_prompt(tokenizer, task, cfg.tasks)  # chat template + cfg.tasks.prefill
+    reward, reason = score(cfg.tasks.prefill + completion, task)
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from prorl_async.errors import UserError
+
+if TYPE_CHECKING:
+    from prorl_async.config import TasksConfig, TaskSpec
+
+_PROBES = 64  # procedural training: redraws allowed when a problem collides with the validation split
+_VALIDATION_DRAWS = 4  # procedural validation: draws allowed per requested problem (+64) to find distinct ones
+
+
+@dataclass(frozen=True)
+class Task:
+    """One problem, ready to prompt and to score.
+
+    ``checker`` holds what the domain's scorer needs beyond ``answer`` (tests, instruction arguments,
+    choices, a generator's metadata) plus ``answer_format`` and ``partial_credit``; ``metadata`` is
+    informational (split, index, spec, source, difficulty).
+    """
+
+    id: str
+    domain: str
+    name: str
+    question: str
+    answer: str | None = None
+    checker: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What a domain yields for one problem; :class:`TaskMix` adds the id, split and scoring options."""
+
+    question: str
+    answer: str | None
+    checker: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FiniteProblems:
+    """A fixed data set (HumanEval, MMLU, IFEval, CHAMP), in a stable order."""
+
+    problems: Sequence[Problem]
+
+
+@dataclass(frozen=True)
+class ProceduralProblems:
+    """A generator: ``make(seed, size)`` returns ``item(index) -> Problem`` for ``0 <= index < size``."""
+
+    make: Callable[[int, int], Callable[[int], Problem]]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 32-bit seed from any parts, the same in every process (no ``hash()`` randomisation)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+# ------------------------------------------------------------------------------------------- splits
+
+
+def task_id(domain: str, name: str, spec_index: int, split: str, index: int) -> str:
+    """A task's id (the wire's ``prompt_id``): its spec and its problem index in that spec's split."""
+    return f"{domain}/{name}/{spec_index}/{split}/{index}"
+
+
+class _Split:
+    """Validation and training problems of one spec; built lazily, on first use."""
+
+    def __init__(self, spec: TaskSpec, spec_index: int, cfg: TasksConfig) -> None:
+        from prorl_async.envs.registry import problems_for
+
+        self.spec, self.spec_index, self.cfg = spec, spec_index, cfg
+        self.key = [cfg.seed, spec.domain, spec.name, spec.params]
+        self.source = problems_for(spec.domain, spec.name, spec.params)
+        self._validation: list[Task] | None = None
+        self._held_out: set[str] = set()
+        self._train_pool: list[Problem] | None = None  # finite sets
+        self._makers: dict[int, Callable[[int], Problem]] = {}  # procedural: one dataset per probe
+        self._shots: list[list[str]] | None = None  # few-shot demonstrations: [question, answer] pairs
+
+    def describe(self) -> str:
+        return f"tasks.mix[{self.spec_index}] ({self.spec.domain}/{self.spec.name})"
+
+    def validation(self) -> list[Task]:
+        if self._validation is None:
+            self._build()
+        assert self._validation is not None
+        return self._validation
+
+    def train_size(self) -> int:
+        self.validation()
+        if isinstance(self.source, FiniteProblems):
+            assert self._train_pool is not None
+            return len(self._train_pool)
+        return self.cfg.train_size
+
+    def train(self, j: int) -> Task:
+        self.validation()
+        if isinstance(self.source, FiniteProblems):
+            assert self._train_pool is not None
+            return self._task(self._train_pool[j], "train", j)
+        for probe in range(_PROBES):
+            problem = self._maker(probe)(j)
+            if problem.question not in self._held_out:
+                return self._task(problem, "train", j)
+        raise RuntimeError(f"{self.describe()}: training problem {j} hit the validation split {_PROBES} times")
+
+    def _maker(self, probe: int) -> Callable[[int], Problem]:
+        if probe not in self._makers:
+            assert isinstance(self.source, ProceduralProblems)
+            self._makers[probe] = self.source.make(derive_seed(*self.key, "train", probe), self.cfg.train_size)
+        return self._makers[probe]
+
+    def _build(self) -> None:
+        size = self.cfg.validation_size
+        if isinstance(self.source, FiniteProblems):
+            order = list(range(len(self.source.problems)))
+            random.Random(derive_seed(*self.key, "order")).shuffle(order)
+            held = self._distinct((self.source.problems[i] for i in order), size)
+            self._held_out = {p.question for p in held}
+            pool = [self.source.problems[i] for i in order if self.source.problems[i].question not in self._held_out]
+            self._train_pool = pool[: self.cfg.train_size]
+            if not self._train_pool:
+                raise UserError(f"{self.describe()}: no problems left for training after {len(held)} held out; "
+                                "lower tasks.validation_size")
+        else:
+            draws = _VALIDATION_DRAWS * size + 64
+            item = self.source.make(derive_seed(*self.key, "validation"), draws) if size else None
+            held = self._distinct((item(i) for i in range(draws)), size) if item else []
+            self._held_out = {p.question for p in held}
+        self._validation = [self._task(p, "validation", i) for i, p in enumerate(held)]
+
+    def _distinct(self, problems, size: int) -> list[Problem]:
+        held: list[Problem] = []
+        seen: set[str] = set()
+        for problem in problems:
+            if len(held) == size:
+                break
+            if problem.question not in seen:
+                seen.add(problem.question)
+                held.append(problem)
+        if len(held) < size:
+            raise UserError(f"{self.describe()}: only {len(held)} distinct problems found for a validation split "
+                            f"of {size}; lower tasks.validation_size or make the task harder (params)")
+        return held
+
+    def examples(self) -> list[list[str]]:
+        """``cfg.few_shot`` demonstrations: the first training problems that have a reference answer."""
+        if self._shots is None:
+            self._shots = []  # the demonstrations are tasks themselves: they carry none
+            count = min(self.cfg.few_shot, self.train_size())
+            tasks = (self.train(j) for j in range(count))
+            self._shots = [[t.question, t.answer] for t in tasks if t.answer is not None]
+        return self._shots
+
+    def _task(self, problem: Problem, split: str, index: int) -> Task:
+        spec = self.spec
+        shots = {"few_shot": self.examples()} if self.cfg.few_shot and problem.answer is not None else {}
+        return Task(
+            id=task_id(spec.domain, spec.name, self.spec_index, split, index),
+            domain=spec.domain,
+            name=spec.name,
+            question=problem.question,
+            answer=problem.answer,
+            checker={**problem.checker, "answer_format": self.cfg.answer_format,
+                     "partial_credit": spec.partial_credit},
+            metadata={**problem.metadata, **shots, "split": split, "index": index, "spec": self.spec_index},
+        )
+
+
+# ---------------------------------------------------------------------------------------------- mix
+
+
+class TaskMix:
+    """Deterministic, indexable training stream and held-out validation tasks for ``TasksConfig``.
+
+    Building a mix loads each spec's data (and checks its name and params) at once; a spec's validation
+    split is generated the first time it is needed.
+    """
+
+    def __init__(self, cfg: TasksConfig) -> None:
+        self.cfg = cfg
+        self._splits = [_Split(spec, i, cfg) for i, spec in enumerate(cfg.mix)]
+        weights = [spec.weight for spec in cfg.mix]
+        self._cumulative = [sum(weights[: i + 1]) for i in range(len(weights))]
+
+    def __len__(self) -> int:
+        """Number of task specs in the mix."""
+        return len(self._splits)
+
+    def train_task(self, index: int) -> Task:
+        """Training draw ``index`` (any int >= 0): a spec by weight, then a problem of its training split."""
+        if index < 0:
+            raise ValueError(f"training index must be >= 0 (got {index})")
+        rng = random.Random(derive_seed(self.cfg.seed, "draw", index))
+        spec_index = bisect.bisect_right(self._cumulative, rng.random() * self._cumulative[-1])
+        split = self._splits[min(spec_index, len(self._splits) - 1)]
+        return split.train(rng.randrange(split.train_size()))
+
+    def train_size(self, spec_index: int) -> int:
+        """Problems in the training split of spec ``spec_index``."""
+        return self._splits[spec_index].train_size()
+
+    def train_problem(self, spec_index: int, j: int) -> Task:
+        """Problem ``j`` of spec ``spec_index``'s training split (``0 <= j < train_size(spec_index)``)."""
+        return self._splits[spec_index].train(j)
+
+    def validation_tasks(self, spec_index: int | None = None) -> list[Task]:
+        """The held-out tasks of one spec, or of every spec in mix order."""
+        if spec_index is not None:
+            return list(self._splits[spec_index].validation())
+        return [task for split in self._splits for task in split.validation()]
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def build_messages(task: Task, cfg: TasksConfig) -> list[dict[str, str]]:
+    """Chat messages for ``task``: the optional system prompt, then the question with its answer format."""
+    from prorl_async.envs.registry import domain_module
+
+    module = domain_module(task.domain)
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    for question, answer in task.metadata.get("few_shot", []):
+        shown = f"\\boxed{{{answer}}}" if cfg.answer_format == "boxed" else f"<answer>{answer}</answer>"
+        messages += [
+            {"role": "user", "content": module.prompt(replace(task, question=question), cfg.answer_format)},
+            {"role": "assistant", "content": shown},
+        ]
+    return [*messages, {"role": "user", "content": module.prompt(task, cfg.answer_format)}]
+
+
+def render_prompt(tokenizer: Any, task: Task, cfg: TasksConfig) -> str:
+    """The prompt text: the model's chat template with the generation prompt, then ``cfg.prefill``."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("the model's tokenizer has no chat template; prompts are built with it")
+    text = tokenizer.apply_chat_template(build_messages(task, cfg), tokenize=False, add_generation_prompt=True)
+    return text + cfg.prefill

@@ -1,0 +1,374 @@
+"""The live TUI of ``prorl-async run``: a rich screen (or plain log lines) drawn from a :class:`RunView`.
+
+    RUN_DIR/metrics.jsonl ──poll──> RunView.snapshot ──render──> rich Live (a terminal) / plain_line (a log)
+
+Invariants:
+- :func:`render` and :func:`plain_line` are pure: they read the snapshot and format it, nothing more — no
+  I/O, no history scans — so refreshing twice a second costs the supervisor a few milliseconds and the
+  training processes nothing;
+- every figure has a place on screen; one the records do not carry (yet) reads ``n/a``, never ``0``;
+- the screen is drawn in the normal buffer (``screen=False``, ``transient=False``): what the run printed
+  stays in the scrollback after it ends.
+
+``python -m prorl_async.monitor.tui --replay METRICS.jsonl`` shows a recorded run in the TUI
+(:mod:`prorl_async.monitor.tui.replay`).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from prorl_async.learner.buffer import DROP_REASONS
+from prorl_async.monitor.tui.view import ProcessStatus, RunView, Snapshot
+
+NA = "n/a"
+_SPARK = "▁▂▃▄▅▆▇█"
+_STATE_STYLE = {"alive": "green", "running": "green", "ready": "cyan", "restarting": "yellow",
+                "exited": "red", "finished": "dim", "starting": "dim"}
+_PASS_AT = re.compile(r"^pass(?:_at_|@)(\d+)$")
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _num(values: dict[str, Any], key: str) -> float | None:
+    value = values.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+    return NA if value is None else f"{value:{spec}}{unit}"
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return NA
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _mib(n_bytes: float | None) -> str:
+    return NA if n_bytes is None else f"{n_bytes / 2**20:.2f} MiB"
+
+
+def sparkline(values: Iterable[float]) -> str:
+    """One block character per value; rewards in [0, 1] on that fixed scale, anything else min-to-max."""
+    vals = list(values)
+    if not vals:
+        return ""
+    lo, hi = (0.0, 1.0) if min(vals) >= 0.0 and max(vals) <= 1.0 else (min(vals), max(vals))
+    span = (hi - lo) or 1.0
+    return "".join(_SPARK[min(len(_SPARK) - 1, int((v - lo) / span * len(_SPARK)))] for v in vals)
+
+
+def _pass_at(validation: dict[str, Any]) -> list[tuple[int, float]]:
+    found = []
+    for key, value in validation.items():
+        m = _PASS_AT.match(key)
+        if m and isinstance(value, int | float):
+            found.append((int(m.group(1)), float(value)))
+    for k, value in (validation.get("pass_at_k") or {}).items():  # also {"pass_at_k": {"16": 0.3}}
+        if str(k).isdigit() and isinstance(value, int | float):
+            found.append((int(k), float(value)))
+    return sorted(set(found))
+
+
+def _validation_text(snap: Snapshot) -> str:
+    found = _pass_at(snap.validation)
+    if not found:
+        return f"pass@1 {NA}  pass@k {NA}"
+    version = snap.validation.get("version")
+    where = f"v{version} " if version is not None else ""
+    return where + "  ".join(f"pass@{k} {v:.3f}" for k, v in found)
+
+
+def _steps_text(snap: Snapshot) -> str:
+    done = NA if snap.version is None else str(snap.version)  # a step is one batch: the policy version counts steps
+    return f"{done}/{snap.max_steps}" if snap.max_steps else f"{done} (no step limit)"
+
+
+def _gen_sum(snap: Snapshot, key: str) -> float | None:
+    values = [_num(g.values, key) for g in snap.generators.values()]
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _gen_rate(snap: Snapshot) -> float | None:
+    rates = [r for g in snap.generators.values() if (r := g.recent_tokens_per_s) is not None]
+    return sum(rates) if rates else None
+
+
+# ------------------------------------------------------------------------------------------ rich screen
+
+
+def render(view: RunView, width: int = 120) -> RenderableType:
+    """The whole screen for ``view``'s snapshot at a terminal ``width`` (panels stack below 100 columns)."""
+    snap = view.snapshot
+    wide = width >= 100
+    # a panel's value column: the screen split in three (or whole), less borders, padding and the key column
+    value_width = (width // 3 if wide else width) - 18
+    panels = [_learner_panel(snap), _buffer_panel(snap), _reward_panel(snap, value_width)]
+    if wide:
+        row = Table.grid(expand=True, padding=(0, 1))
+        for _ in panels:
+            row.add_column(ratio=1)
+        row.add_row(*panels)
+        body: RenderableType = row
+    else:
+        body = Group(*panels)
+    return Group(_header(snap), _generator_table(snap, wide), body, _footer(snap))
+
+
+def _header(snap: Snapshot) -> Panel:
+    learner = snap.learner
+    line = Text.assemble(
+        (snap.title, "bold"), "  model ", (snap.model or NA, "bold"),
+        "  elapsed ", _clock(snap.elapsed_s),
+        "  step ", (_steps_text(snap), "bold"),
+        "  learner ", NA if snap.version is None else f"v{snap.version}",
+        " ", (learner.state, _STATE_STYLE.get(learner.state, "")),
+        f" pid {learner.pid}" if learner.pid else "",
+        "  time budget ", _clock(snap.time_budget_s) if snap.time_budget_s else "none",
+    )
+    return Panel(line, title="prorl-async run", title_align="left", padding=(0, 1))
+
+
+# (header, shown on a narrow screen too); the order of _generator_row's cells
+_GEN_COLUMNS = [("generator", True), ("state", True), ("pid", False), ("restarts", False), ("tok/s", True),
+                ("version", True), ("sent", True), ("in flight", False), ("rwd err", True), ("aborted", False),
+                ("update", False), ("idle", True), ("age", False)]
+
+
+def _generator_table(snap: Snapshot, wide: bool) -> Table:
+    """One row per generator: groups sent, reward errors (score error + timeout + crash), stale groups aborted."""
+    keep = [wide or narrow for _, narrow in _GEN_COLUMNS]
+    table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold underline", title="generators",
+                  title_justify="left", title_style="bold")
+    for (name, _), shown in zip(_GEN_COLUMNS, keep, strict=True):
+        if shown:
+            table.add_column(name, justify="left" if name in ("generator", "state") else "right", no_wrap=True)
+    for gen in snap.generators.values():
+        table.add_row(*[cell for cell, shown in zip(_generator_row(gen, snap), keep, strict=True) if shown])
+    if not snap.generators:
+        table.add_row("(none yet)", *[""] * (sum(keep) - 1))
+    return table
+
+
+def _generator_row(gen: ProcessStatus, snap: Snapshot) -> list[str | Text]:
+    v = gen.values
+    errors = [_num(v, f"score_{k}") for k in ("error", "timeout", "crash")]
+    reported = _num(v, "time_s")
+    age = None if reported is None or snap.now_s is None else max(0.0, snap.now_s - reported)
+    version = _num(v, "policy_version")
+    return [
+        gen.name, Text(gen.state, style=_STATE_STYLE.get(gen.state, "")),
+        str(gen.pid) if gen.pid else NA, str(gen.restarts),
+        _fmt(gen.recent_tokens_per_s, ".1f"), NA if version is None else f"v{version:.0f}",
+        _fmt(_num(v, "groups_sent"), ".0f"), _fmt(_num(v, "groups_in_flight"), ".0f"),
+        NA if None in errors else f"{sum(e for e in errors if e is not None):.0f}",
+        _fmt(_num(v, "groups_aborted_stale"), ".0f"), _fmt(_num(v, "weight_update_s"), ".3f", " s"),
+        _fmt(_num(v, "idle_ratio"), ".2f"), _fmt(age, ".1f", " s"),
+    ]
+
+
+def _kv_panel(title: str, rows: list[tuple[str, str]]) -> Panel:
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="dim", no_wrap=True, min_width=max(len(k) for k, _ in rows))
+    grid.add_column(no_wrap=True, overflow="ellipsis")
+    for key, value in rows:
+        grid.add_row(key, value)
+    return Panel(grid, title=title, title_align="left", padding=(0, 1))
+
+
+def _learner_panel(snap: Snapshot) -> Panel:
+    s = snap.step
+    resets = snap.resets
+    last_reset = f" (v{resets[-1][0]} {resets[-1][1] or '?'})" if resets else ""
+    return _kv_panel("learner", [
+        ("step time", _fmt(_num(s, "step_time_s"), ".3f", " s")),
+        ("tokens/s", _fmt(_num(s, "tokens_per_s"), ".1f")),
+        ("loss", _fmt(_num(s, "loss"), ".4f")),
+        ("pg / kl loss", f"{_fmt(_num(s, 'pg_loss'), '.4f')} / {_fmt(_num(s, 'kl_loss'), '.4f')}"),
+        ("KL", f"{_fmt(_num(s, 'kl'), '.2e')}  share {_fmt(_num(s, 'kl_share'), '.3f')}"),
+        ("approx KL", _fmt(_num(s, "approx_kl"), ".2e")),
+        ("entropy", _fmt(_num(s, "entropy"), ".4f")),
+        ("clip lo / hi", f"{_fmt(_num(s, 'clip_frac_low'), '.4f')} / {_fmt(_num(s, 'clip_frac_high'), '.4f')}"),
+        ("IS truncated", _fmt(_num(s, "is_truncated_frac"), ".4f")),
+        ("ESS", _fmt(_num(s, "ess"), ".4f")),
+        ("grad norm", _fmt(_num(s, "grad_norm"), ".4f")),
+        ("lr", _fmt(_num(s, "lr"), ".2e")),
+        ("ref resets", f"{len(resets)}{last_reset}"),
+    ])
+
+
+def _buffer_panel(snap: Snapshot) -> Panel:
+    s = snap.step
+    held, cap = _num(s, "buffer_held"), snap.buffer_capacity
+    fill = _fmt(held, ".0f") + (f"/{cap}" if cap and held is not None else "")
+    if held is not None and cap:
+        filled = round(10 * min(held / cap, 1.0))
+        fill += " " + "█" * filled + "░" * (10 - filled)
+    counters = s.get("buffer_counters") if isinstance(s.get("buffer_counters"), dict) else {}
+    rows = [
+        ("fill", fill),
+        ("bound", _fmt(_num(s, "max_staleness") if "max_staleness" in s else snap.configured_bound, ".0f")
+         + (" (auto)" if snap.auto_staleness else "")),
+        ("staleness", _histogram(s.get("buffer_staleness_hist"))),
+        ("batch stale", f"mean {_fmt(_num(s, 'group_staleness_mean'), '.2f')} "
+                        f"max {_fmt(_num(s, 'group_staleness_max'), '.0f')}"),
+        ("received", _fmt(_num(counters, "received"), ".0f")),
+        ("yielded", _fmt(_num(counters, "yielded"), ".0f")),
+    ]
+    reasons = [k for k in counters if k not in ("received", "yielded")] or list(DROP_REASONS)  # what the buffer counts
+    rows += [(f"drop {r}", _fmt(_num(counters, r), ".0f")) for r in reasons]
+    rejected = s.get("messages_rejected")
+    if isinstance(rejected, dict):  # messages the learner could not decode (malformed, out of vocabulary, ...)
+        rows.append(("bad msgs", str(sum(v for v in rejected.values() if isinstance(v, int | float)))))
+    rows += [("gen aborted", _fmt(_gen_sum(snap, "groups_aborted_stale"), ".0f")),
+             ("too long", _fmt(_gen_sum(snap, "prompts_too_long"), ".0f"))]
+    return _kv_panel("buffer", rows)
+
+
+def _histogram(hist: Any) -> str:
+    """``{"0": 3, "1": 1}`` (staleness -> held groups) as ``0:3 1:1``; n/a until the records carry it."""
+    if not isinstance(hist, dict) or not hist:
+        return NA
+    items = sorted((int(k), int(v)) for k, v in hist.items() if str(k).isdigit() and isinstance(v, int | float))
+    return " ".join(f"{k}:{v}" for k, v in items) or NA
+
+
+def _reward_panel(snap: Snapshot, value_width: int) -> Panel:
+    s = snap.step
+    trend, points = snap.reward_trend, max(4, value_width - 6)
+    rows = [("reward", f"{_fmt(_num(s, 'reward_mean'), '.3f')} {sparkline(list(trend.get('all', ()))[-points:])}")]
+    by_domain = s.get("reward_by_domain") if isinstance(s.get("reward_by_domain"), dict) else {}
+    for domain in sorted(by_domain):
+        spark = sparkline(list(trend.get(domain, ()))[-points:])
+        rows.append((f" {domain}", f"{_fmt(_num(by_domain, domain), '.3f')} {spark}"))
+    failed = s.get("sync_failed")
+    n_failed = len(failed) if isinstance(failed, dict | list) else _num(s, "sync_failed")
+    gen_update = [u for g in snap.generators.values() if (u := _num(g.values, "weight_update_s")) is not None]
+    gen_idle = [i for g in snap.generators.values() if (i := _num(g.values, "idle_ratio")) is not None]
+    rows += [
+        ("weight sync", f"{_fmt(_num(s, 'sync_s'), '.3f', ' s')} {_mib(_num(s, 'sync_bytes'))}"),
+        ("sync peers", f"ok {_fmt(_num(s, 'sync_delivered'), '.0f')} failed {_fmt(n_failed, '.0f')}"),
+        ("gen update", _fmt(max(gen_update, default=None), ".3f", " s max")),
+        ("learner idle", f"{_fmt(_num(s, 'learner_idle_ratio'), '.3f')} wait {_fmt(_num(s, 'wait_s'), '.2f', ' s')}"),
+        ("gen idle", f"mean {sum(gen_idle) / len(gen_idle):.2f} max {max(gen_idle):.2f}" if gen_idle else NA),
+    ]
+    return _kv_panel("rewards · sync · idle", rows)
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    """``checkpoint v3 step-000003``, ``generator_ready generator-1``, ``buffer_starved <detail>``."""
+    detail = event.get("detail") or event.get("source") or (Path(str(event["path"])).name if "path" in event else "")
+    version = event.get("version")
+    return f"{event.get('event', '?')}{f' v{version}' if version is not None else ''}{f' {detail}' if detail else ''}"
+
+
+def _footer(snap: Snapshot) -> Group:
+    validation = Text.assemble(("validation ", "bold"), _validation_text(snap))
+    parts = [_event_text(event) for event in snap.events]
+    events = Text("events: " + ("  |  ".join(parts) if parts else "none"), style="dim", no_wrap=True,
+                  overflow="ellipsis")
+    if snap.malformed:
+        events.append(f"   ({snap.malformed} malformed lines skipped)", style="yellow")
+    return Group(validation, events)
+
+
+# ------------------------------------------------------------------------------------------ plain lines
+
+
+def plain_line(view: RunView) -> str:
+    """One log line for a non-terminal stdout: the figures a person scans first."""
+    snap = view.snapshot
+    s = snap.step
+    by_domain = s.get("reward_by_domain") if isinstance(s.get("reward_by_domain"), dict) else {}
+    domains = " ".join(f"{d} {_fmt(_num(by_domain, d), '.3f')}" for d in sorted(by_domain))
+    gens = snap.generators.values()
+    up = sum(g.state in ("alive", "running") for g in gens)
+    held, cap = _num(s, "buffer_held"), snap.buffer_capacity
+    val = _pass_at(snap.validation)
+    return (
+        f"[{_clock(snap.elapsed_s)}] step {_steps_text(snap)}"
+        f" | reward {_fmt(_num(s, 'reward_mean'), '.3f')}{f' ({domains})' if domains else ''}"
+        f" | loss {_fmt(_num(s, 'loss'), '.4f')} kl {_fmt(_num(s, 'kl'), '.2e')}"
+        f" entropy {_fmt(_num(s, 'entropy'), '.3f')} grad {_fmt(_num(s, 'grad_norm'), '.3f')}"
+        f" | {_fmt(_num(s, 'step_time_s'), '.2f', ' s/step')} {_fmt(_num(s, 'tokens_per_s'), '.0f', ' tok/s')}"
+        f" idle {_fmt(_num(s, 'learner_idle_ratio'), '.2f')}"
+        f" | buffer {_fmt(held, '.0f')}{f'/{cap}' if cap and held is not None else ''}"
+        f" | generators {up}/{len(snap.generators)} up {_fmt(_gen_rate(snap), '.1f', ' tok/s')}"
+        f" | sync {_fmt(_num(s, 'sync_s'), '.2f', ' s')} {_mib(_num(s, 'sync_bytes'))}"
+        f" | resets {len(snap.resets)}"
+        f" | pass@1 {next((f'{v:.3f}' for k, v in val if k == 1), NA)}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ loops
+
+
+def wants_live(mode: str, stream: TextIO | None = None) -> bool:
+    """``run.tui``: ``on`` / ``off``, or ``auto`` — the live screen only when ``stream`` (stdout) is a terminal."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    return (stream or sys.stdout).isatty()
+
+
+def _update(view: RunView, before_refresh: Callable[[RunView], None] | None) -> int:
+    if before_refresh is not None:
+        before_refresh(view)  # e.g. the supervisor's process states
+    return view.poll()
+
+
+async def live_loop(view: RunView, *, refresh_per_s: float = 2.0, console: Console | None = None,
+                    before_refresh: Callable[[RunView], None] | None = None,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Poll ``view`` and redraw the screen ``refresh_per_s`` times a second until cancelled (last frame kept).
+
+    ``before_refresh(view)`` runs before each poll: the place to call :meth:`RunView.set_process_state`.
+    """
+    from rich.live import Live
+
+    console = console or Console()
+    period = 1.0 / refresh_per_s
+    _update(view, before_refresh)
+    with Live(render(view, console.width), console=console, auto_refresh=False, transient=False,
+              screen=False, vertical_overflow="crop") as live:
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(period)
+                _update(view, before_refresh)
+                live.update(render(view, console.width), refresh=True)
+        finally:  # cancelled at the end of the run: draw what the last records said
+            _update(view, before_refresh)
+            live.update(render(view, console.width), refresh=True)
+
+
+async def plain_loop(view: RunView, *, every_s: float = 10.0, file: TextIO | None = None,
+                     before_refresh: Callable[[RunView], None] | None = None,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Every ``every_s``, one :func:`plain_line` if records arrived since the last one; a last line when cancelled."""
+    out = file or sys.stdout
+    task_status.started()
+    try:
+        while True:
+            await trio.sleep(every_s)
+            if _update(view, before_refresh):
+                print(plain_line(view), file=out, flush=True)
+    finally:
+        if _update(view, before_refresh):
+            print(plain_line(view), file=out, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ replay

@@ -1,0 +1,315 @@
+"""``prorl-async run``: the supervisor. Starts the learner and N generator processes, watches them, stops them.
+
+    supervisor (trio) ── learner process   python -m prorl_async.learner RUN_DIR
+                     └─ generator i        python -m prorl_async.generator --config RUN_DIR/config.toml ...
+
+Invariants:
+- The learner binds every endpoint and writes ``RUN_DIR/endpoints.json``; generators start only after it
+  exists and connect to what it names. Each process logs to ``RUN_DIR/logs/<name>.log``.
+- The run ends when the learner ends (``max_steps``, time budget): it publishes ``Stop`` and the generators
+  exit on it. A generator that dies is restarted with exponential backoff, from its prompt position in
+  ``RUN_DIR/sampler-states.json`` (kept by the learner: unfinished prompts re-queued, none the learner
+  already has); it rejoins the weight group and the learner catches it up to the current weights. A learner
+  that dies ends the run with its exit code, the last lines of its log and the last checkpoint named.
+- Ctrl-C / SIGTERM: SIGINT to the learner (it checkpoints and publishes ``Stop``), then every child is
+  waited for and, past a grace period, killed — by the pids this supervisor started, never by name. Children
+  watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves.
+- ``--resume RUN_DIR``: the same directory, config and metrics file; the learner starts from the newest
+  complete checkpoint (weights, optimizer, buffered groups, counters) and the generators from the sampler
+  states saved with it, so nothing is lost and nothing is trained on twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from prorl_async.config import Config, load_config, write_resolved
+from prorl_async.errors import UserError
+from prorl_async.monitor.metrics import read_metrics
+from prorl_async.monitor.tui.view import RunView
+from prorl_async.supervisor.lifecycle import process_table, supervisor_env
+from prorl_async.utils.run_dir import latest_checkpoint
+
+_GRACE_S = 30.0  # how long children get to exit after Stop / SIGINT before they are killed
+_MAX_BACKOFF_S = 60.0
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """Expand ``{timestamp}`` in ``run.run_dir`` and create it (a fresh directory per run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.run.run_dir.replace("{timestamp}", stamp))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it and what happened to it."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: trio.Process | None = None
+    restarts: int = 0
+
+    async def start(self, env: dict[str, str], pids_file: Path) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops the children
+            # in order (learner first: checkpoint, then Stop to the generators).
+            self.process = await trio.lowlevel.open_process(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                                            stdin=subprocess.DEVNULL, env=env,
+                                                            start_new_session=True)
+        pids = json.loads(pids_file.read_text()) if pids_file.exists() else {}
+        pids[self.name] = self.process.pid
+        pids_file.write_text(json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
+
+    async def reap_group(self, grace_s: float = 5.0) -> None:
+        """After the process ended: stop what it left in its process group (vLLM's engine core, scoring workers).
+
+        Each child leads a session and process group of its own, and the processes it forks stay in that
+        group, so this reaches exactly the processes this supervisor's child started — and only those.
+        """
+        if self.process is None:
+            return
+        pgid = self.process.pid
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _group_alive(pgid):
+                return
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            for _ in range(int(grace_s * 10)):
+                await trio.sleep(0.1)
+                if not _group_alive(pgid):
+                    return
+        print(f"prorl-async: processes left by {self.name} (group {pgid}) survived SIGKILL", flush=True)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: re-parented ones may never be reaped
+    (a container's pid 1 need not reap), and ``killpg(pgid, 0)`` would keep finding them."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return any(group == pgid and state not in ("Z", "X") for state, _, group in process_table().values())
+
+
+def child_env(cfg: Config, run_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.generator.kv_cache_gib)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return supervisor_env(env)
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:
+    """The saved config of the run in ``run_dir``, with ``overrides`` (e.g. a higher ``run.max_steps``)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.exists():
+        raise UserError(f"--resume {run_dir}: no config.toml there (not a run directory)")
+    return load_config(path, overrides)
+
+
+def run(cfg: Config, resume: str | None = None) -> int:
+    """Train with ``cfg`` until the learner finishes; returns the process exit status.
+
+    With ``resume`` (a run directory), continue that run from its newest complete checkpoint.
+    """
+    from prorl_async.models import resolve_model
+
+    checkpoint = None
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserError(f"--resume {run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
+        (run_dir / "endpoints.json").unlink(missing_ok=True)  # the learner writes fresh ones
+        print(f"resuming {run_dir} from {checkpoint}", flush=True)
+    else:
+        run_dir = make_run_dir(cfg)
+        print(f"run directory: {run_dir}", flush=True)
+    write_resolved(cfg, run_dir)
+    resolve_model(cfg.model.name)  # build/convert once here, not in every child at the same time
+    return trio.run(Supervisor(cfg, run_dir, checkpoint).main)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.env = child_env(cfg, run_dir)
+        self.pids_file = run_dir / "pids.json"
+        py = sys.executable
+        argv = [py, "-m", "prorl_async.learner", str(run_dir)]
+        if resume_from is not None:
+            argv += ["--resume", str(resume_from)]
+        self.learner = Child("learner", argv, run_dir / "logs" / "learner.log")
+        self.generators: list[Child] = []
+        self.stopping = False  # generators that exit from now on are not restarted
+        self._interrupted = False
+
+    async def main(self) -> int:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals_loop, nursery.cancel_scope)
+                code = await self._run(nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown()
+        return code
+
+    async def _run(self, nursery: trio.Nursery) -> int:
+        nursery.start_soon(self._report_loop)  # the screen is up while the learner starts
+        await self.learner.start(self.env, self.pids_file)
+        endpoints = await self._wait_for_endpoints()
+        if endpoints is None:
+            return self._learner_failed()
+        for i in range(self.cfg.generator.num_generators):
+            log_path = self.run_dir / "logs" / f"generator-{i}.log"
+            child = Child(f"generator-{i}", self._generator_argv(i, endpoints, self._sampler_state(f"generator-{i}")),
+                          log_path)
+            self.generators.append(child)
+            await child.start(self.env, self.pids_file)
+            nursery.start_soon(self._watch_generator_loop, child, endpoints)
+        assert self.learner.process is not None
+        code = await self.learner.process.wait()
+        self.stopping = True
+        if code != 0 and not self._interrupted:
+            return self._learner_failed()
+        self._summary()
+        return 130 if self._interrupted else 0
+
+    async def _signals_loop(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self._interrupted:
+                    cancel_scope.cancel()  # second Ctrl-C: stop waiting, shut down now
+                    return
+                self._interrupted = True
+                self.stopping = True
+                print("prorl-async: stopping (the learner writes a checkpoint; Ctrl-C again to abort)", flush=True)
+                if self.learner.process is not None and self.learner.process.returncode is None:
+                    self.learner.process.send_signal(signal.SIGINT)
+
+    async def _wait_for_endpoints(self) -> dict | None:
+        path = self.run_dir / "endpoints.json"
+        assert self.learner.process is not None
+        while not path.exists():
+            if self.learner.process.poll() is not None:
+                return None
+            await trio.sleep(0.2)
+        return json.loads(path.read_text())
+
+    def _generator_argv(self, i: int, endpoints: dict, sampler_state: Path | None = None) -> list[str]:
+        ws = endpoints["weight_sync"]
+        argv = [sys.executable, "-m", "prorl_async.generator", "--config", str(self.run_dir / "config.toml"),
+                "--generator-id", str(i), "--groups", endpoints["groups"], "--control", endpoints["control"],
+                "--weight-sync", f"{ws['host']}:{ws['port']}", "--run-dir", str(self.run_dir)]
+        if sampler_state is not None:
+            argv += ["--sampler-state", str(sampler_state)]
+        return argv
+
+    async def _watch_generator_loop(self, child: Child, endpoints: dict) -> None:
+        backoff = 1.0
+        while True:
+            assert child.process is not None
+            started = time.monotonic()
+            code = await child.process.wait()
+            await child.reap_group()
+            if self.stopping or code == 0:
+                return
+            if time.monotonic() - started > 5 * _MAX_BACKOFF_S:
+                backoff = 1.0
+            print(f"prorl-async: {child.name} exited with {code}; restarting in {backoff:.0f} s "
+                  f"(log: {child.log_path})\n{child.tail(5)}", flush=True)
+            await trio.sleep(backoff)
+            backoff = min(2 * backoff, _MAX_BACKOFF_S)
+            if self.stopping:
+                return
+            state = self._sampler_state(child.name)
+            child.argv = self._generator_argv(int(child.name.rsplit("-", 1)[1]), endpoints, state)
+            child.restarts += 1
+            await child.start(self.env, self.pids_file)
+
+    def _sampler_state(self, name: str) -> Path | None:
+        """Generator ``name``'s prompt position as the learner keeps it (``RUN_DIR/sampler-states.json``)."""
+        path = self.run_dir / "sampler-states.json"
+        try:
+            states = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if name not in states:
+            return None
+        out = self.run_dir / f"{name}-sampler-state.json"
+        out.write_text(json.dumps(states[name]))
+        return out
+
+    async def _report_loop(self) -> None:
+        """The live TUI on a terminal, plain lines otherwise (``run.tui``); both follow RUN_DIR/metrics.jsonl."""
+        from prorl_async.monitor.tui.app import live_loop, plain_loop, wants_live
+
+        view = RunView(self.run_dir, title=self.run_dir.name)
+        if wants_live(self.cfg.run.tui):
+            await live_loop(view, before_refresh=self._process_states)
+        else:
+            await plain_loop(view, every_s=self.cfg.run.log_every_s, before_refresh=self._process_states)
+
+    def _process_states(self, view: RunView) -> None:
+        for child in [self.learner, *self.generators]:
+            if child.process is not None:
+                code = child.process.returncode
+                state = "alive" if code is None else "exited" if self.stopping or code == 0 else "restarting"
+                view.set_process_state(child.name, state, pid=child.process.pid, restarts=child.restarts)
+
+    def _learner_failed(self) -> int:
+        code = self.learner.process.returncode if self.learner.process else None
+        last = latest_checkpoint(self.run_dir) or "none"
+        print(f"prorl-async: the learner stopped with exit code {code}; last checkpoint: {last}; "
+              f"log: {self.learner.log_path}\n{self.learner.tail()}", file=sys.stderr, flush=True)
+        return 1
+
+    def _summary(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        steps = read_metrics(path, kind="step") if path.exists() else []
+        if steps:
+            first, last = steps[0]["reward_mean"], steps[-1]["reward_mean"]
+            print(f"done: {len(steps)} steps, reward {first:.3f} -> {last:.3f}; metrics: {path}", flush=True)
+
+    async def _shutdown(self) -> None:
+        """Learner first (it checkpoints, then publishes Stop); generators get Stop, then SIGTERM, then SIGKILL."""
+        self.stopping = True
+        deadline = trio.current_time() + _GRACE_S
+        for child in [self.learner, *self.generators]:
+            if child.process is None:
+                continue
+            with trio.move_on_at(min(deadline, trio.current_time() + _GRACE_S / 3)):
+                await child.process.wait()
+            if child.process.returncode is None:  # e.g. busy in a weight-sync wait when Stop arrived
+                child.process.terminate()
+                with trio.move_on_at(deadline):
+                    await child.process.wait()
+            if child.process.returncode is None:
+                print(f"prorl-async: {child.name} (pid {child.process.pid}) did not exit; killing it", flush=True)
+                child.process.kill()
+                await child.process.wait()
+            await child.reap_group(grace_s=2.0)
