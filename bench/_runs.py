@@ -13,11 +13,12 @@ Used by ``speedup.py``, ``staleness.py``, ``learning.py`` and ``peers.py``; not 
   gets ``learner.num_threads`` = its core count (it would otherwise size its pool from the unpinned mask).
 - :func:`summarize` reduces ``RUN_DIR/metrics.jsonl`` to steady-state figures: the first ``warmup_steps`` steps
   (engine start, first weights) are left out of every rate.
+- :func:`plot_lines` writes a PNG of line panels side by side, drawn with matplotlib on the Agg canvas (no pyplot
+  state): every panel has a title and labelled axes, and a legend when it has more than one series.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -31,8 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 REPO = Path(__file__).resolve().parent.parent
 _ENTRY = "import sys; from prorl_async.cli import main; sys.exit(main())"  # what the `prorl-async` script runs
+DPI = 150  # figures
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -117,13 +122,20 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
+def handoff_s(step: dict[str, Any]) -> float:
+    """The learner's own time in a step's weight handoff: the synchronous broadcast (``sync_s``), or the wait for
+    the overlapped one (``sync_wait_s``)."""
+    return float(step.get("sync_wait_s", step.get("sync_s", 0.0)) or 0.0)
+
+
 def summarize(records: list[dict[str, Any]], warmup_steps: int = 1) -> dict[str, Any]:
     """Steady-state figures of one run from its metrics records.
 
     Rates span from the end of step ``warmup_steps`` to the end of the last step; per-phase times are means over
-    the same steps: ``t_train`` = ``step_time_s + sync_s`` (learner busy), ``t_wait`` = ``wait_s`` (learner idle,
-    waiting for a full batch). In a synchronous run the learner's wait is the generation of one batch (plus
-    loading its weights), so there ``t_wait`` is the generation phase.
+    the same steps: ``t_train`` = ``step_time_s`` + the learner's time in the weight handoff (learner busy:
+    ``sync_s`` when the broadcast is synchronous, bound 0; ``sync_wait_s`` when it overlaps the next step),
+    ``t_wait`` = ``wait_s`` (learner idle, waiting for a full batch). In a synchronous run the learner's wait is
+    the generation of one batch (plus loading its weights), so there ``t_wait`` is the generation phase.
     """
     steps = [r for r in records if r.get("kind") == "step"]
     gens = [r for r in records if r.get("kind") == "generator"]
@@ -145,7 +157,7 @@ def summarize(records: list[dict[str, Any]], warmup_steps: int = 1) -> dict[str,
         samples_per_s=samples / span if span > 0 else float("nan"),
         tokens_per_s=tokens / span if span > 0 else float("nan"),
         step_period_s=span / len(timed) if span > 0 else float("nan"),
-        t_train_s=_mean([r.get("step_time_s", 0.0) + r.get("sync_s", 0.0) for r in timed]),
+        t_train_s=_mean([r.get("step_time_s", 0.0) + handoff_s(r) for r in timed]),
         t_wait_s=_mean([r.get("wait_s", 0.0) for r in timed]),
         learner_idle_ratio=wait / span if span > 0 else float("nan"),
         generator_idle_ratio=generator_idle(gens, steps[w]["time_s"]),
@@ -194,7 +206,7 @@ def training_start(records: list[dict[str, Any]]) -> float | None:
     first = next((r for r in records if r.get("kind") == "step"), None)
     if first is None:
         return None
-    return first["time_s"] - first.get("wait_s", 0.0) - first.get("step_time_s", 0.0) - first.get("sync_s", 0.0)
+    return first["time_s"] - first.get("wait_s", 0.0) - first.get("step_time_s", 0.0) - handoff_s(first)
 
 
 def reward_curve(records: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -330,87 +342,47 @@ def default_pin() -> dict[str, set[int]] | None:
 # ----------------------------------------------------------------------------------------------- plotting
 
 
-# A 3x5 pixel font (the canvas has no text): rows top to bottom, 3 bits each; letters are drawn upper case.
-_GLYPHS = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-           "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-           ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0), "+": (0, 2, 7, 2, 0), "/": (1, 1, 2, 4, 4), ":": (0, 2, 0, 2, 0),
-           "(": (1, 2, 2, 2, 1), ")": (4, 2, 2, 2, 4), "%": (5, 1, 2, 4, 5), "_": (0, 0, 0, 0, 7), ",": (0, 0, 0, 2, 4),
-           "=": (0, 7, 0, 7, 0), "<": (1, 2, 4, 2, 1), ">": (4, 2, 1, 2, 4), "@": (2, 5, 7, 4, 3),
-           "A": (2, 5, 7, 5, 5), "B": (6, 5, 6, 5, 6), "C": (3, 4, 4, 4, 3), "D": (6, 5, 5, 5, 6), "E": (7, 4, 6, 4, 7),
-           "F": (7, 4, 6, 4, 4), "G": (3, 4, 5, 5, 3), "H": (5, 5, 7, 5, 5), "I": (7, 2, 2, 2, 7), "J": (1, 1, 1, 5, 2),
-           "K": (5, 5, 6, 5, 5), "L": (4, 4, 4, 4, 7), "M": (5, 7, 7, 5, 5), "N": (6, 5, 5, 5, 5), "O": (2, 5, 5, 5, 2),
-           "P": (6, 5, 6, 4, 4), "Q": (2, 5, 5, 6, 3), "R": (6, 5, 6, 5, 5), "S": (3, 4, 2, 1, 6), "T": (7, 2, 2, 2, 2),
-           "U": (5, 5, 5, 5, 7), "V": (5, 5, 5, 5, 2), "W": (5, 5, 7, 7, 5), "X": (5, 5, 2, 5, 5), "Y": (5, 5, 2, 2, 2),
-           "Z": (7, 1, 2, 4, 7)}
+def lines_figure(panels: list[dict[str, Any]], title: str | None = None) -> Figure:
+    """A matplotlib figure (Agg canvas, no pyplot state) of line panels side by side.
 
-
-def _text(canvas: Any, x: float, y: float, text: str, scale: int = 2, rgb: tuple[int, ...] = (60, 60, 60)) -> None:
-    """``text`` at (x, y) (top-left), ``scale`` pixels per glyph pixel; characters without a glyph are blanks."""
-    for n, ch in enumerate(text.upper()):
-        for row, bits in enumerate(_GLYPHS.get(ch, (0, 0, 0, 0, 0))):
-            for col in range(3):
-                if bits >> (2 - col) & 1:
-                    x0, y0 = x + (4 * n + col) * scale, y + row * scale
-                    canvas.rect(x0, y0, x0 + scale, y0 + scale, rgb)
-
-
-def _text_width(text: str, scale: int = 2) -> int:
-    return 4 * len(text) * scale
-
-
-def _short(value: float) -> str:
-    return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-")
-
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def plot_lines(path: Path, panels: list[dict[str, Any]], width: int = 420, height: int = 300) -> None:
-    """A PNG of line panels side by side, drawn with the project's dependency-free canvas (no matplotlib here).
-
-    Each panel: ``{"series": [[(x, y), ...], ...]}`` and optionally ``"title"`` (drawn above the panel),
-    ``"xticks"`` (``[(x, label), ...]``: category labels under the x axis instead of its extremes) and
-    ``"legend"`` (a name per series, in the series' colours, top right). Series take the palette's colours in
-    order; axes are scaled to the data (y from 0 when all values are >= 0) and labelled with their extremes.
+    Each panel: ``{"title": str, "xlabel": str, "ylabel": str, "series": [[(x, y), ...], ...]}`` (axis labels with
+    their units) and optionally ``"legend"`` (a name per series; shown when there is more than one series) and
+    ``"xticks"`` (``[(x, label), ...]``: category labels on the x axis). Series take matplotlib's default colour
+    cycle in order, with markers; NaN values leave gaps; the y axis starts at 0 when every value is >= 0.
     """
-    from prorl_async.eval.report import _Canvas  # the tiny PNG rasteriser; reused, not copied
-
-    canvas = _Canvas(width * len(panels), height)
-    pad, top, grey = 28, 34, (90, 90, 90)
-    for n, panel in enumerate(panels):
-        ox, oy, w, h = n * width + pad, top, width - 2 * pad, height - top - pad
-        if panel.get("title"):
-            _text(canvas, n * width + (width - _text_width(panel["title"])) / 2, 8, panel["title"], rgb=(20, 20, 20))
-        points = [p for s in panel["series"] for p in s if not math.isnan(p[1])]
-        if not points:
-            continue
-        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-        y_lo = 0.0 if y_lo >= 0 else y_lo
-        x_hi, y_hi = (x_hi if x_hi > x_lo else x_lo + 1), (y_hi if y_hi > y_lo else y_lo + 1)
-        canvas.line(ox, oy + h, ox + w, oy + h, grey)
-        canvas.line(ox, oy, ox, oy + h, grey)
-        _text(canvas, ox + 4, oy, _short(y_hi))
-        _text(canvas, ox + 4, oy + h - 12, _short(y_lo))
-        if panel.get("xticks"):
-            for x, label in panel["xticks"]:
-                px = ox + w * (x - x_lo) / (x_hi - x_lo)
-                _text(canvas, min(max(px - _text_width(label) / 2, ox), ox + w - _text_width(label)), oy + h + 4, label)
-        else:
-            _text(canvas, ox + w - _text_width(_short(x_hi)), oy + h + 4, _short(x_hi))
-            _text(canvas, ox, oy + h + 4, _short(x_lo))
+    fig = Figure(figsize=(4.4 * len(panels), 3.6), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, panel in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        missing = [key for key in ("title", "xlabel", "ylabel") if not panel.get(key)]
+        if missing:
+            raise ValueError(f"plot panel {panel.get('title')!r} lacks {', '.join(missing)}")
+        names = panel.get("legend") or []
+        ys: list[float] = []
         for i, series in enumerate(panel["series"]):
-            pts = [(ox + w * (x - x_lo) / (x_hi - x_lo), oy + h - h * (y - y_lo) / (y_hi - y_lo))
-                   for x, y in series if not math.isnan(y)]
-            rgb = PALETTE[i % len(PALETTE)]
-            for (x0, y0), (x1, y1) in itertools.pairwise(pts):
-                canvas.line(x0, y0, x1, y1, rgb)
-            for x, y in pts:
-                canvas.rect(x - 2, y - 2, x + 2, y + 2, rgb)
-        for i, name in enumerate(panel.get("legend") or []):
-            _text(canvas, ox + w - _text_width(name), oy + 14 + 14 * i, name, rgb=PALETTE[i % len(PALETTE)])
+            xs = [float(x) for x, _ in series]
+            values = [float(y) for _, y in series]
+            ys += [y for y in values if math.isfinite(y)]
+            ax.plot(xs, values, "o-", color=f"C{i % 10}", markersize=3.5, linewidth=1.5,
+                    label=names[i] if i < len(names) else f"series {i + 1}")
+        if panel.get("xticks"):
+            ax.set_xticks([float(x) for x, _ in panel["xticks"]], [str(label) for _, label in panel["xticks"]])
+        if ys and min(ys) >= 0:
+            ax.set_ylim(bottom=0)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel(panel["xlabel"], fontsize=9)
+        ax.set_ylabel(panel["ylabel"], fontsize=9)
+        ax.grid(True, alpha=0.3)
+        if len(panel["series"]) > 1:
+            ax.legend(fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_lines(path: Path, panels: list[dict[str, Any]], title: str | None = None) -> None:
+    """Write :func:`lines_figure` as a PNG at ``path`` (its folder is made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    lines_figure(panels, title).savefig(path, dpi=DPI, facecolor="white")
     print(f"wrote {path}")
 
 

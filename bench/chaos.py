@@ -2,17 +2,17 @@
 
 Chaos (the default): the tiny model with two generators trains for ``--minutes`` of training time
 (``run.time_budget_s``, which spans resumes). Every ``--generator-kill-every-s`` one generator is SIGKILLed
-(alternating; the supervisor restarts it from its prompt position), and ``--learner-kills`` times, evenly
-spread, the learner is SIGKILLed: the supervisor stops the run and names the last checkpoint, and the bench
-continues it with ``prorl-async run --resume RUN_DIR``. At the end every prompt drawn is accounted for from the
-run's own records:
+(alternating; the supervisor restarts it and the learner hands the requests it held out again), and
+``--learner-kills`` times, evenly spread, the learner is SIGKILLed: the supervisor stops the run and names the
+last checkpoint, and the bench continues it with ``prorl-async run --resume RUN_DIR``. At the end every prompt
+drawn is accounted for from the run's own records:
 
-- *drawn*: each generator's prompt order replayed (``PromptSampler``, deterministic) up to the draw count its
+- *drawn*: the learner's prompt order replayed (``PromptSampler``, deterministic) up to the draw count its
   state holds in the final checkpoint;
 - *trained*: the prompt ids of the step records on the final timeline (steps a killed learner took after its
   last checkpoint are rolled back by the resume: those records are left out);
 - *buffered*: the groups the final checkpoint holds (in the buffer, or parked waiting for room);
-- *re-queued*: the draws the final checkpoint hands back to the generators (in flight when it was taken);
+- *re-queued*: the draws the final checkpoint hands out again first (requests in flight when it was taken);
 - *dropped*: the replay buffer's drop counters (stale, filtered, untrainable): counted, not identified.
 
 lost = drawn - trained - buffered - re-queued - dropped (goal 0); twice = prompt ids found more than once
@@ -121,7 +121,7 @@ def final_timeline(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def drawn_prompt_ids(cfg: Any, samplers: dict[str, dict[str, Any]]) -> tuple[list[str], int]:
-    """Every prompt the generators drew on the final timeline (replayed), and the highest epoch reached."""
+    """Every prompt drawn on the final timeline (replayed), and the highest epoch reached."""
     from prorl_async.envs.tasks import task_id
     from prorl_async.learner.prompts import PromptSampler
 
@@ -149,7 +149,9 @@ def account(run_dir: Path) -> dict[str, Any]:
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise SystemExit(f"{run_dir}: no checkpoint to account from")
-    buffer_state, samplers, _ = load_run_state(checkpoint)
+    buffer_state, prompts, _ = load_run_state(checkpoint)
+    # The learner's one prompt order (or, from an older checkpoint, one per generator).
+    samplers = prompts["shards"] if "shards" in prompts else {"learner": prompts["sampler"]}
     version = json.loads((checkpoint / "learner.json").read_text()).get("policy_version")
     steps = [s for s in final_timeline(read_metrics(run_dir / "metrics.jsonl")) if s["version"] <= version]
     trained = [p for s in steps for p in s["prompt_ids"]]

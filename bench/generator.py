@@ -5,10 +5,10 @@ and engine settings, in the same run:
 
 - raw: ``vllm.LLM.generate`` on ``--prompts`` prompts x n in one call, in a child process (vLLM's offline API);
   tokens/s = generated tokens / wall time of the ``generate`` call;
-- generator: ``python -m prorl_async.generator`` against a learner played by this process (PULL + XPUB;
-  no weights change in this bench, so the staleness bound is set above the number of batches measured and
-  admission never stalls it); tokens/s = response tokens of the groups received / time from the first group
-  received to the last, after ``--warmup`` groups.
+- generator: ``python -m prorl_async.generator`` against a learner played by this process (PULL + XPUB): once
+  the generator says Ready, every group is requested at once (``GroupRequest`` for problems 0, 1, ...; no weights
+  change, so nothing waits on admission); tokens/s = response tokens of the groups received / time from the
+  first group received to the last, after ``--warmup`` groups.
 
 The tiny model generates ~6k tokens/s here, so its default is 128 prompts/groups (~15 s a side); 32 made the
 measurement 3 s long and noisy. SmolLM2 keeps 32 (~75 s a side).
@@ -104,7 +104,16 @@ def run_raw(cfg: Config, prompts: list[list[int]]) -> dict:
 def run_generator(cfg: Config, config_path: Path, groups: int, warmup: int) -> dict:
     import zmq
 
-    from prorl_async.transport.messages import Metrics, Stop, TrajectoryGroup, WeightsReady, decode, encode
+    from prorl_async.transport.messages import (
+        GroupRequest,
+        Ready,
+        Status,
+        Stop,
+        TrajectoryGroup,
+        WeightsReady,
+        decode,
+        encode,
+    )
     from prorl_async.transport.sockets import Transport, bound_endpoint
 
     with Transport(cfg.transport) as transport:
@@ -128,7 +137,11 @@ def run_generator(cfg: Config, config_path: Path, groups: int, warmup: int) -> d
                             xpub.send_multipart(latest)
                         continue
                     msg = decode(pull.recv_multipart())
-                    if isinstance(msg, Metrics):
+                    if isinstance(msg, Ready):
+                        for i in range(warmup + groups):
+                            xpub.send_multipart(encode(GroupRequest(generator_id=0, request_id=i, spec=0, index=i,
+                                                                    epoch=0, min_version=0)))
+                    if isinstance(msg, Status):
                         last_metrics = msg.values
                     if not isinstance(msg, TrajectoryGroup):
                         continue

@@ -76,18 +76,22 @@ def grouped_batch(groups: int, group_size: int, prompt_tokens: int, response_ran
     """Random token ids, one prompt per group as in real batches; response lengths uniform in ``response_range``."""
     import torch
 
-    from prorl_async.learner.trainer import TrainBatch, TrainSample
+    from prorl_async.learner.batch import build_batch
+    from prorl_async.transport.messages import Sample, TrajectoryGroup
 
     g = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(groups):
-        prompt = torch.randint(4, vocab, (prompt_tokens,), generator=g).tolist()
+    out = []
+    for k in range(groups):
+        prompt = torch.randint(4, vocab, (prompt_tokens,), generator=g).numpy()
+        samples = []
         for j in range(group_size):
             n_resp = int(torch.randint(response_range[0], response_range[1] + 1, (1,), generator=g))
-            resp = torch.randint(4, vocab, (n_resp,), generator=g).tolist()
-            behav = (-torch.rand(n_resp, generator=g) * 3).tolist()
-            samples.append(TrainSample(prompt, resp, behav, float(j % 2)))
-    return TrainBatch(samples, group_size)
+            resp = torch.randint(4, vocab, (n_resp,), generator=g).numpy()
+            behav = (-torch.rand(n_resp, generator=g) * 3).numpy()
+            samples.append(Sample(resp, behav, [0] * n_resp, "stop", float(j % 2)))
+        out.append(TrajectoryGroup(prompt_id=f"bench-{k}", task="bench", domain="bench", prompt_token_ids=prompt,
+                                   samples=samples, generator_id=0, seq=k))
+    return build_batch(out)
 
 
 SHARING_PATHS = ("shared", "shared-per-group", "unshared")
@@ -124,7 +128,7 @@ def run_sharing(model: str, path: str, steps: int, threads: int, prompt_tokens: 
         "cpu_s_per_step": cpu_s / steps,
         "threads": torch.get_num_threads(),
         "micro_batch_tokens": cfg.learner.micro_batch_tokens,
-        "samples_per_step": len(batch.samples),
+        "samples_per_step": batch.num_samples,
         "prompt_tokens": prompt_tokens,
         "response_tokens": resp,
         "steps": steps,
@@ -219,7 +223,7 @@ def run_one(model: str, precision: str, steps: int, device: str, threads: int) -
         "device": str(learner.device),
         "threads": torch.get_num_threads(),
         "params_m": sum(p.numel() for p in learner.policy.parameters()) / 1e6,
-        "samples_per_step": len(batch.samples),
+        "samples_per_step": batch.num_samples,
         "tokens_per_step": total / steps,
         "steps": steps,
         "step_time_s": elapsed / steps,

@@ -60,6 +60,20 @@ def startup_s(records: list[dict[str, Any]]) -> float | None:
     return start - records[0]["time_s"] if start is not None else None
 
 
+def plot(path: Path, curves: dict[str, list[dict[str, float]]], bounds: dict[str, int], budget_s: float) -> None:
+    """Two panels: step reward against seconds since training began, and against samples trained on; a line per
+    mode (``curves[mode]``: :func:`_runs.reward_curve`), named with its ``max_staleness`` (``bounds[mode]``)."""
+    names = [f"{m} (max_staleness {bounds[m]})" for m in curves]
+    _runs.plot_lines(path, [
+        {"title": "step reward vs seconds", "xlabel": "time since training began (s)",
+         "ylabel": "step reward (batch mean)",
+         "series": [[(p["t_s"], p["reward"]) for p in c] for c in curves.values()], "legend": names},
+        {"title": "step reward vs samples", "xlabel": "samples trained on (cumulative)",
+         "ylabel": "step reward (batch mean)",
+         "series": [[(p["samples"], p["reward"]) for p in c] for c in curves.values()], "legend": names},
+    ], title=f"Reward over wall-clock, sync vs async ({budget_s:.0f} s training budget per mode)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, 90 s per mode")
@@ -100,14 +114,7 @@ def main() -> int:
               "s to sync's final reward", "validation points"]
     print(_runs.table(header, [[m, r["max_staleness"], r["steps"], r["samples"], r["startup_s"], r["late_reward"],
                                 r["time_to_sync_final_reward_s"], len(r["validation"])] for m, r in out.items()]))
-    curves = {m: out[m]["curve"] for m in modes}
-    _runs.plot_lines(Path(args.plot), [
-        {"title": "step reward vs seconds", "series": [[(p["t_s"], p["reward"]) for p in c] for c in curves.values()],
-         "legend": list(curves)},
-        {"title": "step reward vs samples",
-         "series": [[(p["samples"], p["reward"]) for p in c] for c in curves.values()],
-         "legend": list(curves)},
-    ])
+    plot(Path(args.plot), {m: out[m]["curve"] for m in modes}, modes, budget)
     sync_samples, async_samples = out["sync"]["samples"], out["async"]["samples"]
     _runs.write_json(args.json, {"samples_ratio_async_over_sync": _runs.ratio(async_samples, sync_samples),
                                  "late_reward": {m: r["late_reward"] for m, r in out.items()}, "budget_s": budget,

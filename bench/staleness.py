@@ -98,14 +98,19 @@ def plot(path: Path, rows: dict[Bound, dict[str, Any]], curves: dict[Bound, list
                 for i, b in enumerate(bounds)]
 
     ticks = [(float(i), str(b)) for i, b in enumerate(bounds)]
+    bound_axis = {"xlabel": "buffer.max_staleness (policy versions)", "xticks": ticks}
     _runs.plot_lines(path, [
-        {"title": "samples/s by bound", "series": [against_bound("samples_per_s")], "xticks": ticks},
-        {"title": "stale-drop fraction by bound", "series": [against_bound("stale_drop_frac")], "xticks": ticks},
-        {"title": "reward at the budget by bound", "series": [against_bound("reward_at_budget")], "xticks": ticks},
-        {"title": "step reward vs samples",
+        {"title": "samples/s by bound", "ylabel": "throughput (samples/s)",
+         "series": [against_bound("samples_per_s")], **bound_axis},
+        {"title": "stale-drop fraction by bound", "ylabel": "groups dropped as stale (fraction of received)",
+         "series": [against_bound("stale_drop_frac")], **bound_axis},
+        {"title": "reward at the budget by bound", "ylabel": "step reward (mean of the last 3 steps)",
+         "series": [against_bound("reward_at_budget")], **bound_axis},
+        {"title": "step reward vs samples", "xlabel": "samples trained on (cumulative)",
+         "ylabel": "step reward (batch mean)",
          "series": [[(p["samples"], p["reward"]) for p in curves[b]] for b in bounds],
-         "legend": [f"bound {b}" for b in bounds]},
-    ])
+         "legend": [f"max_staleness {b}" for b in bounds]},
+    ], title="Staleness sweep: throughput against off-policy cost, one run per bound")
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ import trio
 import zmq
 
 from prorl_async.config import TransportConfig
-from prorl_async.transport.messages import Metrics, Sample, Stop, TrajectoryGroup, WeightsReady, decode, encode
+from prorl_async.transport.messages import Sample, Status, Stop, TrajectoryGroup, WeightsReady, decode, encode
 from prorl_async.transport.sockets import ControlPublisher, Sender, Subscriber, Transport, handshake, receive_loop
 
 VOCAB = 151_936  # Qwen2's vocabulary: token ids use the full int32 range a real run has
@@ -67,7 +67,7 @@ def sender_main(
         while time.monotonic() < deadline:
             sender.send(pool[i % len(pool)])  # encode + send: the generator's cost per group
             i += 1
-        sender.send(Metrics("bench-sender", {"cpu_s": time.process_time() - cpu0, "groups": i}))
+        sender.send(Status("bench-sender", {"cpu_s": time.process_time() - cpu0, "groups": i}))
         sender.send(Stop("bench done"))
         control.close()
         sender.close()
@@ -93,7 +93,7 @@ async def receive(cfg: TransportConfig, samples: int, tokens: int, seconds: floa
             async for msg in recv_channel:
                 if isinstance(msg, Stop):
                     break
-                if isinstance(msg, Metrics):
+                if isinstance(msg, Status):
                     sender_cpu = msg.values  # type: ignore[assignment]
                 if not isinstance(msg, TrajectoryGroup):
                     continue

@@ -165,8 +165,8 @@ class BufferConfig(_Section):
     max_staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
     """Largest learner_version - policy_version a consumed token may have, in policy versions (trainer steps);
     0 is synchronous on-policy. ``"auto"``: the learner picks it each trainer step between 1 and
-    ``auto_max_staleness`` — the smallest bound that keeps both sides busy (``buffer.AutoStaleness``) — and sends
-    it to the generators with every WeightsReady."""
+    ``auto_max_staleness`` — the smallest bound that keeps both sides busy (``learner.staleness.AutoStaleness``) —
+    and sends it to the generators with every WeightsReady."""
     auto_max_staleness: int = Field(4, ge=1)
     """``max_staleness = "auto"``: the largest bound it may pick; groups up to this stale are still trained on."""
     auto_idle_gap: float = Field(0.1, gt=0, lt=1)

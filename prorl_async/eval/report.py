@@ -1,8 +1,9 @@
 """Output files of ``prorl-async eval``: ``eval.json``, ``report.md``, ``pass1_hist.png`` and ``pass_at_k.png``.
 
-The PNGs are drawn with matplotlib (Agg, no pyplot state) when it can be imported; without it a small
-built-in rasteriser writes the same panels as plain bars and lines without text, so a report never lacks
-its figures (``eval.json`` records which one drew them).
+The PNGs are matplotlib figures drawn on the Agg canvas (``Figure`` + ``FigureCanvasAgg``, never pyplot, so no
+global state and no display): one panel per task, plus ``all`` when there are several tasks, each with a title,
+labelled axes and a grid, and a legend wherever more than one series is drawn. ``eval.json`` stays strict JSON
+(non-finite floats are written as null).
 """
 
 from __future__ import annotations
@@ -10,12 +11,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
+
 COLORS = ("#1f77b4", "#ff7f0e")  # model, other
+DPI = 150
 
 
 def write_all(data: dict[str, Any], per_model: dict[str, dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -24,7 +29,7 @@ def write_all(data: dict[str, Any], per_model: dict[str, dict[str, Any]], out: P
                              "pass_at_k": "pass_at_k.png",
                              "samples": {label: m["file"] for label, m in per_model.items()}}
     panels = plot_scopes(data)
-    files["plotter"] = plot_histograms(data, panels, out / files["pass1_histogram"])
+    plot_histograms(data, panels, out / files["pass1_histogram"])
     plot_curves(data, panels, out / files["pass_at_k"])
     data = {**data, "files": files}
     (out / files["json"]).write_text(json.dumps(_finite(data), indent=1, allow_nan=False) + "\n")
@@ -188,162 +193,117 @@ def _grid(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def _hist_of(data: dict[str, Any], label: str, scope: str) -> dict[str, Any] | None:
-    return data["results"][label].get(scope, {}).get("histogram")
-
-
-def plot_histograms(data: dict[str, Any], scopes: list[str], path: Path) -> str:
-    """Figure 7 style: per scope, prompts per pass@1 bin, both models overlaid; returns the plotter used."""
-    labels = _labels(data)
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        series = [[[(_hist_of(data, label, sc) or {}).get("counts", []) for label in labels]] for sc in scopes]
-        _fallback_png(path, scopes, series, kind="bars")
-        return "builtin"
-    rows, cols = _grid(len(scopes))
-    fig = Figure(figsize=(max(4.6 * cols, 6.0), 3.4 * rows), layout="constrained")
+def _panels(count: int) -> tuple[Figure, list[Axes]]:
+    """A figure of ``count`` panels, at most three a row, on the Agg canvas (no pyplot state)."""
+    rows, cols = _grid(count)
+    fig = Figure(figsize=(max(4.2 * cols, 5.5), 3.3 * rows + 0.6), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, scope in zip(axes, scopes, strict=False):
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _panel_title(data: dict[str, Any], scope: str) -> str:
+    prompts = data["results"][data["model"]].get(scope, {}).get("prompts")
+    name = "all tasks" if scope == "all" else scope_title(scope)
+    return f"{name} ({prompts} prompts)" if prompts is not None else name
+
+
+def _finite_float(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=DPI, facecolor="white")
+
+
+def histogram_figure(data: dict[str, Any], scopes: list[str]) -> Figure:
+    """The paper's Figure 7: per scope, prompts per pass@1 bin (one bar per model in each bin) and each model's
+    mean pass@1 as a dashed vertical line."""
+    labels = _labels(data)
+    fig, axes = _panels(len(scopes))
+    for ax, scope in zip(axes, scopes, strict=True):
+        handles = []
+        top = 1
         for i, label in enumerate(labels):
-            hist = _hist_of(data, label, scope)
+            result = data["results"][label].get(scope, {})
+            hist = result.get("histogram")
             if hist is None:
                 continue
             edges, counts = hist["edges"], hist["counts"]
-            mean = data["results"][label][scope]["pass1_mean"]
-            ax.bar(edges[:-1], counts, width=[hi - lo for lo, hi in itertools.pairwise(edges)],
-                   align="edge", color=COLORS[i], alpha=0.55 if len(labels) > 1 else 0.85, edgecolor=COLORS[i],
-                   label=f"{label} (mean {mean:.2f})")
-        ax.set_title(scope_title(scope), fontsize=10)
+            widths = [(hi - lo) / len(labels) for lo, hi in itertools.pairwise(edges)]
+            lefts = [lo + i * w for lo, w in zip(edges[:-1], widths, strict=True)]
+            handles.append(ax.bar(lefts, counts, width=[w * 0.92 for w in widths], align="edge", color=COLORS[i],
+                                  alpha=0.85, label=label, zorder=2))
+            top = max(top, *counts)
+            mean = result.get("pass1_mean")
+            if _finite_float(mean):
+                handles.append(ax.axvline(mean, color=COLORS[i], linestyle="--", linewidth=1.2,
+                                          label=f"{label}: mean = {mean:.2f}", zorder=3))
+        ax.set_title(_panel_title(data, scope), fontsize=10)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("pass@1 of a prompt")
-        ax.set_ylabel("prompts")
-        ax.legend(fontsize=7)
-    for ax in axes[len(scopes):]:
-        ax.set_visible(False)
+        ax.set_ylim(0, top * 1.35)  # headroom for the legend
+        ax.set_xlabel("pass@1 of a prompt (fraction of samples correct)", fontsize=9)
+        ax.set_ylabel("prompts (count)", fontsize=9)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3, zorder=0)
+        ax.set_axisbelow(True)
+        if len(handles) > 1:
+            ax.legend(handles=handles, loc="upper right", ncols=len(labels), fontsize=7, frameon=False)
     fig.suptitle(f"pass@1 distribution over prompts ({data['settings']['samples']} samples per prompt)", fontsize=11)
-    fig.savefig(path, dpi=110)
-    return "matplotlib"
+    return fig
 
 
-def plot_curves(data: dict[str, Any], scopes: list[str], path: Path) -> str:
-    """Per scope: measured pass@k against k (log scale) for each model, and the Dang bound (dashed)."""
+def curve_figure(data: dict[str, Any], scopes: list[str]) -> Figure:
+    """Per scope: measured pass@k against k (log2 axis) for each model (solid), the Dang et al. bound from the
+    per-prompt pass@1 estimates (dashed) and the bound with their sampling noise removed (dotted), both for k >= 2;
+    one legend for the figure."""
     labels = _labels(data)
-
-    def curve(label: str, scope: str) -> dict[str, Any] | None:
-        return data["results"][label].get(scope, {}).get("curve")
-
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        series = []
-        for scope in scopes:
-            lines = []
-            for label in labels:
-                c = curve(label, scope)
-                if c:
-                    lines += [c["pass_at_k"], [b if k >= 2 else math.nan for k, b in
-                                               zip(c["k"], c["dang_bound_debiased"], strict=True)]]
-            series.append([lines])
-        _fallback_png(path, scopes, series, kind="lines")
-        return "builtin"
-    rows, cols = _grid(len(scopes))
-    fig = Figure(figsize=(max(4.6 * cols, 6.0), 3.4 * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, scope in zip(axes, scopes, strict=False):
+    fig, axes = _panels(len(scopes))
+    styles = (("pass_at_k", "o-", "pass@k"), ("dang_bound", "--", "bound"),
+              ("dang_bound_debiased", ":", "bound, debiased"))
+    handles: dict[tuple[int, int], Any] = {}  # (style, model) -> a line, for the figure's legend
+    for ax, scope in zip(axes, scopes, strict=True):
+        ks: set[int] = set()
         for i, label in enumerate(labels):
-            c = curve(label, scope)
+            c = data["results"][label].get(scope, {}).get("curve")
             if not c:
                 continue
-            ax.plot(c["k"], c["pass_at_k"], "o-", color=COLORS[i], markersize=3, label=f"{label} pass@k")
-            for key, style, name in (("dang_bound", "--", "bound"), ("dang_bound_debiased", ":", "bound, debiased")):
-                kb = [(k, b) for k, b in zip(c["k"], c.get(key, []), strict=False) if k >= 2 and not math.isnan(b)]
-                if kb:
-                    ax.plot(*zip(*kb, strict=True), style, color=COLORS[i], alpha=0.8, label=f"{label} {name}")
+            ks.update(c["k"])
+            for j, (key, style, name) in enumerate(styles):
+                # the bounds are drawn for k >= 2 only (at k = 1 the formula lies below pass@1)
+                kv = [(k, v) for k, v in zip(c["k"], c.get(key, []), strict=False)
+                      if (j == 0 or k >= 2) and _finite_float(v)]
+                if kv:
+                    [line] = ax.plot(*zip(*kv, strict=True), style, color=COLORS[i], markersize=3.5,
+                                     linewidth=1.5 if j == 0 else 1.3, label=f"{label}: {name}")
+                    handles.setdefault((j, i), line)
         ax.set_xscale("log", base=2)
+        if ks:
+            ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_ylim(0, 1.02)
-        ax.set_title(scope_title(scope), fontsize=10)
-        ax.set_xlabel("k")
-        ax.set_ylabel("pass@k")
-        ax.legend(fontsize=7)
-    for ax in axes[len(scopes):]:
-        ax.set_visible(False)
-    fig.suptitle("pass@k (solid) and the Dang et al. bound (dashed; dotted: debiased)", fontsize=11)
-    fig.savefig(path, dpi=110)
-    return "matplotlib"
+        ax.set_title(_panel_title(data, scope), fontsize=10)
+        ax.set_xlabel("k (samples per prompt, log scale)", fontsize=9)
+        ax.set_ylabel("pass@k (mean over prompts)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    if len(handles) > 1:
+        # one column per style, one row per model (legend entries fill column by column)
+        ordered = [handles[key] for key in sorted(handles)]
+        fig.legend(handles=ordered, loc="outside lower center", ncols=len({j for j, _ in handles}), fontsize=8,
+                   frameon=False)
+    s = data["settings"]
+    fig.suptitle(f"pass@k against k ({s['samples']} samples per prompt, temperature {s['temperature']:g})",
+                 fontsize=11)
+    return fig
 
 
-# -------------------------------------------------------------------- fallback: a tiny PNG rasteriser
-
-_RGB = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in COLORS]
-
-
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.w, self.h = width, height
-        self.px = bytearray(b"\xff" * (width * height * 3))
-
-    def blend(self, x: int, y: int, rgb: tuple[int, ...], alpha: float) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            i = (y * self.w + x) * 3
-            for j in range(3):
-                self.px[i + j] = round(self.px[i + j] * (1 - alpha) + rgb[j] * alpha)
-
-    def rect(self, x0: float, y0: float, x1: float, y1: float, rgb: tuple[int, ...], alpha: float = 1.0) -> None:
-        for y in range(round(min(y0, y1)), round(max(y0, y1))):
-            for x in range(round(min(x0, x1)), round(max(x0, x1))):
-                self.blend(x, y, rgb, alpha)
-
-    def line(self, x0: float, y0: float, x1: float, y1: float, rgb: tuple[int, ...], dashed: bool = False) -> None:
-        steps = max(int(max(abs(x1 - x0), abs(y1 - y0))), 1)
-        for s in range(steps + 1):
-            if dashed and (s // 4) % 2:
-                continue
-            t = s / steps
-            x, y = round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t)
-            for dx in (0, 1):
-                self.blend(x + dx, y, rgb, 1.0)
-
-    def save(self, path: Path) -> None:
-        stride = self.w * 3
-        raw = b"".join(b"\x00" + bytes(self.px[y * stride : (y + 1) * stride]) for y in range(self.h))
-
-        def chunk(tag: bytes, body: bytes) -> bytes:
-            return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
-
-        header = struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0)
-        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-                         + chunk(b"IEND", b""))
+def plot_histograms(data: dict[str, Any], scopes: list[str], path: Path) -> None:
+    """Write :func:`histogram_figure` as a PNG."""
+    _save(histogram_figure(data, scopes), path)
 
 
-def _fallback_png(path: Path, scopes: list[str], series: list[list[list[list[float]]]], kind: str) -> None:
-    """Panels without text: ``bars`` (counts per bin, one series per model, overlaid) or ``lines`` (values in
-    [0, 1] over equally spaced points; series alternate solid measured and dashed bound per model)."""
-    pw, ph, pad = 300, 220, 30
-    rows, cols = _grid(len(scopes))
-    canvas = _Canvas(cols * pw, rows * ph)
-    grey = (90, 90, 90)
-    for n, panel in enumerate(series):
-        ox, oy = (n % cols) * pw + pad, (n // cols) * ph + pad // 2
-        w, h = pw - 2 * pad + pad // 2, ph - 2 * pad
-        canvas.line(ox, oy + h, ox + w, oy + h, grey)
-        canvas.line(ox, oy, ox, oy + h, grey)
-        values = panel[0]
-        if kind == "bars":
-            top = max([max(v) for v in values if v] or [1]) or 1
-            for i, counts in enumerate(values):
-                for b, count in enumerate(counts):
-                    x0 = ox + w * b / len(counts)
-                    canvas.rect(x0 + 1, oy + h - h * count / top, x0 + w / len(counts) - 1, oy + h,
-                                _RGB[i % 2], 0.55 if len(values) > 1 else 0.85)
-        else:
-            for i, ys in enumerate(values):
-                pts = [(ox + w * j / max(len(ys) - 1, 1), oy + h - h * y) for j, y in enumerate(ys)
-                       if not math.isnan(y)]
-                for (x0, y0), (x1, y1) in itertools.pairwise(pts):
-                    canvas.line(x0, y0, x1, y1, _RGB[(i // 2) % 2], dashed=bool(i % 2))
-    canvas.save(path)
+def plot_curves(data: dict[str, Any], scopes: list[str], path: Path) -> None:
+    """Write :func:`curve_figure` as a PNG."""
+    _save(curve_figure(data, scopes), path)

@@ -4,10 +4,11 @@ Pure (standard library, no I/O, time passed in), shared by both sides:
 
 - a generator answers ``Validate(version, round)`` with its **shard** of the held-out split (prompt ``i`` of
   ``TaskMix.validation_tasks()`` when ``i % generators == generator``), ``eval.samples`` scored samples per
-  prompt. :func:`encode_shard` packs the rewards into JSON strings for ``Metrics`` messages under the key
-  :data:`RESULTS_KEY`, split into parts that each stay under the wire's string limit;
-- the learner decodes each part strictly (:func:`decode_part`: any deviation is a ``ValueError``, counted, never
-  a crash), gathers them per request in a :class:`ValidationTracker`, and when every generator's shard has
+  prompt. :func:`encode_shard` packs the rewards into :class:`ValidationAnswer` messages (flat arrays), split
+  into parts of at most ``MAX_PART_PROMPTS`` prompts;
+- the learner checks each part (the decoder its structure, :func:`shard_part` its meaning: any deviation is a
+  ``ValueError``, counted, never a crash), gathers them per request in a :class:`ValidationTracker`, and when
+  every generator's shard has
   arrived, or the request timed out, or training was interrupted, writes :func:`validation_record` (what
   arrived, saying whether it is complete).
 
@@ -20,33 +21,29 @@ Usage (learner side)::
 
     tracker = ValidationTracker(generators=2, timeout_s=600)
     r = tracker.request(version=4, step=4, now=time.monotonic())   # None while one is still in flight
-    tracker.add(decode_part(metrics.values[RESULTS_KEY]), now)     # "accepted", "late", "duplicate"
+    tracker.add(shard_part(answer))                                # "accepted", "late", "duplicate"
     for finished, reason in tracker.due(now):                      # complete or timed out
         record = validation_record(finished, ks=(1, 4), threshold=1.0, now=now, reason=reason)
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prorl_async.eval.stats import validation_metrics
+import numpy as np
 
-RESULTS_KEY = "validation_results"
-"""Key of a ``Metrics`` message that carries one part of a generator's validation shard."""
-MAX_PART_CHARS = 60_000
-"""Longest JSON text of one part: under the wire's string limit (``Limits.max_string_chars``, 65536)."""
+from prorl_async.eval.stats import validation_metrics
+from prorl_async.transport.messages import ValidationAnswer
+
+MAX_PART_PROMPTS = 1024
+"""Most prompts in one answer message (far under the wire's limits)."""
 MAX_PARTS = 4096
 """Most parts one shard may announce (a bound for the learner's memory, far above any real split)."""
 DEFAULT_TIMEOUT_S = 900.0
 """How long the learner waits for every shard of a request before writing what arrived."""
-
-_PART_KEYS = frozenset({"version", "round", "generator", "generators", "part", "parts", "weights_version",
-                        "seconds", "failed", "skipped", "prompts"})
-
 
 @dataclass(frozen=True)
 class PromptRewards:
@@ -81,97 +78,46 @@ class ShardPart:
 # ------------------------------------------------------------------------------------------ generator side
 
 
-def encode_shard(*, version: int, round: int, generator: int, generators: int, weights_version: int,
+def encode_shard(*, source: str, version: int, round: int, generator: int, generators: int, weights_version: int,
                  seconds: float, failed: int, skipped: int, prompts: Sequence[PromptRewards],
-                 max_chars: int = MAX_PART_CHARS) -> list[str]:
-    """JSON texts of the parts of one shard, each at most ``max_chars`` long; always at least one part.
+                 max_prompts: int = MAX_PART_PROMPTS) -> list[ValidationAnswer]:
+    """The messages of one shard's answer, prompts in order, at most ``max_prompts`` each; always at least one.
 
-    Prompts keep their order and are never split across parts. Raises ``ValueError`` when a single prompt's
-    entry cannot fit in a part (thousands of samples per prompt): the caller counts it as a failure.
-    """
-    header = {"version": version, "round": round, "generator": generator, "generators": generators,
-              "weights_version": weights_version, "seconds": round_seconds(seconds), "failed": failed,
-              "skipped": skipped}
-    # The largest header text (part numbers at MAX_PARTS) plus an empty prompt list: what every part costs.
-    overhead = len(_dumps({**header, "part": MAX_PARTS, "parts": MAX_PARTS, "prompts": []}))
-    chunks: list[list[list[Any]]] = [[]]
-    used = overhead
-    for p in prompts:
-        entry = [p.id, p.task, [float(r) for r in p.rewards]]
-        size = len(_dumps(entry)) + 1  # the separating comma
-        if overhead + size > max_chars:
-            raise ValueError(f"prompt {p.id}: {len(p.rewards)} rewards do not fit in one part of {max_chars} chars")
-        if used + size > max_chars:
-            chunks.append([])
-            used = overhead
-        chunks[-1].append(entry)
-        used += size
+    Raises ``ValueError`` when the shard needs more than :data:`MAX_PARTS` parts."""
+    chunks = [list(prompts[i:i + max_prompts]) for i in range(0, len(prompts), max_prompts)] or [[]]
     if len(chunks) > MAX_PARTS:
         raise ValueError(f"a shard of {len(prompts)} prompts needs {len(chunks)} parts (limit {MAX_PARTS})")
-    return [_dumps({**header, "part": i, "parts": len(chunks), "prompts": chunk}) for i, chunk in enumerate(chunks)]
+    seconds = round_seconds(max(seconds, 0.0))
+    return [ValidationAnswer(source=source, version=version, round=round, generator=generator, generators=generators,
+                             part=i, parts=len(chunks), weights_version=weights_version, seconds=seconds,
+                             failed=failed, skipped=skipped, prompt_ids=[p.id for p in chunk],
+                             tasks=[p.task for p in chunk],
+                             counts=np.array([len(p.rewards) for p in chunk], dtype=np.int32),
+                             rewards=np.array([r for p in chunk for r in p.rewards], dtype=np.float64))
+            for i, chunk in enumerate(chunks)]
 
 
 def round_seconds(seconds: float) -> float:
     return round(float(seconds), 3) if math.isfinite(seconds) else 0.0
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
-
-
 # -------------------------------------------------------------------------------------------- learner side
 
 
-def decode_part(text: object) -> ShardPart:
-    """The part a generator sent as ``Metrics.values[RESULTS_KEY]``; ``ValueError`` for anything malformed.
-
-    Checks: a JSON object with exactly the expected keys, non-negative integers (never booleans),
-    ``part < parts <= MAX_PARTS``, ``generator < generators``, a finite non-negative ``seconds``, and prompts as
-    ``[id, task, [reward, ...]]`` with string ids, at least one reward each, every reward a finite number.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"{RESULTS_KEY} must be a JSON string, got {type(text).__name__}")
-    try:
-        body = json.loads(text, parse_constant=_refuse_constant)
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{RESULTS_KEY} is not JSON: {err}") from None
-    if not isinstance(body, dict) or body.keys() != _PART_KEYS:
-        got = sorted(body) if isinstance(body, dict) else type(body).__name__
-        raise ValueError(f"{RESULTS_KEY} must be an object with keys {sorted(_PART_KEYS)}, got {got}")
-    ints = {k: _count(body, k) for k in ("version", "round", "generator", "generators", "part", "parts",
-                                         "weights_version", "failed", "skipped")}
-    if not ints["part"] < ints["parts"] <= MAX_PARTS:
-        raise ValueError(f"part {ints['part']} of {ints['parts']} (at most {MAX_PARTS} parts)")
-    if not ints["generator"] < ints["generators"]:
-        raise ValueError(f"generator {ints['generator']} of {ints['generators']}")
-    seconds = body["seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf:
-        raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
-    if not isinstance(body["prompts"], list):
-        raise ValueError("prompts must be a list")
-    prompts = tuple(_prompt(entry) for entry in body["prompts"])
-    return ShardPart(**ints, seconds=float(seconds), prompts=prompts)
-
-
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{RESULTS_KEY} holds {name}")
-
-
-def _count(body: dict[str, Any], key: str) -> int:
-    value = body[key]
-    if type(value) is not int or value < 0:
-        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _prompt(entry: object) -> PromptRewards:
-    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str)
-            and isinstance(entry[2], list) and entry[2]):
-        raise ValueError(f"a prompt must be [id, task, [reward, ...]], got {str(entry)[:200]}")
-    rewards = entry[2]
-    if not all(type(r) in (int, float) and math.isfinite(r) for r in rewards):
-        raise ValueError(f"prompt {entry[0][:200]}: rewards must be finite numbers")
-    return PromptRewards(entry[0], entry[1], tuple(float(r) for r in rewards))
+def shard_part(msg: ValidationAnswer) -> ShardPart:
+    """The part an answer carries; ``ValueError`` when it contradicts itself (the decoder checked its structure:
+    types, finite rewards, ``counts`` that add up to the rewards)."""
+    if not msg.part < msg.parts <= MAX_PARTS:
+        raise ValueError(f"part {msg.part} of {msg.parts} (at most {MAX_PARTS} parts)")
+    if not msg.generator < msg.generators:
+        raise ValueError(f"generator {msg.generator} of {msg.generators}")
+    ends = np.cumsum(msg.counts, dtype=np.int64)
+    starts = ends - msg.counts
+    prompts = tuple(PromptRewards(pid, task, tuple(float(r) for r in msg.rewards[a:b]))
+                    for pid, task, a, b in zip(msg.prompt_ids, msg.tasks, starts, ends, strict=True))
+    return ShardPart(version=msg.version, round=msg.round, generator=msg.generator, generators=msg.generators,
+                     part=msg.part, parts=msg.parts, weights_version=msg.weights_version, seconds=msg.seconds,
+                     failed=msg.failed, skipped=msg.skipped, prompts=prompts)
 
 
 @dataclass

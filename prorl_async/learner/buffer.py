@@ -21,7 +21,7 @@ Rules, with ``K = max_staleness`` and ``v`` the learner version of the latest :m
   untrainable``.
 
 Under ``buffer.max_staleness = "auto"`` the buffer's K is ``auto_max_staleness`` (the most the learner accepts);
-:class:`AutoStaleness` picks the admission bound the generators obey, at most that.
+:class:`~prorl_async.learner.staleness.AutoStaleness` picks the admission bound the generators obey, at most that.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import trio
 
+from prorl_async.learner.staleness import group_staleness
 from prorl_async.transport.messages import MessageError, TrajectoryGroup, decode, encode
 
 PutOutcome = Literal["admitted", "full", "stale", "all_correct", "all_wrong", "no_variance", "untrainable"]
@@ -94,10 +95,10 @@ class ReplayBuffer:
 
     def staleness_histogram(self) -> dict[int, int]:
         """Held groups by staleness (``learner_version - min_version``) at the current learner version."""
-        return dict(sorted(Counter(self.learner_version - g.min_version for g in self._groups).items()))
+        return dict(sorted(Counter(group_staleness(self.learner_version, g.min_version) for g in self._groups).items()))
 
     def _is_stale(self, group: TrajectoryGroup, version: int) -> bool:
-        return version - group.min_version > self.max_staleness  # type: ignore[operator]
+        return group_staleness(version, group.min_version) > self.max_staleness  # type: ignore[arg-type]
 
     def put(self, group: TrajectoryGroup) -> PutOutcome:
         """Admit ``group``, drop it (counted, reason returned), or answer ``"full"`` without taking it."""
@@ -186,59 +187,6 @@ class ReplayBuffer:
 
 class BufferStarved(TimeoutError):
     """``WaitingReplayBuffer.pull`` found no full batch within its timeout."""
-
-
-class AutoStaleness:
-    """``buffer.max_staleness = "auto"``: the smallest bound that keeps both sides busy, revised after each step.
-
-    A larger bound lets the generators run further ahead; it buys throughput only when the bound is what stops
-    them while the learner has nothing to train on. So, after each step (fractions of the step's cycle: the
-    learner's wait for groups plus its step):
-
-    - *raise* the bound by one, up to ``ceiling``, when the learner waited for more than ``gap`` of the cycle
-      while the generators sat idle (no request in their engines: held at the admission bound) for more than
-      ``gap`` of it too — both sides idle at once;
-    - *lower* it by one, down to 1, after ``patience`` steps in a row in which the learner waited less than
-      ``gap / 2``: the generators keep up with room to spare, and a smaller bound trains on fresher samples.
-
-    Generator-bound runs (the learner waits, the generators never idle) stay at 1: a larger bound adds
-    staleness there and no samples. The bound never drops to 0 (synchronous), which idles one side by design.
-
-    Usage::
-
-        auto = AutoStaleness(ceiling=4)
-        bound = auto.update(learner_wait_fraction=0.3, generator_idle_fraction=0.2)   # 2
-    """
-
-    def __init__(self, ceiling: int, bound: int = 1, gap: float = 0.1, patience: int = 3) -> None:
-        if ceiling < 1 or not 1 <= bound <= ceiling or not 0 < gap < 1 or patience < 1:
-            raise ValueError(f"need 1 <= bound <= ceiling, 0 < gap < 1, patience >= 1 (got {bound}, {ceiling}, "
-                             f"{gap}, {patience})")
-        self.ceiling, self.bound, self.gap, self.patience = ceiling, bound, gap, patience
-        self._calm_steps = 0
-
-    def update(self, learner_wait_fraction: float, generator_idle_fraction: float | None) -> int:
-        """The bound for the next step; ``generator_idle_fraction`` None: no generator report yet (no raise)."""
-        if learner_wait_fraction > self.gap and (generator_idle_fraction or 0.0) > self.gap:
-            self.bound = min(self.bound + 1, self.ceiling)
-            self._calm_steps = 0
-        elif learner_wait_fraction < self.gap / 2:
-            self._calm_steps += 1
-            if self._calm_steps >= self.patience and self.bound > 1:
-                self.bound -= 1
-                self._calm_steps = 0
-        else:
-            self._calm_steps = 0
-        return self.bound
-
-    def state(self) -> dict[str, int]:
-        return {"bound": self.bound, "calm_steps": self._calm_steps}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        bound, calm = state.get("bound"), state.get("calm_steps", 0)
-        if not isinstance(bound, int) or not 1 <= bound <= self.ceiling or not isinstance(calm, int) or calm < 0:
-            raise ValueError(f"auto staleness state {state!r}: bound must be in [1, {self.ceiling}]")
-        self.bound, self._calm_steps = bound, calm
 
 
 class WaitingReplayBuffer:

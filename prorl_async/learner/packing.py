@@ -26,9 +26,10 @@ Invariants:
 - a unit never spans groups; a group is split into several units (each with its prompt) only when the
   prompt plus its responses exceed the micro-batch token budget; the first unit takes as many
   responses as fit, in sample order;
-- a group whose samples do not all have the same prompt, or ``share=False``, gives one unit per sample:
-  rows of one sequence each, collated exactly as the unshared learner always did (2-D padding mask, no
-  ``position_ids``);
+- the group structure is given (:class:`prorl_async.learner.batch.GroupBatch`: one prompt per group), never
+  recovered by comparing prompts;
+- ``share=False`` (or a group of one) gives one unit per sample: rows of one sequence each, collated exactly
+  as the unshared learner always did (2-D padding mask, no ``position_ids``);
 - ``MicroBatch.rows`` lists the samples in the order of the gathered tokens and of ``resp_mask`` rows.
 """
 
@@ -68,24 +69,26 @@ class MicroBatch:
 
 
 def plan_units(
-    prompts: Sequence[torch.Tensor],
+    prompt_lens: Sequence[int],
     response_lens: Sequence[int],
-    group_size: int,
     *,
     share: bool,
     budget_tokens: int,
 ) -> list[Unit]:
-    """Units covering every sample once, group by group (samples ``g * group_size + j``).
+    """Units covering every sample once, group by group: group g has a prompt of ``prompt_lens[g]`` tokens and
+    the samples ``g * n .. g * n + n - 1`` (``n = len(response_lens) // len(prompt_lens)``).
 
-    With ``share`` a group whose samples have equal prompts is packed into as few units as the budget
-    allows (at least one response per unit); otherwise every sample is a unit of its own.
+    With ``share`` each group is packed into as few units as the budget allows (at least one response per
+    unit); otherwise every sample is a unit of its own.
     """
+    n = len(response_lens) // max(len(prompt_lens), 1)
+    if not prompt_lens or n * len(prompt_lens) != len(response_lens):
+        raise ValueError(f"{len(response_lens)} responses do not split into {len(prompt_lens)} groups")
     units: list[Unit] = []
-    for start in range(0, len(prompts), group_size):
-        group = range(start, start + group_size)
-        p = len(prompts[start])
-        if not share or group_size == 1 or not all(torch.equal(prompts[i], prompts[start]) for i in group):
-            units += [Unit((i,), len(prompts[i]) + response_lens[i]) for i in group]
+    for g, p in enumerate(prompt_lens):
+        group = range(g * n, (g + 1) * n)
+        if not share or n == 1:
+            units += [Unit((i,), p + response_lens[i]) for i in group]
             continue
         members: list[int] = []
         length = p
@@ -106,7 +109,10 @@ def collate(
     device: torch.device,
     weight: float = 1.0,
 ) -> MicroBatch:
-    """Right-padded rows of ``units`` (see the module doc); a block mask only when some unit shares."""
+    """Right-padded rows of ``units`` (see the module doc); a block mask only when some unit shares.
+
+    ``prompts[i]`` and ``responses[i]`` are sample i's (a group's samples may hold the same prompt tensor).
+    """
     width = max(u.length for u in units)
     input_ids = torch.zeros(len(units), width, dtype=torch.long)
     segment = torch.full((len(units), width), -1, dtype=torch.long)  # 0 prompt, j + 1 response j, -1 padding

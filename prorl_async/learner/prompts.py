@@ -237,3 +237,130 @@ class Admission:
         """Free the slots of versions the learner has passed (keeps the counter small)."""
         for t in [t for t in self._slots if t < learner_version]:
             del self._slots[t]
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+
+
+@dataclass
+class Request:
+    """A prompt handed to a generator and not answered yet; it holds admission slot ``target``."""
+
+    generator: int
+    draw: Draw
+    target: int
+
+
+class PromptSource:
+    """The learner's prompt order, admission and requests in flight: who samples what next.
+
+    Invariants (DESIGN.md section 4, with the learner as the one owner of prompts):
+
+    - every draw is in exactly one place: the sampler's stream (not drawn yet), its re-queue, or
+      :attr:`inflight` (handed out, no answer yet). An answer (group or return) takes it out of flight; a
+      returned or orphaned draw goes back to the re-queue, so a prompt is trained on at most once per draw
+      and never lost;
+    - a request holds an admission slot of the learner version expected to consume it (:class:`Admission`,
+      capacity ``(K + 1) x batch_groups``) until the learner passes that version, or until its group is
+      dropped by the buffer, or it is returned;
+    - each generator holds at most ``per_generator`` requests (its engine's groups plus as many queued, so that
+      its engine never waits for the learner's next request);
+    - :meth:`state` is plain data (JSON-able): the sampler position with every request in flight re-queued,
+      and the next request id, so that a resume hands out exactly the prompts not answered before.
+    """
+
+    def __init__(self, sampler: PromptSampler, admission: Admission, per_generator: int) -> None:
+        if per_generator < 1:
+            raise ValueError(f"per_generator must be >= 1 (got {per_generator})")
+        self.sampler, self.admission, self.per_generator = sampler, admission, per_generator
+        self.inflight: dict[int, Request] = {}
+        self.next_id = 0
+        self.counts: Counter[str] = Counter()  # requests by fate: issued, answered, returned_<reason>, orphaned
+
+    def held(self, generator: int) -> int:
+        return sum(r.generator == generator for r in self.inflight.values())
+
+    def issue(self, generator: int, learner_version: int, loaded_version: int) -> tuple[int, Draw, int] | None:
+        """The next request for ``generator`` as ``(request_id, draw, min_version)``, or None when admission or the
+        generator's share says wait. ``loaded_version``: the newest weights the generators hold (or receive)."""
+        if self.held(generator) >= self.per_generator or not self.admission.may_start(learner_version,
+                                                                                       loaded_version):
+            return None
+        target = self.admission.start(learner_version, loaded_version)
+        draw = self.sampler.next()
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        self.inflight[request_id] = Request(generator, draw, target)
+        self.counts["issued"] += 1
+        return request_id, draw, max(0, self.admission.oldest_usable(learner_version))
+
+    def answered(self, request_id: int, *, kept: bool) -> Request | None:
+        """A group answered ``request_id``; ``kept``: the buffer took it (else its slot is free again).
+
+        None for an id not in flight (answered already, or handed out again after its generator restarted):
+        the caller drops that group, since the prompt's current request will answer it."""
+        request = self.inflight.pop(request_id, None)
+        if request is None:
+            return None
+        self.counts["answered"] += 1
+        if not kept:
+            self.admission.withdraw(request.target)
+        return request
+
+    def returned(self, request_id: int, reason: str) -> Request | None:
+        """``request_id`` ended without a group; its prompt is drawn again (``too_long``: skipped for good)."""
+        request = self.inflight.pop(request_id, None)
+        if request is None:
+            return None
+        self.counts[f"returned_{reason}"] += 1
+        self.admission.withdraw(request.target)
+        if reason != "too_long":
+            self.sampler.requeue(request.draw)
+        return request
+
+    def orphan(self, generator: int) -> int:
+        """``generator`` restarted: the requests its previous process held go back to the queue; how many."""
+        lost = [i for i, r in self.inflight.items() if r.generator == generator]
+        for i in lost:
+            request = self.inflight.pop(i)
+            self.admission.withdraw(request.target)
+            self.sampler.requeue(request.draw)
+        self.counts["orphaned"] += len(lost)
+        return len(lost)
+
+    def state(self) -> dict[str, Any]:
+        """Plain data to resume from: requests in flight are re-queued (their groups, if they still come, are
+        after the checkpoint and are not kept)."""
+        ordered = [self.inflight[i].draw for i in sorted(self.inflight)]
+        return {"sampler": self.sampler.state(in_flight=ordered), "next_request_id": self.next_id}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("next_request_id"), int):
+            raise ValueError("prompt source state: expected a map with sampler and next_request_id")
+        self.sampler.restore(state["sampler"])
+        self.inflight.clear()
+        self.next_id = state["next_request_id"]
+
+
+def merge_shard_states(states: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One unsharded sampler state from the per-generator states of a checkpoint written before the learner owned
+    the prompt order (``samplers.json``).
+
+    Shard ``g`` of ``N`` drew positions ``g, g+N, ...`` of each spec's epoch permutation; the unsharded stream draws
+    positions ``0, 1, ...`` of the same permutations. Summing the shards' positions per spec covers exactly the
+    same problems when every shard drew equally many of that spec. Shards pick specs at random, so their counts
+    usually differ a little: then the problems of the current epoch between the shortest and the longest shard's
+    reach are partly drawn again and partly skipped once (measured: 2-9 per spec after 300 draws per shard). The
+    re-queued draws (unfinished prompts) are kept as they are."""
+    states = list(states)
+    if not states:
+        raise ValueError("no sampler states to merge")
+    first = states[0]
+    sizes = first.get("sizes")
+    if any(s.get("sizes") != sizes or s.get("seed") != first.get("seed") for s in states):
+        raise ValueError("sampler states of different runs cannot be merged")
+    positions = [sum(int(s["positions"][i]) for s in states) for i in range(len(sizes))]
+    return {
+        "state_version": STATE_VERSION, "seed": first["seed"], "shard": 0, "num_shards": 1, "sizes": list(sizes),
+        "draws": sum(int(s["draws"]) for s in states), "positions": positions,
+        "requeued": [d for s in states for d in s.get("requeued", [])],
+    }

@@ -1,8 +1,9 @@
 """The ProRL learner: policy, frozen reference and AdamW; ``train_step(batch) -> StepMetrics``. No sockets.
 
-One ``train_step`` takes a :class:`TrainBatch` of whole groups and makes ``learner.mini_batches`` optimizer
-steps. Two counters, never mixed: ``policy_version`` advances once per ``train_step`` (one batch, one weight
-broadcast: what generators sample with, what staleness and every ``*_every_steps`` setting count);
+One ``train_step`` takes a :class:`prorl_async.learner.batch.GroupBatch` of whole groups and makes
+``learner.mini_batches`` optimizer steps. Two counters, never mixed: ``policy_version`` advances once per
+``train_step`` (one batch, one weight broadcast: what generators sample with, what staleness and every
+``*_every_steps`` setting count);
 ``optimizer_step`` once per AdamW update (the learning-rate warm-up counts it):
 
 1. group advantages over the whole batch (``prorl_async.algo.advantage.group_advantage``);
@@ -16,7 +17,7 @@ broadcast: what generators sample with, what staleness and every ``*_every_steps
 
 A row is a group's prompt followed by its responses (``learner.share_prompt``, :mod:`prorl_async.learner.packing`):
 every pass (proximal, reference, policy) computes the prompt once per group, not once per sample, with the
-same log-probs and gradients as one row per sample, which remains the path for groups without a common prompt.
+same log-probs and gradients as one row per sample, which remains the path with ``share_prompt`` off.
 
 Log-probs never materialise full-vocabulary logits for the batch: only the hidden states that predict
 response tokens go through the vocabulary projection, ``logprob_chunk_tokens`` at a time
@@ -31,7 +32,7 @@ weight 0 keep the collectives in step).
 Usage::
 
     learner = Learner(cfg)
-    metrics = learner.train_step(TrainBatch(samples, group_size=cfg.sampling.group_size))
+    metrics = learner.train_step(build_batch(groups))   # groups: list[TrajectoryGroup]
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": learner.weights()})
     learner.observe_validation(0.42)            # feeds the plateau trigger
     learner.save_checkpoint("runs/x/ckpt")
@@ -40,7 +41,6 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -67,43 +67,11 @@ from prorl_async.algo.loss import (
 from prorl_async.learner.checkpoint import full_tensor as _full
 from prorl_async.learner.packing import MicroBatch, Unit, additive_mask, collate, packing_supported, plan_units
 from prorl_async.learner.reset import ResetPolicy
+from prorl_async.learner.staleness import token_staleness
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
-
-
-@dataclass
-class TrainSample:
-    """One response of a group as the learner needs it; plain data, independent of the wire format."""
-
-    prompt_ids: Sequence[int]
-    response_ids: Sequence[int]
-    behaviour_logprobs: Sequence[float]
-    """Log-prob of each response token under the policy that sampled it (float32, one per response token)."""
-    reward: float
-    policy_versions: Sequence[int] | None = None
-    """Learner version that produced each response token, when known (staleness metrics only)."""
-
-
-@dataclass
-class TrainBatch:
-    """Whole groups, contiguous: ``samples[g * group_size + j]`` is sample j of group g."""
-
-    samples: list[TrainSample]
-    group_size: int
-
-    def validate(self) -> None:
-        """Raise ValueError unless the batch splits into groups and every sample is well-formed."""
-        if self.group_size < 1 or not self.samples or len(self.samples) % self.group_size:
-            raise ValueError(f"{len(self.samples)} samples do not split into groups of {self.group_size}")
-        for i, s in enumerate(self.samples):
-            n = len(s.response_ids)
-            if not len(s.prompt_ids) or not n:
-                raise ValueError(f"sample {i}: empty prompt or response")
-            if len(s.behaviour_logprobs) != n or (s.policy_versions is not None and len(s.policy_versions) != n):
-                raise ValueError(f"sample {i}: {n} response tokens but per-token fields of another length")
-            if not math.isfinite(s.reward):
-                raise ValueError(f"sample {i}: reward {s.reward} is not finite")
+    from prorl_async.learner.batch import GroupBatch
 
 
 @dataclass
@@ -143,7 +111,7 @@ class StepMetrics:
     samples: float
     reward_mean: float
     staleness_mean: float
-    """Mean of (version before the step - policy version) over response tokens; nan when not given."""
+    """Mean of (version before the step - policy version) over response tokens."""
     staleness_max: float
     step_time_s: float
     tokens_per_s: float
@@ -273,15 +241,14 @@ class Learner:
         """Rows of the policy's input embedding: every token id the learner trains on must be below it."""
         return int(self.policy.lm.get_input_embeddings().num_embeddings)
 
-    def train_step(self, batch: TrainBatch) -> StepMetrics:
+    def train_step(self, batch: GroupBatch) -> StepMetrics:
         """Train on ``batch`` (whole groups): ``learner.mini_batches`` optimizer steps, then maybe a reset."""
         start = time.perf_counter()
-        batch.validate()
         version_before = self.policy_version
         data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
-        groups = len(batch.samples) // batch.group_size
+        groups, n = batch.num_groups, batch.group_size
         splits = [g.tolist() for g in torch.arange(groups).tensor_split(min(self.cfg.learner.mini_batches, groups))]
-        minis = [[g * batch.group_size + j for g in gs for j in range(batch.group_size)] for gs in splits]
+        minis = [[g * n + j for g in gs for j in range(n)] for gs in splits]
         old = self._proximal_logprobs(data, minis) if len(minis) > 1 else None
         parts: list[dict[str, float]] = []
         grad_norms: list[float] = []
@@ -295,7 +262,7 @@ class Learner:
             self.reset_reference(reason)
         reset_reason, self._reset_since_last_step = self._reset_since_last_step, ""
         elapsed = time.perf_counter() - start
-        staleness = data.staleness(version_before)
+        lags = token_staleness(version_before, batch.policy_versions.to(torch.float64))  # (T,)
         total_tokens = float(sum(data.prompt_lens) + sum(data.resp_lens))
         return StepMetrics(
             version=self.policy_version,
@@ -306,10 +273,10 @@ class Learner:
             lr=self._lr(self.optimizer_step - 1),
             total_tokens=total_tokens,
             forward_tokens=float(sum(u.length for u in data.units)),
-            samples=float(len(batch.samples)),
+            samples=float(batch.num_samples),
             reward_mean=float(data.rewards.mean()),
-            staleness_mean=staleness[0],
-            staleness_max=staleness[1],
+            staleness_mean=float(lags.mean()),
+            staleness_max=float(lags.max()),
             step_time_s=elapsed,
             tokens_per_s=total_tokens / elapsed,
             reset=1.0 if reset_reason else 0.0,
@@ -328,14 +295,14 @@ class Learner:
         self._reset_since_last_step = reason
 
     @torch.no_grad()
-    def logprobs(self, batch: TrainBatch) -> list[torch.Tensor]:
+    def logprobs(self, batch: GroupBatch) -> list[torch.Tensor]:
         """Log-probs (float32, CPU) of each sample's response tokens under the current policy, no gradient."""
         data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
         out: dict[int, torch.Tensor] = {}
-        for mb in self._micro_batches(data, list(range(len(batch.samples))), shard=False):
+        for mb in self._micro_batches(data, list(range(batch.num_samples)), shard=False):
             logp, _ = self._forward(self.policy, mb)
             out.update(zip(mb.rows, self._unpadded(logp.cpu(), mb), strict=True))
-        return [out[i] for i in range(len(batch.samples))]
+        return [out[i] for i in range(batch.num_samples)]
 
     def observe_validation(self, reward: float) -> None:
         """Feed a validation reward measured with the current weights to the plateau trigger."""
@@ -499,36 +466,31 @@ class Learner:
 
 
 class _Prepared:
-    """A batch as tensors: prompts, responses, behaviour log-probs, advantages over the whole batch, and units.
+    """A batch ready for the passes: per-sample views, behaviour log-probs on the device, advantages, and units.
 
     ``units`` (:func:`prorl_async.learner.packing.plan_units`) cover every sample once, group by group: a
-    shared prompt with its group's responses when ``share_prompt``, else one sample each.
+    group's prompt with its responses when ``share_prompt``, else one sample each.
     """
 
-    def __init__(self, batch: TrainBatch, cfg: Config, device: torch.device, share_prompt: bool) -> None:
+    def __init__(self, batch: GroupBatch, cfg: Config, device: torch.device, share_prompt: bool) -> None:
         self.device = device
-        self.prompts = [torch.as_tensor(s.prompt_ids, dtype=torch.long) for s in batch.samples]
-        self.responses = [torch.as_tensor(s.response_ids, dtype=torch.long) for s in batch.samples]
+        n = batch.group_size
+        group_prompts = batch.prompts()
+        self.prompts = [group_prompts[i // n] for i in range(batch.num_samples)]  # sample i -> its group's prompt
+        self.responses = batch.responses()
         self.prompt_lens = [len(p) for p in self.prompts]
-        self.resp_lens = [len(r) for r in self.responses]
-        self.behav = [torch.as_tensor(s.behaviour_logprobs, dtype=torch.float32).to(device) for s in batch.samples]
-        self.rewards = torch.tensor([float(s.reward) for s in batch.samples], dtype=torch.float32)
+        self.resp_lens = batch.response_lens.reshape(-1).tolist()
+        self.behav = list(batch.behaviour_logprobs.to(device).split(self.resp_lens))
+        # (G * n,) float32, the advantages' input the loss tests pin (group_advantage computes in float64 anyway)
+        self.rewards = batch.rewards.reshape(-1).to(torch.float32)
         loss = cfg.loss
-        adv = group_advantage(self.rewards, batch.group_size, loss.advantage_eps, loss.advantage_std_normalize)
+        adv = group_advantage(self.rewards, n, loss.advantage_eps, loss.advantage_std_normalize)
         self.advantages = adv.to(device)
-        self.versions = [s.policy_versions for s in batch.samples]
-        self.units = plan_units(self.prompts, self.resp_lens, batch.group_size, share=share_prompt,
+        self.units = plan_units(batch.prompt_lens.tolist(), self.resp_lens, share=share_prompt,
                                 budget_tokens=cfg.learner.micro_batch_tokens)
 
     def collate(self, units: list[Unit], weight: float = 1.0) -> MicroBatch:
         return collate(units, self.prompts, self.responses, self.device, weight)
-
-    def staleness(self, version: int) -> tuple[float, float]:
-        """(mean, max) of version - policy_version over response tokens; nan when versions are missing."""
-        if any(v is None for v in self.versions):
-            return math.nan, math.nan
-        lags = torch.cat([version - torch.as_tensor(v, dtype=torch.float64) for v in self.versions])
-        return float(lags.mean()), float(lags.max())
 
 
 def _local_share(units: list[Unit], rank: int, world: int) -> list[Unit]:

@@ -7,16 +7,16 @@ Invariants:
 - The learner binds every endpoint and writes ``RUN_DIR/endpoints.json``; generators start only after it
   exists and connect to what it names. Each process logs to ``RUN_DIR/logs/<name>.log``.
 - The run ends when the learner ends (``max_steps``, time budget): it publishes ``Stop`` and the generators
-  exit on it. A generator that dies is restarted with exponential backoff, from its prompt position in
-  ``RUN_DIR/sampler-states.json`` (kept by the learner: unfinished prompts re-queued, none the learner
-  already has); it rejoins the weight group and the learner catches it up to the current weights. A learner
+  exit on it. A generator that dies is restarted with exponential backoff, as it was started: generators keep
+  no state, the learner hands the requests the dead process held out again when the new one says Ready; it
+  rejoins the weight group and the learner catches it up to the current weights. A learner
   that dies ends the run with its exit code, the last lines of its log and the last checkpoint named.
 - Ctrl-C / SIGTERM: SIGINT to the learner (it checkpoints and publishes ``Stop``), then every child is
   waited for and, past a grace period, killed — by the pids this supervisor started, never by name. Children
   watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves.
 - ``--resume RUN_DIR``: the same directory, config and metrics file; the learner starts from the newest
-  complete checkpoint (weights, optimizer, buffered groups, counters) and the generators from the sampler
-  states saved with it, so nothing is lost and nothing is trained on twice.
+  complete checkpoint (weights, optimizer, buffered groups, the prompt order with the requests that were in
+  flight re-queued, counters), so nothing is lost and nothing is trained on twice.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from prorl_async.errors import UserError
 from prorl_async.monitor.metrics import read_metrics
 from prorl_async.monitor.tui.view import RunView
 from prorl_async.supervisor.lifecycle import process_table, supervisor_env
+from prorl_async.utils.fs import write_atomic
 from prorl_async.utils.run_dir import latest_checkpoint
 
 _GRACE_S = 30.0  # how long children get to exit after Stop / SIGINT before they are killed
@@ -71,7 +72,7 @@ class Child:
                                                             start_new_session=True)
         pids = json.loads(pids_file.read_text()) if pids_file.exists() else {}
         pids[self.name] = self.process.pid
-        pids_file.write_text(json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
+        write_atomic(pids_file, json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
 
     async def reap_group(self, grace_s: float = 5.0) -> None:
         """After the process ended: stop what it left in its process group (vLLM's engine core, scoring workers).
@@ -186,8 +187,7 @@ class Supervisor:
             return self._learner_failed()
         for i in range(self.cfg.generator.num_generators):
             log_path = self.run_dir / "logs" / f"generator-{i}.log"
-            child = Child(f"generator-{i}", self._generator_argv(i, endpoints, self._sampler_state(f"generator-{i}")),
-                          log_path)
+            child = Child(f"generator-{i}", self._generator_argv(i, endpoints), log_path)
             self.generators.append(child)
             await child.start(self.env, self.pids_file)
             nursery.start_soon(self._watch_generator_loop, child, endpoints)
@@ -220,14 +220,11 @@ class Supervisor:
             await trio.sleep(0.2)
         return json.loads(path.read_text())
 
-    def _generator_argv(self, i: int, endpoints: dict, sampler_state: Path | None = None) -> list[str]:
+    def _generator_argv(self, i: int, endpoints: dict) -> list[str]:
         ws = endpoints["weight_sync"]
-        argv = [sys.executable, "-m", "prorl_async.generator", "--config", str(self.run_dir / "config.toml"),
+        return [sys.executable, "-m", "prorl_async.generator", "--config", str(self.run_dir / "config.toml"),
                 "--generator-id", str(i), "--groups", endpoints["groups"], "--control", endpoints["control"],
                 "--weight-sync", f"{ws['host']}:{ws['port']}", "--run-dir", str(self.run_dir)]
-        if sampler_state is not None:
-            argv += ["--sampler-state", str(sampler_state)]
-        return argv
 
     async def _watch_generator_loop(self, child: Child, endpoints: dict) -> None:
         backoff = 1.0
@@ -246,23 +243,8 @@ class Supervisor:
             backoff = min(2 * backoff, _MAX_BACKOFF_S)
             if self.stopping:
                 return
-            state = self._sampler_state(child.name)
-            child.argv = self._generator_argv(int(child.name.rsplit("-", 1)[1]), endpoints, state)
-            child.restarts += 1
+            child.restarts += 1  # the same argv: a generator keeps no state, the learner hands its prompts out again
             await child.start(self.env, self.pids_file)
-
-    def _sampler_state(self, name: str) -> Path | None:
-        """Generator ``name``'s prompt position as the learner keeps it (``RUN_DIR/sampler-states.json``)."""
-        path = self.run_dir / "sampler-states.json"
-        try:
-            states = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        if name not in states:
-            return None
-        out = self.run_dir / f"{name}-sampler-state.json"
-        out.write_text(json.dumps(states[name]))
-        return out
 
     async def _report_loop(self) -> None:
         """The live TUI on a terminal, plain lines otherwise (``run.tui``); both follow RUN_DIR/metrics.jsonl."""

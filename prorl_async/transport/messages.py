@@ -2,8 +2,10 @@
 
 Wire format (schema version ``SCHEMA_VERSION``), no pickle anywhere:
 
-- frame 0: one byte, the message type (``b"G"`` group, ``b"W"`` weights ready, ``b"S"`` stop,
-  ``b"V"`` validate, ``b"H"`` heartbeat, ``b"M"`` metrics, ``b"R"`` ready) — a SUB socket can filter on it;
+- frame 0: one byte, the message type — a SUB socket can filter on it. Learner -> generators (control):
+  ``b"W"`` weights ready, ``b"Q"`` group request, ``b"V"`` validate, ``b"S"`` stop. Generators -> learner
+  (groups socket, in this order per generator): ``b"R"`` ready, ``b"G"`` group, ``b"X"`` request returned,
+  ``b"A"`` validation answer, ``b"H"`` heartbeat, ``b"M"`` status;
 - frame 1: a msgpack map with ``"v": SCHEMA_VERSION`` and exactly the fields of that type;
 - an array is ``[dtype, length, bytes]``: little-endian raw bytes (``"<i4"`` token ids and policy
   versions, ``"<f4"`` log-probs, ``"<f8"`` rewards), the dtype fixed per field.
@@ -155,7 +157,7 @@ class TrajectoryGroup:
     samples: list[Sample]
     generator_id: int
     seq: int
-    """Per-generator sequence number of the group, counting from 0."""
+    """The id of the learner's :class:`GroupRequest` this group answers."""
     min_version: int | None = None
     max_version: int | None = None
 
@@ -222,7 +224,8 @@ class Validate:
     """Learner -> generators: sample the held-out split with weights of ``version`` or newer, score, report.
 
     ``round`` numbers the learner's requests (one per periodic validation); a generator answers each
-    ``(version, round)`` once, with ``Metrics`` on the groups socket (:mod:`prorl_async.eval.validation`).
+    ``(version, round)`` once, with :class:`ValidationAnswer` messages on the groups socket
+    (:mod:`prorl_async.eval.validation`).
     """
 
     version: int
@@ -239,20 +242,91 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class Ready:
-    """First message of a generator on the groups socket, after its control socket is live (handshake)."""
+    """First message of a generator process on the groups socket, after its control socket is live (handshake).
+
+    Sent once per process: a ``Ready`` from a generator id the learner knows means that generator restarted, and
+    the requests its previous process held will never be answered."""
 
     source: str
 
 
 @dataclass(frozen=True)
-class Metrics:
-    """A flat snapshot of named numbers or strings from ``source`` (a generator, the learner)."""
+class GroupRequest:
+    """Learner -> generator ``generator_id``: sample one group for problem ``index`` of task spec ``spec``.
+
+    The learner owns the prompt order and admission; a generator keeps nothing a restart must restore. The
+    generator starts the request once its weights are at least ``min_version`` and answers it exactly once, with
+    the :class:`TrajectoryGroup` (``seq = request_id``) or a :class:`RequestReturned`."""
+
+    generator_id: int
+    request_id: int
+    spec: int
+    index: int
+    epoch: int
+    min_version: int
+
+
+@dataclass(frozen=True)
+class RequestReturned:
+    """Generator -> learner: request ``request_id`` ends without a group (``reason``: ``stale``, ``too_long``,
+    ``stopped``, ``failed``); the learner hands its prompt out again (``too_long``: counts it, skips it)."""
 
     source: str
-    values: dict[str, int | float | str] = field(default_factory=dict)
+    generator_id: int
+    request_id: int
+    reason: str
 
 
-Message = TrajectoryGroup | WeightsReady | Stop | Validate | Heartbeat | Ready | Metrics
+@dataclass(frozen=True)
+class Status:
+    """A generator's (or any process's) figures: named numbers, nothing else."""
+
+    source: str
+    values: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class ValidationAnswer:
+    """Generator -> learner: part ``part`` of ``parts`` of its shard's answer to ``Validate(version, round)``.
+
+    Prompt ``i`` is ``prompt_ids[i]`` of task label ``tasks[i]`` with ``counts[i]`` rewards, consecutive in
+    ``rewards`` (the semantic checks, and the bookkeeping, are :mod:`prorl_async.eval.validation`'s)."""
+
+    source: str
+    version: int
+    round: int
+    generator: int
+    generators: int
+    part: int
+    parts: int
+    weights_version: int
+    seconds: float
+    failed: int
+    skipped: int
+    prompt_ids: list[str]
+    tasks: list[str]
+    counts: np.ndarray
+    """(prompts,) int32 samples per prompt."""
+    rewards: np.ndarray
+    """(sum(counts),) float64."""
+
+    def __post_init__(self) -> None:
+        self.counts = np.asarray(self.counts, dtype=np.int32)
+        self.rewards = np.asarray(self.rewards, dtype=np.float64)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ValidationAnswer):
+            return NotImplemented
+        arrays = ("counts", "rewards")
+        return (all(np.array_equal(getattr(self, k), getattr(other, k)) for k in arrays)
+                and {k: v for k, v in self.__dict__.items() if k not in arrays}
+                == {k: v for k, v in other.__dict__.items() if k not in arrays})
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+Message = (TrajectoryGroup | WeightsReady | Stop | Validate | Heartbeat | Ready | Status | GroupRequest
+           | RequestReturned | ValidationAnswer)
 
 # ------------------------------------------------------------------------------------------ encoding
 
@@ -295,8 +369,11 @@ _TYPE_OF: dict[type, bytes] = {
     Stop: b"S",
     Validate: b"V",
     Heartbeat: b"H",
-    Metrics: b"M",
+    Status: b"M",
     Ready: b"R",
+    GroupRequest: b"Q",
+    RequestReturned: b"X",
+    ValidationAnswer: b"A",
 }
 
 
@@ -307,8 +384,11 @@ def encode(msg: Message) -> list[bytes]:
         raise TypeError(f"not a message: {type(msg).__name__}")
     if isinstance(msg, TrajectoryGroup):
         body = _encode_group(msg)
-    elif isinstance(msg, Metrics):
+    elif isinstance(msg, Status):
         body = {"source": msg.source, "values": dict(msg.values)}
+    elif isinstance(msg, ValidationAnswer):
+        body = {k: v for k, v in msg.__dict__.items() if k not in ("counts", "rewards")}
+        body.update(counts=_arr(msg.counts, _I32), rewards=_arr(msg.rewards, _F64))
     else:
         body = {k: v for k, v in msg.__dict__.items() if v is not None}  # None: an optional field left out
     body["v"] = SCHEMA_VERSION
@@ -491,21 +571,44 @@ def _check_versions(versions: np.ndarray, ends: list[int], min_v: int, max_v: in
         raise MessageError("version", "policy versions decrease within a sample")
 
 
-def _decode_metrics(b: _Body) -> Metrics:
+def _decode_status(b: _Body) -> Status:
     values = b.m["values"]
     if type(values) is not dict:
         raise MessageError("field", "values must be a map")
     if len(values) > b.limits.max_metrics:
-        raise MessageError("size", f"{len(values)} metrics (limit {b.limits.max_metrics})")
+        raise MessageError("size", f"{len(values)} values (limit {b.limits.max_metrics})")
     limit = b.limits.max_string_chars
     for k, v in values.items():
-        if type(k) is not str or len(k) > limit or type(v) not in (int, float, str, bool):
-            raise MessageError("field", "metrics must map names to numbers or strings")
+        if type(k) is not str or len(k) > limit or type(v) not in (int, float, bool):
+            raise MessageError("field", "a status maps names to numbers")
         if type(v) is float and not math.isfinite(v):
-            raise MessageError("nonfinite", f"metric {k} is {v}")
-        if type(v) is str and len(v) > limit:
-            raise MessageError("size", f"metric {k} has {len(v)} characters")
-    return Metrics(source=b.text("source"), values=values)
+            raise MessageError("nonfinite", f"status value {k} is {v}")
+    return Status(source=b.text("source"), values=values)
+
+
+_ANSWER_KEYS = frozenset({"v", "source", "version", "round", "generator", "generators", "part", "parts",
+                          "weights_version", "seconds", "failed", "skipped", "prompt_ids", "tasks", "counts",
+                          "rewards"})
+
+
+def _decode_answer(b: _Body) -> ValidationAnswer:
+    ints = {k: b.integer(k) for k in ("version", "round", "generator", "generators", "part", "parts",
+                                      "weights_version", "failed", "skipped")}
+    counts = b.array("counts", _I32, b.limits.max_metrics)
+    n = len(counts)
+    if n and int(counts.min()) < 1:
+        raise MessageError("value", "every validated prompt needs at least one reward")
+    total = int(counts.astype(np.int64).sum())
+    rewards = b.array("rewards", _F64, b.limits.max_message_bytes // _F64.itemsize)  # bounded by the frame
+    if len(rewards) != total:
+        raise MessageError("value", f"{total} rewards announced, {len(rewards)} sent")
+    if not np.isfinite(rewards).all():
+        raise MessageError("nonfinite", "a validation reward is not finite")
+    seconds = b.number("seconds")
+    if seconds < 0:
+        raise MessageError("value", f"seconds is negative ({seconds})")
+    return ValidationAnswer(source=b.text("source"), **ints, seconds=seconds, prompt_ids=b.texts("prompt_ids", n),
+                            tasks=b.texts("tasks", n), counts=counts, rewards=rewards)
 
 
 # WeightsReady with its optional field: decoded with its own key set (every key set is exact).
@@ -526,8 +629,19 @@ _DECODERS: dict[bytes, tuple[frozenset[str], Any]] = {
         frozenset({"v", "source", "time_s"}),
         lambda b: Heartbeat(source=b.text("source"), time_s=b.number("time_s")),
     ),
-    b"M": (frozenset({"v", "source", "values"}), _decode_metrics),
+    b"M": (frozenset({"v", "source", "values"}), _decode_status),
     b"R": (frozenset({"v", "source"}), lambda b: Ready(source=b.text("source"))),
+    b"Q": (
+        frozenset({"v", "generator_id", "request_id", "spec", "index", "epoch", "min_version"}),
+        lambda b: GroupRequest(**{k: b.integer(k) for k in ("generator_id", "request_id", "spec", "index", "epoch",
+                                                            "min_version")}),
+    ),
+    b"X": (
+        frozenset({"v", "source", "generator_id", "request_id", "reason"}),
+        lambda b: RequestReturned(source=b.text("source"), generator_id=b.integer("generator_id"),
+                                  request_id=b.integer("request_id"), reason=b.text("reason")),
+    ),
+    b"A": (_ANSWER_KEYS, _decode_answer),
 }
 
 

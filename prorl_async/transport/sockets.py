@@ -3,9 +3,9 @@ control publisher and blocking senders for generators (asyncio or plain threads)
 
 Topology (DESIGN.md section 2); the learner binds, generators connect:
 
-    generator PUSH --TrajectoryGroup, Ready, Heartbeat, Metrics--> learner PULL   (groups)
+    generator PUSH --TrajectoryGroup, Ready, Heartbeat, Status, ...--> learner PULL   (groups)
     learner XPUB   --WeightsReady, Stop-->                         generator SUB  (control)
-    any PUB        --Metrics, Heartbeat-->                         collector SUB  (metrics)
+    any PUB        --Status, Heartbeat-->                         collector SUB  (metrics)
 
 Invariants:
 
@@ -268,9 +268,13 @@ class ControlPublisher:
         self._latest: list[bytes] | None = None
         self.subscriptions = 0
 
-    def publish(self, msg: Message) -> None:
-        self._latest = encode(msg)
-        self._send(self._latest)
+    def publish(self, msg: Message, *, latest: bool = True) -> None:
+        """Send ``msg`` to every subscriber; ``latest``: it is also what a new subscriber is answered with (the
+        handshake's WeightsReady: never a request meant for one generator)."""
+        frames = encode(msg)
+        if latest:
+            self._latest = frames
+        self._send(frames)
 
     def _send(self, frames: list[bytes]) -> None:
         # Never blocks: XPUB drops the message for a subscriber at its high-water mark (PUB semantics).

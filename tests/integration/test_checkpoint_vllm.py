@@ -40,13 +40,31 @@ def _samples(outputs) -> list[dict]:
     return rows
 
 
+def _batch(rows: list[dict], rewards: list[float], group_size: int = 4):
+    """The learner's batch of ``rows`` (``group_size`` consecutive rows share a prompt, as vLLM returns them)."""
+    import numpy as np
+
+    from prorl_async.learner.batch import build_batch
+    from prorl_async.transport.messages import Sample, TrajectoryGroup
+
+    groups = []
+    for k in range(0, len(rows), group_size):
+        part = rows[k : k + group_size]
+        samples = [Sample(np.asarray(r["response_ids"]), np.asarray(r["logprobs"]), np.zeros(len(r["response_ids"])),
+                          "stop", w) for r, w in zip(part, rewards[k : k + group_size], strict=True)]
+        groups.append(TrajectoryGroup(prompt_id=f"p{k}", task="test", domain="test",
+                                      prompt_token_ids=np.asarray(part[0]["prompt_ids"]), samples=samples,
+                                      generator_id=0, seq=k))
+    return build_batch(groups)
+
+
 def _script(ckpt: Path, config_path: Path, out: Path) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: weights() tensors pass as is
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from prorl_async.config import load_config
-    from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
+    from prorl_async.learner.trainer import Learner
 
     cfg = load_config(config_path)
     llm = LLM(
@@ -67,10 +85,7 @@ def _script(ckpt: Path, config_path: Path, out: Path) -> None:
     before = _samples(llm.generate(prompts, params, use_tqdm=False))
 
     learner = Learner.load_checkpoint(ckpt, cfg)
-    batch = TrainBatch(
-        [TrainSample(s["prompt_ids"], s["response_ids"], s["logprobs"], float(i % 2)) for i, s in enumerate(before)],
-        group_size=4,
-    )
+    batch = _batch(before, [float(i % 2) for i in range(len(before))])
     metrics = learner.train_step(batch)
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(learner.weights())})
     llm.reset_prefix_cache()
@@ -81,11 +96,7 @@ def _script(ckpt: Path, config_path: Path, out: Path) -> None:
     )
     learner_after = [
         lp.tolist()
-        for lp in learner.logprobs(
-            TrainBatch(
-                [TrainSample(s["prompt_ids"], s["response_ids"], s["logprobs"], 0.0) for s in after], group_size=4
-            )
-        )
+        for lp in learner.logprobs(_batch(after, [0.0] * len(after)))
     ]
     out.write_text(
         json.dumps({"before": before, "metrics": metrics.as_dict(), "after": after, "learner_after": learner_after})
@@ -97,7 +108,7 @@ def test_checkpoint_serves_in_vllm_and_weights_reload(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from prorl_async.config import write_resolved
-    from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
+    from prorl_async.learner.trainer import Learner
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
     from test_learner import hf_logprobs, random_batch, tiny_config
@@ -119,7 +130,7 @@ def test_checkpoint_serves_in_vllm_and_weights_reload(tiny_model_dir, tmp_path):
     result = json.loads((tmp_path / "out.json").read_text())
 
     before = result["before"]
-    batch = TrainBatch([TrainSample(s["prompt_ids"], s["response_ids"], s["logprobs"], 0.0) for s in before], 4)
+    batch = _batch(before, [0.0] * len(before))
     model = AutoModelForCausalLM.from_pretrained(ckpt / "policy")
     for s, want in zip(before, hf_logprobs(model, batch, TEMPERATURE), strict=True):
         torch.testing.assert_close(torch.tensor(s["logprobs"]), want, rtol=0, atol=1e-4)

@@ -7,17 +7,17 @@ sender, starts ``python -m prorl_async.generator`` once, and checks in one run:
   learner's convention), per-token versions, and chain_sum rewards equal to the verifier's;
 - an in-flight weight update (version 1, perturbed weights) lands while groups are generating: later
   tokens carry version 1 and their log-probs match the new weights, earlier ones version 0 and the old;
-- with the learner's version frozen, the generator starts no more than its admission slots allow, and one
-  more batch once the learner announces a larger bound (``max_staleness = "auto"``);
+- the generator samples exactly the learner's requests, each answered once with ``seq`` = its request id; a
+  request for another generator and a repeated request id are ignored; a request whose ``min_version`` is
+  ahead of the loaded weights waits for them (all its tokens carry the new version);
 - a reward function that hangs (once) and raises (once) costs those two samples a 0 reward with a reason,
   counted in the metrics, and the generator goes on;
-- ``Stop`` ends the process with exit code 0 and a final metrics message with the prompt sampler's state.
+- ``Stop`` ends the process with exit code 0 and a final status (the generator keeps no prompt state).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -34,9 +34,10 @@ from prorl_async.config import Config, write_resolved
 from prorl_async.envs.score import score
 from prorl_async.envs.tasks import TaskMix
 from prorl_async.transport.messages import (
+    GroupRequest,
     Heartbeat,
-    Metrics,
     Ready,
+    Status,
     Stop,
     TrajectoryGroup,
     WeightsReady,
@@ -51,8 +52,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
 HERE = Path(__file__).parent
 TEMPERATURE = 1.2
 GROUP_SIZE = 4
-BUDGET = 4  # (max_staleness 1 + 1) x batch_groups 2, one generator: slots for versions v and v + 1
-BATCH = 2
+FIRST = 6  # requests sent before the weight update (min_version 0)
 
 
 def make_config(tmp_path: Path) -> Config:
@@ -65,10 +65,7 @@ def make_config(tmp_path: Path) -> Config:
         "sampling": {"group_size": GROUP_SIZE, "temperature": TEMPERATURE, "max_response_tokens": 320},
         "generator": {"max_inflight_groups": 2, "reward_workers": 2, "reward_timeout_s": 6.0, "heartbeat_s": 0.3,
                       "reward_function": "generator_rewards:reward"},
-        # The test's reward function gives groups without variance: with the filter on they would give their admission
-        # places back (the learner drops them) and the generator would rightly start more than the bound.
-        # max_staleness "auto" starts at bound 1 (the generator's admission until the learner announces another).
-        "buffer": {"max_staleness": "auto", "auto_max_staleness": 2, "variance_filter": False},
+        "buffer": {"max_staleness": 1, "variance_filter": False},
         "learner": {"batch_groups": 2},
         "weight_sync": {"timeout_s": 60.0},
     })
@@ -82,12 +79,14 @@ class Learner:
         self.xpub = transport.socket(zmq.XPUB, transport.endpoint("control"), bind=True)
         self.latest: list[bytes] | None = None
         self.groups: list[TrajectoryGroup] = []
-        self.metrics: list[Metrics] = []
+        self.metrics: list[Status] = []
         self.others: list[object] = []
 
-    def publish(self, msg: object) -> None:
-        self.latest = encode(msg)  # type: ignore[arg-type]
-        self.xpub.send_multipart(self.latest)
+    def publish(self, msg: object, latest: bool = True) -> None:
+        frames = encode(msg)  # type: ignore[arg-type]
+        if latest:
+            self.latest = frames
+        self.xpub.send_multipart(frames)
 
     def pump(self, seconds: float, until=lambda: False) -> bool:
         """Receive for up to ``seconds``; True as soon as ``until()`` holds."""
@@ -106,7 +105,7 @@ class Learner:
                 msg = decode(self.pull.recv_multipart())
                 if isinstance(msg, TrajectoryGroup):
                     self.groups.append(msg)
-                elif isinstance(msg, Metrics):
+                elif isinstance(msg, Status):
                     self.metrics.append(msg)
                 else:
                     self.others.append(msg)
@@ -153,29 +152,37 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
             def output() -> str:
                 return log_path.read_text()[-6000:]
 
-            # 1. The generator joins the weight group and starts generating at version 0.
+            def request(request_id: int, index: int, min_version: int = 0, generator_id: int = 0) -> GroupRequest:
+                msg = GroupRequest(generator_id=generator_id, request_id=request_id, spec=0, index=index, epoch=0,
+                                   min_version=min_version)
+                learner.publish(msg, latest=False)
+                return msg
+
+            # 1. The generator says Ready, joins the weight group and samples the requests it is sent.
+            assert learner.pump(300, lambda: bool(learner.others)), output()
+            assert learner.others[0] == Ready("generator-0")
+            for i in range(FIRST):
+                request(i, index=10 + i)
+            request(0, index=99)  # a repeated id: ignored
+            request(50, index=98, generator_id=1)  # another generator's: ignored
             assert learner.pump(300, lambda: learner.last_metrics().get("requests_in_flight", 0) > 0), output()
             assert sender.members == ["gen0.rank0"]
-            assert learner.others[0] == Ready("generator-0")
-            # 2. An in-flight update to version 1 while groups are generating.
+            # 2. A request that needs version 1 waits; an in-flight update to version 1 while groups are generating.
+            request(FIRST, index=10 + FIRST, min_version=1)
             learner.publish(WeightsReady(1))
             stats = sender.broadcast(1, new_model.named_parameters(remove_duplicate=False))
             assert stats.delivered == ["gen0.rank0"] and not stats.failed, stats
-            # 3. The learner stays at version 1: version 0's slots are free (a learner would have consumed its
-            # batch), so the generator starts one more batch for version 2, holds its budget of 4 slots, then waits.
-            assert learner.pump(90, lambda: len(learner.groups) >= BUDGET + BATCH), output()
-            learner.pump(3.0)
-            assert len(learner.groups) == BUDGET + BATCH, "started more groups than the admission slots allow"
-            m = learner.last_metrics()
-            assert m["admission_budget"] == BUDGET and m["admission_counted"] == BUDGET, m
-            assert m["groups_in_flight"] == 0 and m["policy_version"] == 1 and m["weight_updates"] == 1, m
-            # 4. The learner announces bound 2 (max_staleness "auto"): one more batch of slots (version 3).
-            learner.publish(WeightsReady(1, max_staleness=2))
-            assert learner.pump(90, lambda: len(learner.groups) >= BUDGET + 2 * BATCH), output()
+            # 3. Every request is answered once, by its group.
+            assert learner.pump(120, lambda: len(learner.groups) >= FIRST + 1), output()
             learner.pump(3.0, lambda: learner.last_metrics().get("groups_in_flight") == 0)
-            assert len(learner.groups) == BUDGET + 2 * BATCH
+            assert sorted(g.seq for g in learner.groups) == list(range(FIRST + 1))
+            by_seq = {g.seq: g for g in learner.groups}
+            indices = [int(by_seq[i].prompt_id.split("/")[4]) for i in range(FIRST + 1)]
+            assert indices == [10 + i for i in range(FIRST + 1)]
+            assert all((s.versions == 1).all() for s in by_seq[FIRST].samples), "started before its min_version"
             m = learner.last_metrics()
-            assert (m["admission_bound"], m["admission_budget"], m["admission_counted"]) == (2, 6, 6), m
+            assert m["groups_in_flight"] == 0 and m["policy_version"] == 1 and m["weight_updates"] == 1, m
+            assert m["requests_received"] == FIRST + 1, m
             learner.publish(Stop("test done"))
             assert proc.wait(timeout=60) == 0, output()
             learner.pump(1.0, lambda: learner.last_metrics().get("final") == 1)
@@ -211,6 +218,4 @@ def test_generator_process_end_to_end(tmp_path: Path, tiny_model_dir: Path) -> N
     assert sum("timeout" in r for r in reasons) == 1 and sum("injected by the test" in r for r in reasons) == 1, reasons
     final = learner.last_metrics()
     assert final.get("final") == 1 and final["score_timeout"] == 1 and final["score_error"] == 1, final
-    state = json.loads(final["sampler_state"])
-    assert state["draws"] == BUDGET + 2 * BATCH and state["requeued"] == [], state
     assert any(isinstance(m, Heartbeat) for m in learner.others)

@@ -1,7 +1,7 @@
 """The pure parts of the end-to-end benches (bench/_runs.py, speedup, staleness, learning, peers, all).
 
-No timing is asserted: the benches measure, these tests only check the arithmetic and the assembly of tables
-and JSON from synthetic metrics records.
+No timing is asserted: the benches measure, these tests only check the arithmetic, the assembly of tables
+and JSON from synthetic metrics records, and the figures (matplotlib PNGs) drawn from them.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -196,3 +197,89 @@ def test_chaos_timeline_rolls_back_the_steps_a_killed_learner_took_after_its_che
     records += [{"kind": "step", "version": v, "prompt_ids": [f"b{v}"]} for v in (3, 4)]
     steps = chaos.final_timeline(records)
     assert [(s["version"], s["prompt_ids"]) for s in steps] == [(1, ["a1"]), (2, ["a2"]), (3, ["b3"]), (4, ["b4"])]
+
+
+def _panel(**extra) -> dict:
+    return {"title": "reward", "xlabel": "time (s)", "ylabel": "step reward (batch mean)", **extra}
+
+
+def test_lines_figure_titles_labels_and_legends() -> None:
+    fig = _runs.lines_figure([
+        _panel(series=[[(0.0, 0.1), (1.0, 0.3)], [(0.0, 0.2), (1.0, float("nan")), (2.0, 0.4)]],
+               legend=["sync", "async"]),
+        _panel(title="samples/s by bound", xlabel="max_staleness (policy versions)", ylabel="samples/s",
+               series=[[(0.0, 1.0), (1.0, 2.0), (2.0, 1.5)]], xticks=[(0.0, "0"), (1.0, "1"), (2.0, "auto")]),
+    ], title="a bench")
+    first, second = fig.axes
+    assert fig.get_suptitle() == "a bench"
+    assert (first.get_title(), first.get_xlabel(), first.get_ylabel()) == ("reward", "time (s)",
+                                                                           "step reward (batch mean)")
+    assert [t.get_text() for t in first.get_legend().get_texts()] == ["sync", "async"]
+    assert first.get_ylim()[0] == 0.0  # every value >= 0: y from 0
+    assert first.xaxis.get_gridlines()[0].get_visible()
+    assert second.get_title() == "samples/s by bound" and second.get_xlabel() == "max_staleness (policy versions)"
+    assert second.get_legend() is None  # one series: the title names it
+    assert [t.get_text() for t in second.get_xticklabels()] == ["0", "1", "auto"]
+    with pytest.raises(ValueError, match="xlabel"):
+        _runs.lines_figure([{"title": "t", "ylabel": "y", "series": []}])
+
+
+def _png_pixels(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    pixels = imread(path)
+    assert pixels[..., :3].std() > 0.05  # something was drawn
+    return pixels
+
+
+def test_plot_lines_writes_a_png(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "plot.png"
+    _runs.plot_lines(path, [_panel(series=[[(0.0, 0.1), (1.0, 0.3)]]), _panel(series=[[(0.0, 0.2), (1.0, 0.4)]])])
+    height, width = _png_pixels(path).shape[:2]
+    assert 800 <= width <= 2500 and 300 <= height <= 1000 and width > height  # two panels side by side
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every figure ``_runs.plot_lines`` draws (and still writes) during the test."""
+    drawn = []
+
+    def record(*args, **kwargs):
+        drawn.append(real(*args, **kwargs))
+        return drawn[-1]
+
+    real = _runs.lines_figure
+    monkeypatch.setattr(_runs, "lines_figure", record)
+    return drawn
+
+
+def test_staleness_plot_has_four_labelled_panels(tmp_path: Path, figures: list) -> None:
+    rows = {0: {"samples_per_s": 1.0, "stale_drop_frac": 0.0, "reward_at_budget": 0.3},
+            1: {"samples_per_s": 1.8, "stale_drop_frac": 0.1, "reward_at_budget": float("nan")},
+            "auto": {"samples_per_s": 2.0, "stale_drop_frac": 0.05, "reward_at_budget": 0.28}}
+    curves = {b: [{"samples": 16.0 * i, "reward": 0.1 * i} for i in range(1, 4)] for b in rows}
+    path = tmp_path / "staleness.png"
+    staleness.plot(path, rows, curves)
+    height, width = _png_pixels(path).shape[:2]
+    assert width > 3 * height
+    [fig] = figures
+    assert [ax.get_title() for ax in fig.axes] == ["samples/s by bound", "stale-drop fraction by bound",
+                                                   "reward at the budget by bound", "step reward vs samples"]
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes) and fig.get_suptitle()
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "1", "auto"]
+    assert [t.get_text() for t in fig.axes[3].get_legend().get_texts()] == [
+        "max_staleness 0", "max_staleness 1", "max_staleness auto"]
+
+
+def test_learning_plot_has_two_labelled_panels(tmp_path: Path, figures: list) -> None:
+    curves = {m: [{"t_s": 10.0 * i, "samples": 16.0 * i, "reward": 0.1 * i} for i in range(1, 4)]
+              for m in ("sync", "async")}
+    path = tmp_path / "learning.png"
+    learning.plot(path, curves, {"sync": 0, "async": 1}, budget_s=90.0)
+    _png_pixels(path)
+    [fig] = figures
+    assert [ax.get_xlabel() for ax in fig.axes] == ["time since training began (s)", "samples trained on (cumulative)"]
+    assert all(ax.get_title() and ax.get_ylabel() for ax in fig.axes) and "90 s" in fig.get_suptitle()
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sync (max_staleness 0)",
+                                                                       "async (max_staleness 1)"]

@@ -13,13 +13,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from prorl_async.learner.buffer import (
     DROP_REASONS,
-    AutoStaleness,
     BufferStarved,
     ReplayBuffer,
     WaitingReplayBuffer,
     admission_capacity,
     variance_outcome,
 )
+from prorl_async.learner.staleness import AutoStaleness
 from prorl_async.transport.messages import Sample, TrajectoryGroup
 
 MIXED, ALL_RIGHT, ALL_WRONG, ALL_HALF = (0.0, 1.0, 1.0), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0.5, 0.5, 0.5)

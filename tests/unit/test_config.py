@@ -138,7 +138,7 @@ def write_resolved_roundtrip(cfg: Config) -> Path:
 
 
 def test_engine_max_num_seqs_fits_every_admitted_sample() -> None:
-    from prorl_async.generator.service import engine_max_num_seqs
+    from prorl_async.generator.engine import engine_max_num_seqs
 
     cfg = load_config(None, ["generator.max_inflight_groups=32", "sampling.group_size=8"])
     assert engine_max_num_seqs(cfg, 128) == 256  # 32 groups x 8 samples, above vLLM's engine default

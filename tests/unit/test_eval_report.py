@@ -1,14 +1,14 @@
 """``prorl-async eval`` without vLLM: task selection on the held-out split, model resolution, the CLI's flags,
-and the output files (JSON, markdown, PNGs, with and without matplotlib) from synthetic scored prompts."""
+and the output files (JSON, markdown, matplotlib PNGs) from synthetic scored prompts."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 
 from prorl_async import cli
 from prorl_async.config import load_config
@@ -23,7 +23,7 @@ from prorl_async.eval.run import (
     resolve_eval_model,
     select_specs,
 )
-from prorl_async.eval.stats import PromptResult
+from prorl_async.eval.stats import HIST_BINS, PromptResult
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "default.toml"
@@ -129,16 +129,28 @@ def _data(tmp_path: Path, compare: bool) -> tuple[dict, dict]:
     return assemble(cfg, models, specs, tasks, per_model, time.time()), per_model
 
 
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a real PNG: its signature, then its pixels as matplotlib decodes them."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    pixels = imread(path)
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    return pixels.shape[1], pixels.shape[0]
+
+
 @pytest.mark.parametrize("compare", [False, True])
 def test_write_all(tmp_path: Path, compare: bool) -> None:
     data, per_model = _data(tmp_path, compare)
     files = evaluation_report.write_all(data, per_model, tmp_path)
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["files"] == files and files["plotter"] == "matplotlib"
+    assert saved["files"] == files
+    assert set(files) == {"json", "report", "pass1_histogram", "pass_at_k", "samples"}
     assert set(saved["results"]["a"]) == {"logic/chain_sum", "logic/letter_counting", "domain:logic", "all"}
     assert set(saved["results"]["a"]["all"]["pass_at_k"]) == {"1", "2", "4"}
     for png in ("pass1_hist.png", "pass_at_k.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = _png_size(tmp_path / png)
+        assert 1200 <= width <= 3000 and 400 <= height <= 1500 and width > height  # three panels in a row
     report = (tmp_path / "report.md").read_text()
     assert "| logic/chain_sum | 6 |" in report and "pass@4 / bound / debiased" in report and "pass1_hist.png" in report
     if compare:
@@ -149,16 +161,49 @@ def test_write_all(tmp_path: Path, compare: bool) -> None:
         assert saved["comparison"] is None and "Comparison" not in report
 
 
-def test_pngs_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data, per_model = _data(tmp_path, compare=True)  # first: reasoning-gym imports matplotlib itself (cellpylib)
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
-    files = evaluation_report.write_all(data, per_model, tmp_path)
-    assert files["plotter"] == "builtin"
-    from PIL import Image
+def _legend_texts(legend) -> list[str]:
+    return [t.get_text() for t in legend.get_texts()] if legend is not None else []
 
-    for png in ("pass1_hist.png", "pass_at_k.png"):
-        with Image.open(tmp_path / png) as image:
-            image.load()
-            assert image.size[0] > 100 and len(image.getcolors(1 << 20) or []) > 2  # something was drawn
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_histogram_figure_is_labelled(tmp_path: Path, compare: bool) -> None:
+    data, _ = _data(tmp_path, compare)
+    scopes = evaluation_report.plot_scopes(data)
+    assert scopes == ["logic/chain_sum", "logic/letter_counting", "all"]
+    fig = evaluation_report.histogram_figure(data, scopes)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["logic/chain_sum (6 prompts)", "logic/letter_counting (6 prompts)",
+                                               "all tasks (12 prompts)"]
+    assert "pass@1 distribution" in fig.get_suptitle() and "4 samples per prompt" in fig.get_suptitle()
+    models = ["a", "b"] if compare else ["a"]
+    for ax in axes:
+        assert "pass@1" in ax.get_xlabel() and "prompts" in ax.get_ylabel()
+        assert ax.get_xlim() == (0.0, 1.0)
+        assert ax.xaxis.get_gridlines()[0].get_visible()
+        texts = _legend_texts(ax.get_legend())
+        assert [t for t in texts if ":" not in t] == models  # bars, then each model's mean pass@1
+        assert all(any(t.startswith(f"{m}: mean = ") for t in texts) for m in models)
+        bars = sum(len(c) for c in ax.containers)
+        assert bars == HIST_BINS * len(models)
+    # the mean in the legend is the one in the results
+    mean = data["results"]["a"]["all"]["pass1_mean"]
+    assert f"a: mean = {mean:.2f}" in _legend_texts(axes[2].get_legend())
+
+
+@pytest.mark.parametrize("compare", [False, True])
+def test_curve_figure_is_labelled(tmp_path: Path, compare: bool) -> None:
+    data, _ = _data(tmp_path, compare)
+    fig = evaluation_report.curve_figure(data, ["all"])
+    [ax] = fig.axes
+    assert ax.get_title() == "all tasks (12 prompts)" and "pass@k against k" in fig.get_suptitle()
+    assert ax.get_xlabel().startswith("k (") and ax.get_ylabel().startswith("pass@k (")
+    assert ax.get_xscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+    models = ["a", "b"] if compare else ["a"]
+    [legend] = fig.legends  # one legend for the whole figure
+    assert sorted(_legend_texts(legend)) == sorted(f"{m}: {name}" for m in models
+                                                   for name in ("pass@k", "bound", "bound, debiased"))
+    measured = {line.get_label(): line for line in ax.get_lines()}
+    curve = data["results"]["a"]["all"]["curve"]
+    assert list(measured["a: pass@k"].get_xdata()) == curve["k"]
+    assert list(measured["a: pass@k"].get_ydata()) == pytest.approx(curve["pass_at_k"])
+    assert list(measured["a: bound"].get_xdata()) == [k for k in curve["k"] if k >= 2]  # no bound at k = 1

@@ -5,15 +5,20 @@ The helpers at the top (configs, batches) serve the other learner test modules t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
 from prorl_async.config import Config
-from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample, plan_micro_batches
+from prorl_async.learner.batch import GroupBatch, build_batch
+from prorl_async.learner.trainer import Learner, plan_micro_batches
+from prorl_async.transport.messages import Sample, TrajectoryGroup
 
 
 def tiny_config(**sections: dict[str, Any]) -> Config:
@@ -31,39 +36,54 @@ def tiny_config(**sections: dict[str, Any]) -> Config:
     return Config.model_validate(data)
 
 
-def random_batch(seed: int = 0, groups: int = 2, group_size: int = 4, behaviour_noise: float = 0.2) -> TrainBatch:
-    """Groups of random prompts/responses of varied lengths, rewards alternating 1/0 within each group.
+def group_of(prompt: Sequence[int], responses: Sequence[Sequence[int]], behaviours: Sequence[Sequence[float]],
+             rewards: Sequence[float], version: int = 0, seq: int = 0) -> TrajectoryGroup:
+    """A wire group (what the learner receives) from plain values; every token has policy version ``version``."""
+    samples = [Sample(np.asarray(r), np.asarray(b), np.full(len(r), version), "stop", float(w))
+               for r, b, w in zip(responses, behaviours, rewards, strict=True)]
+    return TrajectoryGroup(prompt_id=f"p{seq}", task="test", domain="test", prompt_token_ids=np.asarray(prompt),
+                           samples=samples, generator_id=0, seq=seq)
+
+
+def random_groups(seed: int = 0, groups: int = 2, group_size: int = 4,
+                  behaviour_noise: float = 0.2) -> list[TrajectoryGroup]:
+    """Groups of a random prompt and responses of varied lengths, rewards alternating 1/0 within each group.
 
     Behaviour log-probs are placeholders; :func:`on_policy` replaces them with the learner's own.
     """
     g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(groups * group_size):
+    out = []
+    for k in range(groups):
         prompt = torch.randint(4, 1024, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g)
-        response = torch.randint(4, 1024, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
-        behav = -6.9 + behaviour_noise * torch.randn(len(response), generator=g)
-        samples.append(TrainSample(prompt.tolist(), response.tolist(), behav.tolist(), float(i % 2)))
-    return TrainBatch(samples, group_size)
+        responses = [torch.randint(4, 1024, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+                     for _ in range(group_size)]
+        behaviours = [-6.9 + behaviour_noise * torch.randn(len(r), generator=g) for r in responses]
+        out.append(group_of(prompt, responses, behaviours, [float(j % 2) for j in range(group_size)], seq=k))
+    return out
 
 
-def on_policy(learner: Learner, batch: TrainBatch, noise: float = 0.0, seed: int = 0) -> TrainBatch:
+def random_batch(seed: int = 0, groups: int = 2, group_size: int = 4, behaviour_noise: float = 0.2) -> GroupBatch:
+    """:func:`random_groups` as the learner's batch."""
+    return build_batch(random_groups(seed, groups, group_size, behaviour_noise))
+
+
+def on_policy(learner: Learner, batch: GroupBatch, noise: float = 0.0, seed: int = 0) -> GroupBatch:
     """``batch`` with behaviour log-probs from the learner's current policy (plus optional noise)."""
     g = torch.Generator().manual_seed(seed)
-    samples = []
-    for s, lp in zip(batch.samples, learner.logprobs(batch), strict=True):
-        behav = lp + noise * torch.randn(lp.shape, generator=g)
-        samples.append(TrainSample(s.prompt_ids, s.response_ids, behav.tolist(), s.reward, s.policy_versions))
-    return TrainBatch(samples, batch.group_size)
+    behav = [lp + noise * torch.randn(lp.shape, generator=g) for lp in learner.logprobs(batch)]
+    return dataclasses.replace(batch, behaviour_logprobs=torch.cat(behav).float())
 
 
-def hf_logprobs(model: torch.nn.Module, batch: TrainBatch, temperature: float) -> list[torch.Tensor]:
+def hf_logprobs(model: torch.nn.Module, batch: GroupBatch, temperature: float) -> list[torch.Tensor]:
     """Per-sample response log-probs from a plain transformers forward, one unpadded sample at a time."""
     out = []
+    prompts, n = batch.prompts(), batch.group_size
     with torch.no_grad():
-        for s in batch.samples:
-            ids = torch.tensor([[*s.prompt_ids, *s.response_ids]])
-            logits = model(ids).logits[0, len(s.prompt_ids) - 1 : -1].float() / temperature
-            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1))
+        for i, response in enumerate(batch.responses()):
+            prompt = prompts[i // n]
+            ids = torch.cat([prompt, response])[None]
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+            out.append(torch.log_softmax(logits, -1).gather(-1, response[:, None]).squeeze(-1))
     return out
 
 
@@ -85,7 +105,7 @@ def test_logprobs_match_a_plain_transformers_forward(learner, tiny_model_dir):
 def test_few_steps_raise_positive_and_lower_negative_samples(tiny_model_dir):
     learner = Learner(tiny_config(optim={"lr": 3e-3}, loss={"kl_beta": 0.0}))
     batch = on_policy(learner, random_batch(seed=2))
-    positive = [i for i, s in enumerate(batch.samples) if s.reward > 0]
+    positive = [i for i, r in enumerate(batch.rewards.reshape(-1).tolist()) if r > 0]
     before = [float(lp.sum()) for lp in learner.logprobs(batch)]
     for _ in range(3):
         metrics = learner.train_step(batch)
@@ -144,15 +164,11 @@ def test_a_batch_is_one_policy_version_however_many_mini_batches(tiny_model_dir)
 
 def test_metrics_describe_the_step(learner):
     batch = random_batch(seed=5)
-    versions = [[learner.policy_version - 1] * len(s.response_ids) for s in batch.samples]
-    batch = TrainBatch(
-        [TrainSample(s.prompt_ids, s.response_ids, s.behaviour_logprobs, s.reward, v)
-         for s, v in zip(batch.samples, versions, strict=True)],
-        batch.group_size,
-    )
+    batch = dataclasses.replace(batch, policy_versions=torch.full_like(batch.policy_versions,
+                                                                        learner.policy_version - 1))
     m = learner.train_step(batch)
-    assert m.tokens == sum(len(s.response_ids) for s in batch.samples)
-    assert m.total_tokens == m.tokens + sum(len(s.prompt_ids) for s in batch.samples)
+    assert m.tokens == int(batch.response_lens.sum())
+    assert m.total_tokens == m.tokens + int(batch.prompt_lens.sum()) * batch.group_size
     assert m.samples == 8 and m.reward_mean == 0.5 and m.lr == pytest.approx(1e-3)
     assert m.staleness_mean == 1.0 and m.staleness_max == 1.0
     assert 0 < m.ess <= 1 and 0 <= m.is_truncated_frac <= 1 and m.entropy > 0
@@ -181,17 +197,18 @@ def test_warmup_then_constant_learning_rate(tiny_model_dir):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda b: b.samples.pop(), "do not split into groups"),
-        (lambda b: b.samples[0].behaviour_logprobs.pop(), "per-token fields"),
-        (lambda b: setattr(b.samples[1], "response_ids", []), "empty prompt or response"),
-        (lambda b: setattr(b.samples[2], "reward", float("nan")), "not finite"),
+        (lambda gs: gs[1].samples.pop(), "do not split into groups"),
+        (lambda gs: setattr(gs[0].samples[0], "logprobs", gs[0].samples[0].logprobs[:-1]), "per-token fields"),
+        (lambda gs: setattr(gs[0].samples[1], "token_ids", gs[0].samples[1].token_ids[:0]),
+         "empty prompt or response"),
+        (lambda gs: setattr(gs[0].samples[2], "reward", float("nan")), "not finite"),
     ],
 )
-def test_malformed_batches_are_rejected(learner, mutate, message):
-    batch = random_batch(seed=7)
-    mutate(batch)
+def test_malformed_batches_are_rejected(mutate, message):
+    groups = random_groups(seed=7)
+    mutate(groups)
     with pytest.raises(ValueError, match=message):
-        learner.train_step(batch)
+        build_batch(groups)
 
 
 def test_plan_micro_batches_respects_the_budget():

@@ -20,32 +20,32 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from test_learner import tiny_config
+from test_learner import group_of, tiny_config
 
 from prorl_async.config import Config
-from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
+from prorl_async.learner.batch import GroupBatch, build_batch
+from prorl_async.learner.trainer import Learner
 
 
 def fsdp_config() -> Config:
     return tiny_config(learner={"micro_batch_tokens": 32, "num_threads": 1})
 
 
-def skewed_batch(seed: int) -> TrainBatch:
-    """Three groups of four; one long sample, so the ranks get different numbers of micro-batches.
+def skewed_batch(seed: int) -> GroupBatch:
+    """Three groups of four; one long sample, so the ranks get different numbers of micro-batches (1 and 2: the
+    rank with the long one runs a weight-0 filler).
 
-    Groups 0 and 2 share a prompt (prefix-shared rows, group 0 split in two by the 32-token budget);
-    group 1's prompts differ (one row per sample).
+    Prefix-shared rows; group 0 is split in two by the 32-token budget (its 50-token response alone).
     """
     g = torch.Generator().manual_seed(seed)
-    samples = []
-    for i in range(12):
-        n_resp = 50 if i == 0 else int(torch.randint(3, 9, (1,), generator=g))
-        resp = torch.randint(4, 1024, (n_resp,), generator=g).tolist()
-        behav = (-6.9 + 0.3 * torch.randn(n_resp, generator=g)).tolist()
-        own_prompt = torch.randint(4, 1024, (4,), generator=g).tolist()
-        prompt = own_prompt if i % 4 == 0 or 4 <= i < 8 else samples[-1].prompt_ids
-        samples.append(TrainSample(prompt, resp, behav, float(i % 3 == 0)))
-    return TrainBatch(samples, group_size=4)
+    groups = []
+    for k in range(3):
+        prompt = torch.randint(4, 1024, (4,), generator=g)
+        lens = [50 if 4 * k + j == 0 else int(torch.randint(2, 5, (1,), generator=g)) for j in range(4)]
+        responses = [torch.randint(4, 1024, (n,), generator=g) for n in lens]
+        behaviours = [-6.9 + 0.3 * torch.randn(n, generator=g) for n in lens]
+        groups.append(group_of(prompt, responses, behaviours, [float((4 * k + j) % 3 == 0) for j in range(4)], seq=k))
+    return build_batch(groups)
 
 
 def grads(learner: Learner) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The learner process's pure parts: wire groups -> TrainBatch, batch summaries, the metrics log."""
+"""The learner process's pure parts: wire groups -> GroupBatch, batch summaries, the metrics log."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from prorl_async.learner.service import batch_summary, groups_to_batch
+from prorl_async.learner.batch import build_batch
+from prorl_async.learner.records import batch_summary
 from prorl_async.monitor.metrics import MetricsLog, read_metrics
 from prorl_async.transport.messages import Sample, TrajectoryGroup
 
@@ -29,21 +31,28 @@ def _group(prompt_id: str, rewards: list[float], version: int, domain: str = "lo
                            generator_id=0, seq=0)
 
 
-def test_groups_to_batch_keeps_group_order_and_fields() -> None:
-    batch = groups_to_batch([_group("a", [1.0, 0.0], 3), _group("b", [0.0, 1.0], 4)])
-    batch.validate()
-    assert batch.group_size == 2 and len(batch.samples) == 4
-    assert [s.reward for s in batch.samples] == [1.0, 0.0, 0.0, 1.0]
-    first = batch.samples[0]
-    assert list(first.prompt_ids) == [1, 2, 3] and list(first.response_ids) == [5]
-    assert list(first.behaviour_logprobs) == [-0.5] and list(first.policy_versions) == [3]
+def test_build_batch_keeps_group_order_and_fields() -> None:
+    batch = build_batch([_group("a", [1.0, 0.0], 3), _group("b", [0.0, 1.0], 4)])
+    assert (batch.num_groups, batch.group_size, batch.num_samples) == (2, 2, 4)
+    assert batch.rewards.dtype == torch.float64 and batch.rewards.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert batch.prompt_ids.tolist() == [1, 2, 3, 1, 2, 3] and batch.prompt_lens.tolist() == [3, 3]
+    assert batch.response_lens.tolist() == [[1, 2], [1, 2]]
+    assert [r.tolist() for r in batch.responses()] == [[5], [6, 6], [5], [6, 6]]
+    assert [p.tolist() for p in batch.prompts()] == [[1, 2, 3], [1, 2, 3]]
+    assert batch.response_ids.dtype == batch.prompt_ids.dtype == batch.policy_versions.dtype == torch.int64
+    assert batch.behaviour_logprobs.dtype == torch.float32 and batch.behaviour_logprobs.tolist() == [-0.5] * 6
+    assert batch.policy_versions.tolist() == [3, 3, 3, 4, 4, 4]
 
 
-def test_groups_to_batch_rejects_ragged_groups() -> None:
+def test_build_batch_rejects_ragged_and_malformed_groups() -> None:
     with pytest.raises(ValueError, match="expected 2"):
-        groups_to_batch([_group("a", [1.0, 0.0], 0), _group("b", [0.0, 1.0, 1.0], 0)])
+        build_batch([_group("a", [1.0, 0.0], 0), _group("b", [0.0, 1.0, 1.0], 0)])
     with pytest.raises(ValueError, match="no groups"):
-        groups_to_batch([])
+        build_batch([])
+    bad = _group("c", [1.0, 0.0], 0)
+    bad.samples[1].versions = bad.samples[1].versions[:1]
+    with pytest.raises(ValueError, match=r"group 1 \('c'\) sample 1: 2 response tokens but per-token fields"):
+        build_batch([_group("a", [1.0, 0.0], 0), bad])
 
 
 def test_batch_summary() -> None:
@@ -112,12 +121,13 @@ def test_auto_staleness_follows_the_step_cycle(tmp_path: Path) -> None:
     service = LearnerService(cfg, tmp_path)
     assert service.buffer.buffer.max_staleness == 2  # the buffer keeps what the ceiling allows
     service.generators = {"generator-0": {"idle_s": 1.0}}
-    assert service._revise_bound(5.0, 5.0, now=100.0) == 1  # first step: no idle figure over a cycle yet
+    # first step: no idle figure over a cycle yet
+    assert service.staleness.revise(5.0, 5.0, service.generators, now=100.0) == 1
     service.generators["generator-0"]["idle_s"] = 5.0  # idle 4 s of the 10 s cycle, the learner waited half
-    assert service._revise_bound(5.0, 5.0, now=110.0) == 2
+    assert service.staleness.revise(5.0, 5.0, service.generators, now=110.0) == 2
     service.generators["generator-0"]["idle_s"] = 9.0
-    assert service._revise_bound(5.0, 5.0, now=120.0) == 2  # the ceiling
+    assert service.staleness.revise(5.0, 5.0, service.generators, now=120.0) == 2  # the ceiling
     events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "max_staleness"]
     assert [(e["previous"], e["bound"]) for e in events] == [(1, 2)]
     fixed = LearnerService(Config.model_validate({"model": {"name": "tiny-random"}}), tmp_path / "fixed")
-    assert fixed.auto is None and fixed._revise_bound(9.0, 1.0) == 1
+    assert fixed.staleness.auto is None and fixed.staleness.revise(9.0, 1.0, fixed.generators) == 1

@@ -13,9 +13,10 @@ import trio.testing
 
 from prorl_async.config import load_config
 from prorl_async.learner.buffer import ReplayBuffer
+from prorl_async.learner.ingest import untrainable
 from prorl_async.learner.reset import ResetPolicy
-from prorl_async.learner.service import LearnerService, untrainable
-from prorl_async.transport.messages import Metrics, Sample, TrajectoryGroup
+from prorl_async.learner.service import LearnerService
+from prorl_async.transport.messages import Sample, TrajectoryGroup
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 100
@@ -49,23 +50,22 @@ def _group(seq: int, token: int = 5, response: int = 2) -> TrajectoryGroup:
                            min_version=0, max_version=0)
 
 
-def _status(draws: list[list[int]], seqs: list[int], next_seq: int) -> Metrics:
-    """A generator's sampler report: these draws in flight with these group sequence numbers."""
-    state = {"state_version": 1, "position": next_seq, "requeued": draws}
-    return Metrics("generator-0", {"sampler_state": json.dumps(state), "sampler_inflight_seqs": json.dumps(seqs),
-                                   "sampler_next_seq": next_seq})
+def _requests(service: LearnerService, n: int) -> list[int]:
+    """Hand ``n`` prompts to generator 0 (as the dispatch loop does); their request ids."""
+    issued = [service.dispatch.prompts.issue(0, 0, 0) for _ in range(n)]
+    assert all(r is not None for r in issued)
+    return [r[0] for r in issued]  # type: ignore[index]
 
 
 def test_a_checkpoint_taken_while_ingestion_waits_for_room_loses_nothing(tmp_path: Path) -> None:
-    cfg = _config()
-    draws = [[0, 10, 0], [0, 11, 0]]  # the prompts of groups 0 and 1
+    cfg = _config("generator.admission_groups=2")
 
     async def first_run() -> Path:
         service = LearnerService(cfg, tmp_path, learner=FakeLearner(cfg))  # type: ignore[arg-type]
         send, receive = trio.open_memory_channel(16)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.ingest_loop, receive)
-            await send.send(_status(draws, [0, 1], next_seq=2))
+            assert _requests(service, 2) == [0, 1]
             await send.send(_group(0))
             await send.send(_group(1))  # the buffer is full: ingestion parks on it
             await trio.testing.wait_all_tasks_blocked()
@@ -75,8 +75,8 @@ def test_a_checkpoint_taken_while_ingestion_waits_for_room_loses_nothing(tmp_pat
         return path
 
     path = trio.run(first_run)
-    requeued = json.loads((path / "samplers.json").read_text())["generator-0"]["requeued"]
-    assert requeued == []  # both groups were received: neither prompt is drawn again on resume...
+    requeued = json.loads((path / "prompts.json").read_text())["sampler"]["requeued"]
+    assert requeued == []  # both groups were received: neither prompt is handed out again on resume...
 
     async def resumed_run() -> list[str]:
         service = LearnerService(cfg, tmp_path, learner=FakeLearner(cfg), resume_from=path)  # type: ignore[arg-type]
@@ -105,6 +105,7 @@ def test_untrainable_groups_are_dropped_and_counted_and_ingestion_goes_on(tmp_pa
         send, receive = trio.open_memory_channel(16)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.ingest_loop, receive)
+            _requests(service, 4)
             for g in (_group(1, token=VOCAB), _group(2, response=0), _group(3)):
                 await send.send(g)
             await trio.testing.wait_all_tasks_blocked()
@@ -129,7 +130,7 @@ def test_a_checkpoint_holding_a_poison_group_resumes_without_it(tmp_path: Path) 
     state = held.state()
     state["min_reward_std"] = service.buffer.buffer.min_reward_std
     (path / "buffer.msgpack").write_bytes(__import__("msgpack").packb(state, use_bin_type=True))
-    (path / "samplers.json").write_text("{}")
+    (path / "prompts.json").write_text(json.dumps(service.dispatch.prompts.state()))
     (path / "service.json").write_text(json.dumps({"groups_arrived": 3, "outcomes": {}, "learner_idle_s": 0.0}))
     service.restore(path)
     assert [g.prompt_id for g in service.buffer.buffer.pull(2, 0) or []] == ["p0", "p2"]
@@ -139,7 +140,7 @@ def test_a_checkpoint_holding_a_poison_group_resumes_without_it(tmp_path: Path) 
 def test_the_time_budget_spans_resumes(tmp_path: Path) -> None:
     cfg = _config("run.time_budget_s=60")
     service = LearnerService(cfg, tmp_path, learner=FakeLearner(cfg))  # type: ignore[arg-type]
-    service._train_start = time.monotonic() - 50  # trained 50 s of its 60 s budget, then checkpointed
+    service.clock.started_s = time.monotonic() - 50  # trained 50 s of its 60 s budget, then checkpointed
     path = trio.run(service.checkpoint)
     assert json.loads((path / "service.json").read_text())["train_elapsed_s"] >= 50
 

@@ -15,15 +15,18 @@ from hypothesis.extra.numpy import arrays
 from prorl_async.transport.messages import (
     REASONS,
     SCHEMA_VERSION,
+    GroupRequest,
     Heartbeat,
     Limits,
     MessageError,
-    Metrics,
     Ready,
+    RequestReturned,
     Sample,
+    Status,
     Stop,
     TrajectoryGroup,
     Validate,
+    ValidationAnswer,
     WeightsReady,
     decode,
     encode,
@@ -71,7 +74,20 @@ def groups(draw: st.DrawFn) -> TrajectoryGroup:
     )
 
 
-metric_values = st.one_of(st.integers(-(2**63), 2**63 - 1), finite, texts, st.booleans())
+@st.composite
+def answers(draw: st.DrawFn) -> ValidationAnswer:
+    counts = draw(st.lists(st.integers(1, 8), max_size=6))
+    ints = {k: draw(st.integers(0, 2**31)) for k in ("version", "round", "part", "parts", "weights_version",
+                                                      "failed", "skipped")}
+    generators = draw(st.integers(1, 8))
+    return ValidationAnswer(source=draw(texts), generator=draw(st.integers(0, generators - 1)),
+                            generators=generators, seconds=draw(st.floats(0, 1e6)),
+                            prompt_ids=[draw(texts) for _ in counts], tasks=[draw(texts) for _ in counts],
+                            counts=np.asarray(counts, dtype=np.int32),
+                            rewards=draw(arrays(np.float64, sum(counts), elements=finite)), **ints)
+
+
+metric_values = st.one_of(st.integers(-(2**63), 2**63 - 1), finite, st.booleans())
 messages = st.one_of(
     groups(),
     st.builds(WeightsReady, version=st.integers(0, 2**62)),
@@ -80,7 +96,12 @@ messages = st.one_of(
     st.builds(Validate, version=st.integers(0, 2**62), round=st.integers(0, 2**62)),
     st.builds(Heartbeat, source=texts, time_s=finite),
     st.builds(Ready, source=texts),
-    st.builds(Metrics, source=texts, values=st.dictionaries(texts, metric_values, max_size=8)),
+    st.builds(Status, source=texts, values=st.dictionaries(texts, metric_values, max_size=8)),
+    st.builds(GroupRequest, **{k: st.integers(0, 2**62) for k in ("generator_id", "request_id", "spec", "index",
+                                                                   "epoch", "min_version")}),
+    st.builds(RequestReturned, source=texts, generator_id=st.integers(0, 2**31), request_id=st.integers(0, 2**62),
+              reason=texts),
+    answers(),
 )
 
 
@@ -223,7 +244,7 @@ def test_bad_group_is_rejected_with_its_reason(mutate, reason: str) -> None:
         ([b"W", b"\x80", b""], "frames"),
         ([b"WW", msgpack.packb({"v": 1, "version": 1})], "frames"),
         ([b"", msgpack.packb({"v": 1, "version": 1})], "frames"),
-        ([b"X", msgpack.packb({"v": 1, "version": 1})], "type"),
+        ([b"Z", msgpack.packb({"v": 1, "version": 1})], "type"),
         ([b"W", b""], "msgpack"),
         ([b"W", b"\xc1"], "msgpack"),  # a byte msgpack never uses
         ([b"W", msgpack.packb({"v": 1, "version": 1})[:-1]], "msgpack"),  # truncated
@@ -300,7 +321,7 @@ def test_truncated_or_corrupted_messages_never_crash_the_decoder(msg: object, da
 
 def test_rejections_count_every_message_and_log_each_reason_once(caplog: pytest.LogCaptureFixture) -> None:
     rejections = Rejections("test receiver")
-    bad = [[b"X", b""], [b"W", b"\xc1"], [b"X", b""], [b"W", msgpack.packb({"v": 99, "version": 1})], [b"X", b""]]
+    bad = [[b"Z", b""], [b"W", b"\xc1"], [b"Z", b""], [b"W", msgpack.packb({"v": 99, "version": 1})], [b"Z", b""]]
     with caplog.at_level(logging.WARNING, logger="prorl_async.transport.sockets"):
         for frames in bad:
             try:

@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_learner import hf_logprobs, on_policy, tiny_config
+from test_learner import group_of, hf_logprobs, on_policy, tiny_config
 
+from prorl_async.learner.batch import GroupBatch, build_batch
 from prorl_async.learner.packing import Unit, block_attention_mask, collate, plan_units
-from prorl_async.learner.trainer import Learner, TrainBatch, TrainSample
+from prorl_async.learner.trainer import Learner
 
 
-def grouped_batch(
-    prompt_lens: list[int], group_size: int, seed: int = 0, shared: list[bool] | None = None, max_response: int = 20
-) -> TrainBatch:
-    """One group per prompt length; every sample of a group has the group's prompt unless ``shared[g]`` is False.
+def grouped_batch(prompt_lens: list[int], group_size: int, seed: int = 0, max_response: int = 20) -> GroupBatch:
+    """One group per prompt length, its prompt shared by its samples.
 
     Response lengths vary from 1 token up, rewards alternate within a group (mixed advantages).
     """
     g = torch.Generator().manual_seed(seed)
-    samples = []
+    groups = []
     for k, p in enumerate(prompt_lens):
-        prompt = torch.randint(4, 1024, (p,), generator=g).tolist()
+        prompt = torch.randint(4, 1024, (p,), generator=g)
+        responses, behaviours = [], []
         for j in range(group_size):
             n = 1 if (j + k) % 3 == 0 else int(torch.randint(1, max_response + 1, (1,), generator=g))
-            own = prompt if shared is None or shared[k] else torch.randint(4, 1024, (p,), generator=g).tolist()
-            response = torch.randint(4, 1024, (n,), generator=g).tolist()
-            behav = (-6.9 + 0.2 * torch.randn(n, generator=g)).tolist()
-            samples.append(TrainSample(own, response, behav, float((j + k) % 2)))
-    return TrainBatch(samples, group_size)
+            responses.append(torch.randint(4, 1024, (n,), generator=g))
+            behaviours.append(-6.9 + 0.2 * torch.randn(n, generator=g))
+        groups.append(group_of(prompt, responses, behaviours, [float((j + k) % 2) for j in range(group_size)], seq=k))
+    return build_batch(groups)
 
 
 def learners(**learner_fields) -> tuple[Learner, Learner]:
@@ -55,13 +54,13 @@ def test_shared_logprobs_equal_unshared_and_plain_transformers(pair, tiny_model_
     batch = grouped_batch(prompt_lens, group_size, seed=len(prompt_lens))
     got, want = shared.logprobs(batch), unshared.logprobs(batch)
     plain = hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch, temperature=1.2)
-    assert [len(x) for x in got] == [len(s.response_ids) for s in batch.samples]
+    assert [len(x) for x in got] == batch.response_lens.reshape(-1).tolist()
     for a, b, c in zip(got, want, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
-def _logprob_grads(learner: Learner, batch: TrainBatch, budget: int) -> dict[str, torch.Tensor]:
+def _logprob_grads(learner: Learner, batch: GroupBatch, budget: int) -> dict[str, torch.Tensor]:
     """Gradients of a weighted sum of all response log-probs (a weight per token), micro-batch by micro-batch."""
     from prorl_async.learner.trainer import _Prepared
 
@@ -69,7 +68,7 @@ def _logprob_grads(learner: Learner, batch: TrainBatch, budget: int) -> dict[str
     data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
     weights = torch.Generator().manual_seed(9)
     per_sample = [torch.randn(n, generator=weights) for n in data.resp_lens]
-    units = plan_units(data.prompts, data.resp_lens, batch.group_size, share=learner.share_prompt, budget_tokens=budget)
+    units = plan_units(batch.prompt_lens.tolist(), data.resp_lens, share=learner.share_prompt, budget_tokens=budget)
     for start in range(0, len(units), 3):  # three units per micro-batch: rows of several groups together
         mb = data.collate(units[start : start + 3])
         logp, _ = learner.policy(mb.input_ids, mb.attention_mask, mb.gather, mb.targets, False, mb.position_ids)
@@ -97,13 +96,12 @@ def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner
     from prorl_async.learner.trainer import _Prepared
 
     shared, unshared = learners(**learner_fields)
-    # Group 1's samples have different prompts: it takes the unshared rows inside the shared learner too.
-    batch = on_policy(unshared, grouped_batch([6, 14, 3, 21], 4, seed=5, shared=[True, False, True, True]), noise=0.3)
+    batch = on_policy(unshared, grouped_batch([6, 14, 3, 21], 4, seed=5), noise=0.3)
     steps = []
     for learner in (shared, unshared):
         _perturb_reference(learner)
         data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
-        proximal = learner._proximal_logprobs(data, [list(range(len(batch.samples)))])
+        proximal = learner._proximal_logprobs(data, [list(range(batch.num_samples))])
         metrics = learner.train_step(batch)
         steps.append((metrics, proximal, {n: p.grad.clone() for n, p in learner.policy.lm.named_parameters()}))
     (m_shared, old_shared, g_shared), (m_unshared, old_unshared, g_unshared) = steps
@@ -111,8 +109,8 @@ def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner
         assert getattr(m_shared, key) == pytest.approx(getattr(m_unshared, key), rel=1e-4, abs=1e-7), key
     assert m_shared.kl > 0 and m_shared.grad_norm == pytest.approx(m_unshared.grad_norm, rel=1e-4)
     assert m_shared.total_tokens == m_unshared.total_tokens == m_unshared.forward_tokens
-    assert m_shared.forward_tokens < m_unshared.forward_tokens  # three groups' prompts ran fewer times
-    assert old_shared.keys() == old_unshared.keys() == set(range(len(batch.samples)))
+    assert m_shared.forward_tokens < m_unshared.forward_tokens  # the groups' prompts ran fewer times
+    assert old_shared.keys() == old_unshared.keys() == set(range(batch.num_samples))
     for i in old_unshared:
         torch.testing.assert_close(old_shared[i], old_unshared[i], rtol=1e-5, atol=1e-5)
     if shared.optimizer_step == 1:
@@ -146,15 +144,18 @@ def test_eager_attention_takes_the_block_mask_as_an_additive_mask(pair):
 
 
 def test_plan_units_packs_groups_within_the_budget():
-    prompts = [torch.tensor([1, 2, 3])] * 4 + [torch.tensor([5, 6])] * 2 + [torch.tensor([7]), torch.tensor([8])]
+    prompt_lens = [3, 3, 2, 1]  # groups of two samples
     resp = [4, 4, 4, 4, 1, 2, 3, 3]
-    units = plan_units(prompts, resp, 2, share=True, budget_tokens=11)
-    assert units == [Unit((0, 1), 11), Unit((2, 3), 11), Unit((4, 5), 5), Unit((6,), 4), Unit((7,), 4)]
-    units = plan_units(prompts[:4], resp[:4], 4, share=True, budget_tokens=2)  # over budget: one response each
+    units = plan_units(prompt_lens, resp, share=True, budget_tokens=11)
+    assert units == [Unit((0, 1), 11), Unit((2, 3), 11), Unit((4, 5), 5), Unit((6, 7), 7)]
+    units = plan_units([3], resp[:4], share=True, budget_tokens=2)  # over budget: one response each
     assert [u.samples for u in units] == [(0,), (1,), (2,), (3,)] and all(u.length == 7 for u in units)
-    assert plan_units(prompts, resp, 2, share=False, budget_tokens=100) == [
-        Unit((i,), len(p) + n) for i, (p, n) in enumerate(zip(prompts, resp, strict=True))
+    assert plan_units(prompt_lens, resp, share=False, budget_tokens=100) == [
+        Unit((i,), prompt_lens[i // 2] + n) for i, n in enumerate(resp)
     ]
+    assert plan_units([5, 6], [1, 2], share=True, budget_tokens=100) == [Unit((0,), 6), Unit((1,), 8)]  # groups of 1
+    with pytest.raises(ValueError, match="do not split"):
+        plan_units([3, 3], [1, 2, 3], share=True, budget_tokens=100)
 
 
 def test_collate_rows_positions_and_mask():

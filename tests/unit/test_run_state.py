@@ -1,5 +1,5 @@
-"""Run state for resume: exact sampler positions, buffered groups round-trip, whole checkpoints only;
-children stop when their supervisor is killed."""
+"""Run state for resume: the prompt order (and an older checkpoint's per-generator sampler states), buffered groups
+round-trip, whole checkpoints only; children stop when their supervisor is killed."""
 
 from __future__ import annotations
 
@@ -13,66 +13,19 @@ import textwrap
 import time
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 from prorl_async.learner.buffer import ReplayBuffer
-from prorl_async.learner.prompts import PromptSampler
+from prorl_async.learner.prompts import Admission, PromptSampler, PromptSource
 from prorl_async.transport.messages import Sample, TrajectoryGroup
-from prorl_async.utils.run_dir import (
-    SamplerLedger,
-    begin,
-    commit,
-    latest_checkpoint,
-    load_run_state,
-    save_run_state,
-)
+from prorl_async.utils.run_dir import begin, commit, latest_checkpoint, load_run_state, save_run_state
 
 
-def _sampler() -> PromptSampler:
-    return PromptSampler(seed=3, shard=0, num_shards=1, sizes=[50, 40], weights=[1.0, 2.0])
-
-
-def _status(sampler: PromptSampler, inflight: dict[int, object], next_seq: int) -> tuple[str, str, int]:
-    state = sampler.state(in_flight=list(inflight.values()))  # type: ignore[arg-type]
-    return json.dumps(state), json.dumps(list(inflight)), next_seq
-
-
-def test_ledger_requeues_exactly_the_prompts_the_learner_never_received() -> None:
-    gen = _sampler()
-    draws = {seq: gen.next() for seq in range(5)}  # five groups started, seqs 0..4
-    ledger = SamplerLedger()
-    assert ledger.on_group(0, 0) is False  # group 0 arrives *before* the status that still lists it (race)
-    ledger.on_status("generator-0", *_status(gen, dict(draws), 5))
-    assert ledger.on_group(0, 3) is True  # listed in flight, received: the saved state changes
-    assert ledger.on_group(0, 3) is False  # twice changes nothing
-    assert ledger.on_group(0, 99) is False  # not listed: started after the status
-    assert ledger.on_group(1, 1) is False  # another generator
-
-    restored = _sampler()
-    restored.restore(ledger.states()["generator-0"])
-    again = [restored.next() for _ in range(3)]
-    assert again == [draws[1], draws[2], draws[4]]  # the unreceived ones, re-queued first
-    fresh = _sampler()
-    stream = [fresh.next() for _ in range(6)]
-    assert restored.next() == stream[5]  # then the stream continues where the generator was
-
-
-def test_ledger_forgets_received_seqs_no_longer_in_flight() -> None:
-    gen = _sampler()
-    draws = {seq: gen.next() for seq in range(3)}
-    ledger = SamplerLedger()
-    ledger.on_status("generator-2", *_status(gen, draws, 3))
-    ledger.on_group(2, 1)
-    ledger.on_status("generator-2", *_status(gen, {2: draws[2]}, 3))  # 0 and 1 finished
-    assert ledger.states()["generator-2"]["requeued"] == [draws[2].as_list()]
-    # a group started and sent between two statuses, received before the one that still lists it
-    draws[3] = gen.next()
-    ledger.on_group(2, 3)
-    ledger.on_status("generator-2", *_status(gen, {2: draws[2], 3: draws[3]}, 4))
-    assert ledger.states()["generator-2"]["requeued"] == [draws[2].as_list()]
-    with pytest.raises(ValueError, match="malformed"):
-        ledger.on_status("generator-2", json.dumps(gen.state()), json.dumps([7]), 8)  # more seqs than draws
+def _source() -> PromptSource:
+    sampler = PromptSampler(seed=3, shard=0, num_shards=1, sizes=[50, 40], weights=[1.0, 2.0])
+    return PromptSource(sampler, Admission(budget=8, max_staleness=1), per_generator=4)
 
 
 def _group(seq: int, version: int) -> TrajectoryGroup:
@@ -85,25 +38,49 @@ def test_run_state_round_trip_and_only_whole_checkpoints(tmp_path: Path) -> None
     buffer = ReplayBuffer(batch_groups=2, max_staleness=1, min_reward_std=0.0)
     for seq in range(3):
         buffer.put(_group(seq, 0))
-    samplers = {"generator-0": _sampler().state()}
+    source = _source()
+    issued = [source.issue(0, 0, 0) for _ in range(3)]  # three requests in flight, one answered
+    source.answered(issued[0][0], kept=True)  # type: ignore[index]
+    prompts = source.state()
     final = tmp_path / "checkpoints" / "step-000004"
     final.parent.mkdir()
     tmp = begin(final)
     tmp.mkdir()
-    save_run_state(tmp, buffer.state(), samplers, {"groups_arrived": 3, "outcomes": {"admitted": 3},
-                                                   "learner_idle_s": 1.5})
+    save_run_state(tmp, buffer.state(), prompts, {"groups_arrived": 3, "outcomes": {"admitted": 3},
+                                                  "learner_idle_s": 1.5})
     assert latest_checkpoint(tmp_path) is None  # a checkpoint being written is not one
     commit(tmp, final)
     (tmp_path / "checkpoints" / "step-000009.partial").mkdir()  # torn by a crash
     assert latest_checkpoint(tmp_path) == final
+    assert sorted(p.name for p in final.iterdir()) == ["buffer.msgpack", "prompts.json", "service.json"]
 
-    buffer_state, got_samplers, service = load_run_state(final)
+    buffer_state, got_prompts, service = load_run_state(final)
     again = ReplayBuffer(batch_groups=2, max_staleness=1, min_reward_std=0.0)
     again.restore(buffer_state)
     assert again.state() == buffer.state()
     assert [g.seq for g in again.pull(2, 0)] == [0, 1]
-    assert got_samplers == samplers and service["groups_arrived"] == 3
+    assert got_prompts == prompts and service["groups_arrived"] == 3
+    resumed = _source()
+    resumed.restore(got_prompts)  # the two unanswered requests come out first, under new request ids
+    assert [resumed.issue(1, 0, 0) for _ in range(2)] == [(3, issued[1][1], 0), (4, issued[2][1], 0)]  # type: ignore[index]
     with pytest.raises(ValueError, match="not a run checkpoint"):
+        load_run_state(tmp_path)
+
+
+def test_a_checkpoint_from_before_the_learner_owned_the_prompt_order_loads_its_sampler_states(tmp_path: Path) -> None:
+    shards = {f"generator-{g}": PromptSampler(seed=3, shard=g, num_shards=2, sizes=[50, 40],
+                                              weights=[1.0, 2.0]).state() for g in range(2)}
+    buffer = ReplayBuffer(batch_groups=2, max_staleness=1, min_reward_std=0.0)
+    (tmp_path / "buffer.msgpack").write_bytes(msgpack.packb(buffer.state(), use_bin_type=True))
+    (tmp_path / "samplers.json").write_text(json.dumps(shards))
+    (tmp_path / "service.json").write_text(json.dumps({"groups_arrived": 0, "outcomes": {}, "learner_idle_s": 0.0}))
+    _, prompts, _ = load_run_state(tmp_path)
+    assert prompts == {"shards": shards}
+    (tmp_path / "prompts.json").write_text(json.dumps(_source().state()))  # both: the new file wins
+    assert load_run_state(tmp_path)[1] == _source().state()
+    for name in ("prompts.json", "samplers.json"):
+        (tmp_path / name).unlink()
+    with pytest.raises(ValueError, match=r"samplers\.json"):  # neither: not a checkpoint
         load_run_state(tmp_path)
 
 

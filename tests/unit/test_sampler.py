@@ -1,5 +1,6 @@
 """PromptSampler: determinism, disjoint shards within an epoch, weights, re-queue, checkpoint/restore;
-Admission: the (K+1) x batch bound per generator and its release as the learner version moves."""
+Admission: the (K+1) x batch bound per generator and its release as the learner version moves; PromptSource: every
+draw in exactly one place, admission and per-generator caps; merging the per-generator states of an old checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prorl_async.learner.prompts import Admission, Draw, PromptSampler, generator_budget
+from prorl_async.learner.prompts import (
+    Admission,
+    Draw,
+    PromptSampler,
+    PromptSource,
+    generator_budget,
+    merge_shard_states,
+)
 
 
 def sampler(shard: int = 0, shards: int = 1, sizes=(10,), weights=None, seed: int = 7) -> PromptSampler:
@@ -174,3 +182,204 @@ def test_a_moving_bound_under_a_ceiling() -> None:
         adm.set_bound(4, budget=2)  # above the ceiling
     with pytest.raises(ValueError):
         Admission(budget=1, max_staleness=2, ceiling=1)
+
+
+# ------------------------------------------------------------------------------------------ prompt source
+
+
+def source(budget: int = 1000, max_staleness: int = 0, per_generator: int = 1000, sizes=(7, 5),
+           weights=(1.0, 2.0)) -> PromptSource:
+    return PromptSource(sampler(sizes=sizes, weights=weights), Admission(budget, max_staleness), per_generator)
+
+
+def _stream(n: int, sizes=(7, 5), weights=(1.0, 2.0)) -> list[Draw]:
+    """The first ``n`` draws of a fresh stream: what the prompt order hands out, re-queues aside."""
+    s = sampler(sizes=sizes, weights=weights)
+    return [s.next() for _ in range(n)]
+
+
+def _places(src: PromptSource, ended: list[Draw]) -> Counter[Draw]:
+    """Every draw taken from the stream, by where it is now: ended (answered or skipped), in flight, re-queued."""
+    requeued = [Draw(*d) for d in src.sampler.state()["requeued"]]
+    return Counter(ended) + Counter(r.draw for r in src.inflight.values()) + Counter(requeued)
+
+
+def test_every_draw_is_in_exactly_one_place_across_answers_returns_orphans_and_a_checkpoint() -> None:
+    src = source()
+    issued = {}
+    for i in range(12):  # two generators, alternately
+        request_id, draw, min_version = src.issue(i % 2, 0, 0)  # type: ignore[misc]
+        assert (request_id, min_version) == (i, 0)
+        issued[request_id] = draw
+    assert issued == dict(enumerate(_stream(12))) and src.held(0) == src.held(1) == 6
+    ended: list[Draw] = []
+    for request_id, kept in ((0, True), (1, False), (4, True)):
+        assert src.answered(request_id, kept=kept).draw == issued[request_id]  # type: ignore[union-attr]
+        ended.append(issued[request_id])
+    assert src.answered(0, kept=True) is None  # answered already: the caller drops the group
+    assert src.returned(2, "stale").draw == issued[2]  # type: ignore[union-attr]
+    assert src.issue(0, 0, 0) == (12, issued[2], 0)  # a stale return is handed out again first...
+    issued[12] = issued[2]
+    assert src.returned(6, "too_long") is not None and src.returned(6, "stale") is None
+    ended.append(issued[6])  # ... a too-long prompt is skipped for good
+    assert src.issue(1, 0, 0)[1] == _stream(13)[12]  # type: ignore[index]
+    assert src.orphan(1) == 6 and src.held(1) == 0  # requests 3, 5, 7, 9, 11 and 13 go back to the queue
+    assert src.orphan(1) == 0
+    assert dict(src.counts) == {"issued": 14, "answered": 3, "returned_stale": 1, "returned_too_long": 1,
+                                "orphaned": 6}
+    assert _places(src, ended) == Counter(_stream(src.sampler.draws))  # nothing lost, nothing twice
+
+    saved = json.loads(json.dumps(src.state()))
+    resumed = source()
+    resumed.restore(saved)
+    assert resumed.inflight == {} and resumed.next_id == src.next_id == 14
+    pending = len(saved["sampler"]["requeued"])  # in flight at the checkpoint, then the orphaned ones
+    assert pending == src.held(0) + 6
+    later = [resumed.issue(0, 0, 0) for _ in range(pending + 4)]
+    assert [r[0] for r in later] == list(range(14, 14 + pending + 4))  # type: ignore[index]
+    # what was handed out before and not answered comes first: the checkpoint's requests in flight in id order
+    in_flight = [src.inflight[i].draw for i in sorted(src.inflight)]
+    assert [r[1] for r in later[:len(in_flight)]] == in_flight  # type: ignore[index]
+    afterwards = Counter(r[1] for r in later)  # type: ignore[index]
+    assert afterwards + Counter(ended) == Counter(_stream(resumed.sampler.draws))
+    assert resumed.sampler.draws == src.sampler.draws + 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["issue", "kept", "dropped", "stale", "too_long", "orphan", "resume"]),
+                          st.integers(0, 2), st.integers(0, 30)), max_size=60))
+def test_no_sequence_of_events_loses_or_repeats_a_draw(ops: list[tuple[str, int, int]]) -> None:
+    src = source(budget=6, max_staleness=1, per_generator=3)
+    ended: list[Draw] = []
+    version = 0
+    for op, gid, pick in ops:
+        ids = sorted(src.inflight)
+        if op == "issue":
+            got = src.issue(gid, version, version)
+            if got is not None:
+                assert src.held(gid) <= 3 and src.admission.counted(version) <= 6
+        elif op == "resume":  # a checkpoint and a resume: nothing in flight any more, all of it re-queued
+            restored = source(budget=6, max_staleness=1, per_generator=3)
+            restored.restore(json.loads(json.dumps(src.state())))
+            src = restored
+        elif op == "orphan":
+            src.orphan(gid)
+        elif ids:
+            request_id = ids[pick % len(ids)]
+            draw = src.inflight[request_id].draw
+            if op in ("kept", "dropped"):
+                src.answered(request_id, kept=op == "kept")
+                ended.append(draw)
+                if op == "kept" and pick % 3 == 0:  # now and then the learner moves on
+                    version += 1
+                    src.admission.forget_before(version)
+            else:
+                src.returned(request_id, op)
+                if op == "too_long":
+                    ended.append(draw)
+        assert _places(src, ended) == Counter(_stream(src.sampler.draws))
+    assert max(Counter(ended).values(), default=1) == 1  # no draw (spec, index, epoch) answered twice
+
+
+def test_admission_bounds_the_requests_in_flight_and_frees_slots() -> None:
+    batch, k = 2, 1
+    src = source(budget=(k + 1) * batch, max_staleness=k)
+    first = [src.issue(g % 2, 0, 0) for g in range(4)]
+    assert [src.inflight[r[0]].target for r in first] == [0, 0, 1, 1]  # type: ignore[index]
+    assert {max(r[2], 0) for r in first} == {0}  # type: ignore[index]  # min_version: the oldest usable, 0 - K
+    assert src.issue(0, 0, 0) is None and src.issue(1, 0, 0) is None  # every slot is used
+    src.answered(first[2][0], kept=True)  # type: ignore[index]
+    assert src.issue(0, 0, 0) is None  # a kept group holds its slot until the learner passes its target
+    src.answered(first[0][0], kept=False)  # type: ignore[index]
+    again = src.issue(0, 0, 0)
+    assert again is not None and src.inflight[again[0]].target == 0  # a dropped group frees its slot
+    assert src.issue(0, 0, 0) is None
+    src.returned(again[0], "stale")
+    assert src.issue(1, 0, 0) is not None  # so does a returned request
+    assert src.issue(0, 0, 0) is None
+    src.admission.forget_before(1)  # the learner trained version 0: target 0's slots are free
+    assert src.issue(0, 1, 0) is None  # weights of version 0 feed targets up to 0 + K only, and 1 is full
+    assert [src.issue(0, 1, 1)[2], src.issue(0, 1, 1)[2]] == [0, 0]  # type: ignore[index]  # targets 2, 2
+    assert [r.target for r in src.inflight.values()].count(2) == 2
+    assert src.issue(0, 1, 1) is None  # target 1 holds two groups, 2 as well: the budget again
+    assert src.issue(0, 3, 1) is None  # weights older than 3 - K: a group started on them would come too stale
+
+
+def test_each_generator_holds_at_most_its_share_of_requests() -> None:
+    src = source(per_generator=2)
+    a, b = src.issue(0, 0, 0), src.issue(0, 0, 0)
+    assert a is not None and b is not None and src.issue(0, 0, 0) is None and src.held(0) == 2
+    assert src.issue(1, 0, 0) is not None and src.issue(1, 0, 0) is not None and src.issue(1, 0, 0) is None
+    src.answered(a[0], kept=True)
+    assert src.issue(0, 0, 0) is not None and src.issue(0, 0, 0) is None
+    src.returned(b[0], "failed")
+    src.orphan(1)
+    assert src.held(0) == 1 and src.held(1) == 0
+    with pytest.raises(ValueError, match="per_generator"):
+        source(per_generator=0)
+
+
+def test_restore_refuses_a_broken_prompt_source_state() -> None:
+    src = source()
+    for broken in ({}, {"sampler": src.sampler.state()}, {"sampler": {}, "next_request_id": 0}):
+        with pytest.raises(ValueError):
+            source().restore(broken)
+
+
+# ------------------------------------------------------------------------------------------ merging old shards
+
+
+def _first_per_spec(s: PromptSampler, positions: list[int]) -> Counter[Draw]:
+    """The draws a sampler that reached ``positions`` took: each spec's first ``positions[spec]`` (the order across
+    specs aside, a spec's problems come in a fixed order)."""
+    got: dict[int, list[Draw]] = {spec: [] for spec in range(len(positions))}
+    while any(len(got[spec]) < n for spec, n in enumerate(positions)):
+        d = s.next()
+        got[d.spec].append(d)
+    return Counter(d for spec, n in enumerate(positions) for d in got[spec][:n])
+
+
+def test_merged_shard_states_cover_exactly_the_problems_the_shards_drew() -> None:
+    sizes, weights = (6, 10), (1.0, 1.0)  # even sizes: both shards have equal shares, epochs end together
+
+    def shards_that_met(seed: int) -> tuple[PromptSampler, PromptSampler, list[Draw], list[Draw]] | None:
+        """Two shards drawn in lockstep until each drew as many of every spec as the other, past an epoch end."""
+        shard0, shard1 = sampler(0, 2, sizes, weights, seed), sampler(1, 2, sizes, weights, seed)
+        drawn0, drawn1 = [], []
+        for _ in range(40):
+            drawn0.append(shard0.next())
+            drawn1.append(shard1.next())
+            if shard0.positions == shard1.positions and min(shard0.positions) >= 4:
+                return shard0, shard1, drawn0, drawn1
+        return None
+
+    met = next(m for seed in range(20) if (m := shards_that_met(seed)) is not None)
+    shard0, shard1, drawn0, drawn1 = met
+    seed = shard0.seed
+    assert shard0.positions[0] > sizes[0] // 2  # shard 0 is in spec 0's second epoch
+    in_flight = drawn0.pop()  # shard 0's last draw had not finished, shard 1 had one aborted
+    shard1.requeue(drawn1[0])
+    states = [json.loads(json.dumps(shard0.state(in_flight=[in_flight]))), json.loads(json.dumps(shard1.state()))]
+
+    merged = merge_shard_states(states)
+    assert merged["positions"] == [2 * p for p in shard0.positions] and merged["shard"] == 0
+    assert merged["num_shards"] == 1 and merged["draws"] == shard0.draws + shard1.draws
+    assert merged["requeued"] == [in_flight.as_list(), drawn1[0].as_list()]
+    resumed = sampler(0, 1, sizes, weights, seed)
+    resumed.restore(merged)
+    assert [resumed.next(), resumed.next()] == [in_flight, drawn1[0]]  # the unfinished prompts first
+    covered = _first_per_spec(sampler(0, 1, sizes, weights, seed), merged["positions"])
+    assert covered == Counter(drawn0) + Counter([in_flight]) + Counter(drawn1)  # the same problems, same epochs
+    # and the merged stream goes on with problems neither shard drew in the current epoch of each spec
+    upcoming = [resumed.next() for _ in range(4)]
+    assert not set(upcoming) & set(covered)
+
+
+def test_merging_states_of_different_runs_is_refused() -> None:
+    a, b = sampler(0, 2, (6, 10)), sampler(1, 2, (6, 10), seed=8)
+    with pytest.raises(ValueError, match="different runs"):
+        merge_shard_states([a.state(), b.state()])
+    with pytest.raises(ValueError, match="different runs"):
+        merge_shard_states([a.state(), sampler(1, 2, (6, 12)).state()])
+    with pytest.raises(ValueError, match="no sampler states"):
+        merge_shard_states([])

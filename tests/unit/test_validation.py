@@ -3,7 +3,7 @@ from ``Validate`` to the ``validation`` record and the reset policy (fake contro
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,17 +12,30 @@ import trio
 
 from prorl_async.config import load_config
 from prorl_async.eval.validation import (
-    RESULTS_KEY,
+    MAX_PART_PROMPTS,
+    MAX_PARTS,
     PromptRewards,
+    ShardPart,
     ValidationTracker,
-    decode_part,
     encode_shard,
+    shard_part,
     validation_record,
 )
+from prorl_async.learner.prompts import Admission, PromptSource
 from prorl_async.learner.reset import ResetPolicy
 from prorl_async.learner.service import LearnerService
 from prorl_async.monitor.metrics import read_metrics
-from prorl_async.transport.messages import Metrics, Ready, Validate, WeightsReady
+from prorl_async.transport.messages import (
+    Limits,
+    MessageError,
+    Ready,
+    Status,
+    Validate,
+    ValidationAnswer,
+    WeightsReady,
+    decode,
+    encode,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,74 +48,107 @@ SHARDS = {
 }
 
 
-def parts_of(gid: int, version: int = 2, round: int = 0, max_chars: int = 60_000, **over: object) -> list[str]:
-    fields = dict(version=version, round=round, generator=gid, generators=2, weights_version=version, seconds=1.5,
-                  failed=0, skipped=0, prompts=SHARDS[gid])
+def parts_of(gid: int, version: int = 2, round: int = 0, max_prompts: int = MAX_PART_PROMPTS,
+             **over: object) -> list[ValidationAnswer]:
+    fields = dict(source=f"generator-{gid}", version=version, round=round, generator=gid, generators=2,
+                  weights_version=version, seconds=1.5, failed=0, skipped=0, prompts=SHARDS[gid])
     fields.update(over)
-    return encode_shard(**fields, max_chars=max_chars)  # type: ignore[arg-type]
+    return encode_shard(**fields, max_prompts=max_prompts)  # type: ignore[arg-type]
+
+
+def wire(msg: ValidationAnswer, limits: Limits | None = None) -> ValidationAnswer:
+    """Through the wire and the learner's decoder, as the groups socket delivers it."""
+    decoded = decode(encode(msg), limits or Limits())
+    assert isinstance(decoded, ValidationAnswer)
+    return decoded
+
+
+def part_of(gid: int, **over: object) -> ShardPart:
+    """The single part of generator ``gid``'s shard, as the learner files it."""
+    [answer] = parts_of(gid, **over)
+    return shard_part(wire(answer))
 
 
 # ------------------------------------------------------------------------------------------ wire format
 
 
-def test_shard_round_trips_and_splits_into_parts_under_the_limit() -> None:
+def test_shard_round_trips_and_splits_into_parts_of_at_most_max_prompts() -> None:
     [whole] = parts_of(0)
-    part = decode_part(whole)
+    assert wire(whole) == whole and whole.source == "generator-0"
+    part = shard_part(wire(whole))
     assert (part.version, part.round, part.generator, part.generators, part.part, part.parts) == (2, 0, 0, 2, 0, 1)
     assert part.prompts == tuple(SHARDS[0]) and part.seconds == 1.5
 
-    many = [PromptRewards(f"p{i}", "t", (i / 7, 1.0, 0.0)) for i in range(200)]
-    texts = encode_shard(version=1, round=3, generator=1, generators=3, weights_version=1, seconds=0.0, failed=2,
-                         skipped=1, prompts=many, max_chars=2_000)
-    assert len(texts) > 1 and all(len(t) <= 2_000 for t in texts)
-    decoded = [decode_part(t) for t in texts]
-    assert [d.part for d in decoded] == list(range(len(texts))) and {d.parts for d in decoded} == {len(texts)}
+    many = [PromptRewards(f"p{i}", f"t{i % 3}", (i / 7, 1.0, 0.0)[: 1 + i % 3]) for i in range(200)]
+    answers = encode_shard(source="generator-1", version=1, round=3, generator=1, generators=3, weights_version=1,
+                           seconds=0.0, failed=2, skipped=1, prompts=many, max_prompts=64)
+    assert [len(a.prompt_ids) for a in answers] == [64, 64, 64, 8]
+    decoded = [shard_part(wire(a)) for a in answers]
+    assert [d.part for d in decoded] == list(range(4)) and {d.parts for d in decoded} == {4}
+    assert {(d.failed, d.skipped, d.generator, d.generators) for d in decoded} == {(2, 1, 1, 3)}
     assert [p for d in decoded for p in d.prompts] == many  # order kept, rewards exact, nothing split or lost
 
 
-def test_an_empty_shard_is_one_part_and_an_oversized_prompt_is_refused() -> None:
-    [text] = encode_shard(version=1, round=0, generator=0, generators=1, weights_version=1, seconds=0.0,
-                          failed=0, skipped=0, prompts=[])
-    assert decode_part(text).prompts == ()
-    with pytest.raises(ValueError, match="do not fit"):
-        encode_shard(version=1, round=0, generator=0, generators=1, weights_version=1, seconds=0.0, failed=0,
-                     skipped=0, prompts=[PromptRewards("p", "t", (0.5,) * 100)], max_chars=260)
+@pytest.mark.parametrize("overrides", [[], ["eval.samples=32"]])  # more validation samples than a group has
+def test_a_full_part_passes_the_decoder_under_a_runs_limits(overrides: list[str]) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.toml", overrides)
+    prompts = [PromptRewards(f"p{i}", "t", (0.5,) * cfg.eval.samples) for i in range(MAX_PART_PROMPTS + 1)]
+    answers = encode_shard(source="generator-0", version=1, round=0, generator=0, generators=1, weights_version=1,
+                           seconds=0.25, failed=0, skipped=0, prompts=prompts)
+    limits = Limits.from_config(cfg, vocab_size=100)
+    assert [len(shard_part(wire(a, limits)).prompts) for a in answers] == [MAX_PART_PROMPTS, 1]
 
 
-def _mutated(**changes: object) -> str:
-    body = json.loads(parts_of(0)[0])
-    body.update(changes)
-    return json.dumps(body)
+def test_an_empty_shard_is_one_part_and_too_many_parts_are_refused() -> None:
+    [answer] = encode_shard(source="generator-0", version=1, round=0, generator=0, generators=1, weights_version=1,
+                            seconds=float("nan"), failed=3, skipped=0, prompts=[])
+    part = shard_part(wire(answer))
+    assert part.prompts == () and (part.part, part.parts, part.failed) == (0, 1, 3)
+    assert part.seconds == 0.0  # a non-finite duration is not sent as one (the decoder refuses it)
+    with pytest.raises(ValueError, match="parts"):
+        encode_shard(source="generator-0", version=1, round=0, generator=0, generators=1, weights_version=1,
+                     seconds=0.0, failed=0, skipped=0, prompts=[PromptRewards("p", "t", (0.5,))] * (MAX_PARTS + 1),
+                     max_prompts=1)
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("change", "match"),
     [
-        b"{}",  # not a string
-        "not json",
-        "[1, 2]",
-        '{"version": NaN}',
-        _mutated(extra=1),
-        _mutated(version=-1),
-        _mutated(round=1.0),
-        _mutated(generator=True),
-        _mutated(generator=2),  # generator must be < generators
-        _mutated(part=1),  # part must be < parts
-        _mutated(parts=10_000),
-        _mutated(seconds=-1),
-        _mutated(seconds="1"),
-        _mutated(prompts={}),
-        _mutated(prompts=[["p", "t"]]),
-        _mutated(prompts=[["p", "t", []]]),  # no samples
-        _mutated(prompts=[[1, "t", [1.0]]]),
-        _mutated(prompts=[["p", "t", [True]]]),
-        _mutated(prompts=[["p", "t", ["1"]]]),
-        _mutated(prompts=[["p", "t", [1e400]]]),  # json reads it as inf
+        ({"part": 1}, "part 1 of 1"),  # part must be < parts
+        ({"part": 3, "parts": 2}, "part 3 of 2"),
+        ({"parts": MAX_PARTS + 1, "part": 0}, "at most"),
+        ({"generator": 2}, "generator 2 of 2"),  # generator must be < generators
+        ({"generators": 0, "generator": 0}, "generator 0 of 0"),
     ],
 )
-def test_malformed_parts_are_refused_with_a_value_error(text: object) -> None:
-    with pytest.raises(ValueError):
-        decode_part(text)
+def test_shard_part_refuses_an_answer_that_contradicts_itself(change: dict, match: str) -> None:
+    answer = dataclasses.replace(parts_of(0)[0], **change)
+    with pytest.raises(ValueError, match=match):
+        shard_part(wire(answer))  # the decoder checks structure only: these pass it
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"counts": [4, 3]}, "value"),  # 7 rewards announced, 8 sent
+        ({"counts": [4, 5]}, "value"),
+        ({"counts": [0, 4], "rewards": [1.0] * 4}, "value"),  # a prompt without rewards
+        ({"counts": [-1, 9]}, "value"),
+        ({"rewards": [1.0, float("nan"), 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]}, "nonfinite"),
+        ({"rewards": [float("inf")] + [0.0] * 7}, "nonfinite"),
+        ({"prompt_ids": ["only one"]}, "field"),  # one id per prompt
+        ({"tasks": ["t", 3]}, "field"),
+        ({"version": -1}, "version"),
+        ({"round": True}, "field"),
+        ({"seconds": -1.0}, "value"),
+        ({"seconds": float("nan")}, "nonfinite"),
+    ],
+)
+def test_the_decoder_refuses_a_malformed_answer(change: dict, reason: str) -> None:
+    answer = dataclasses.replace(parts_of(0)[0], **change)
+    with pytest.raises(MessageError) as err:
+        decode(encode(answer), Limits())
+    assert err.value.reason == reason
 
 
 # ------------------------------------------------------------------------------------------ tracker + record
@@ -113,12 +159,12 @@ def test_two_generators_results_make_the_record() -> None:
     r = tracker.request(version=2, step=2, now=10.0)
     assert r is not None and r.round == 0
     assert tracker.request(version=4, step=4, now=11.0) is None  # one round in flight at a time
-    assert tracker.add(decode_part(parts_of(0)[0])) == "accepted"
+    assert tracker.add(part_of(0)) == "accepted"
     assert tracker.due(now=12.0) == []  # generator 1 has not answered
-    assert tracker.add(decode_part(parts_of(0)[0])) == "duplicate"
-    assert tracker.add(decode_part(parts_of(1, round=7)[0])) == "late"  # another request
-    assert tracker.add(decode_part(parts_of(1, generators=3)[0])) == "mismatch"
-    assert tracker.add(decode_part(parts_of(1)[0])) == "accepted"
+    assert tracker.add(part_of(0)) == "duplicate"
+    assert tracker.add(part_of(1, round=7)) == "late"  # another request
+    assert tracker.add(part_of(1, generators=3)) == "mismatch"
+    assert tracker.add(part_of(1)) == "accepted"
     [(done, reason)] = tracker.due(now=12.5)
     assert done is r and reason == "complete" and tracker.pending is None
 
@@ -142,9 +188,9 @@ def test_two_generators_results_make_the_record() -> None:
 def test_a_threshold_below_one_counts_partial_credit_as_solved() -> None:
     tracker = ValidationTracker(generators=1)
     r = tracker.request(version=1, step=1, now=0.0)
-    [text] = encode_shard(version=1, round=0, generator=0, generators=1, weights_version=1, seconds=0.0, failed=0,
-                          skipped=0, prompts=[PromptRewards("p", "t", (0.5, 0.0))])
-    tracker.add(decode_part(text))
+    [answer] = encode_shard(source="generator-0", version=1, round=0, generator=0, generators=1, weights_version=1,
+                            seconds=0.0, failed=0, skipped=0, prompts=[PromptRewards("p", "t", (0.5, 0.0))])
+    tracker.add(shard_part(wire(answer)))
     assert validation_record(r, [1], 1.0, 0.0, "complete")["pass_at_1"] == 0.0  # type: ignore[arg-type]
     assert validation_record(r, [1], 0.5, 0.0, "complete")["pass_at_1"] == 0.5  # type: ignore[arg-type]
 
@@ -152,14 +198,14 @@ def test_a_threshold_below_one_counts_partial_credit_as_solved() -> None:
 def test_a_timeout_writes_what_arrived_and_says_so() -> None:
     tracker = ValidationTracker(generators=2, timeout_s=5)
     r = tracker.request(version=2, step=2, now=0.0)
-    first, _second = parts_of(1, max_chars=260)  # generator 1 answers in two parts, only the first arrives
-    tracker.add(decode_part(first))
+    first, _second = parts_of(1, max_prompts=1)  # generator 1 answers in two parts, only the first arrives
+    tracker.add(shard_part(wire(first)))
     assert tracker.due(now=4.9) == []
     [(done, reason)] = tracker.due(now=5.0)
     rec = validation_record(done, [1, 4], 1.0, 5.0, reason)
     assert done is r and reason == "timeout" and not rec["complete"]
     assert rec["missing"] == [0, 1] and rec["generators"] == [0, 2]
-    assert rec["prompts"] == len(decode_part(first).prompts) == 1 and "pass_at_1" in rec
+    assert rec["prompts"] == len(first.prompt_ids) == 1 and "pass_at_1" in rec
 
     empty = ValidationTracker(generators=1)
     empty.request(version=3, step=3, now=0.0)
@@ -176,7 +222,7 @@ class FakeControl:
     def __init__(self) -> None:
         self.published: list[object] = []
 
-    def publish(self, msg: object) -> None:
+    def publish(self, msg: object, latest: bool = True) -> None:
         self.published.append(msg)
 
 
@@ -191,33 +237,34 @@ def _service(tmp_path: Path, every: int = 2) -> tuple[LearnerService, FakeLearne
     cfg = load_config(ROOT / "configs" / "tiny.toml", ["generator.num_generators=2", f"eval.every_steps={every}"])
     learner = FakeLearner(cfg, version=2)
     service = LearnerService(cfg, tmp_path, learner=learner)  # type: ignore[arg-type]
-    service._published_version = 2
+    service.dispatch.published_version = 2
     return service, learner
 
 
 def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(tmp_path: Path) -> None:
     service, learner = _service(tmp_path)
     control = service._control = FakeControl()
-    service._request_validation(control)
+    service.validation.request(control, learner.policy_version)
     # Validate, then the latest WeightsReady again: a generator subscribing now still gets weights first
     assert control.published == [Validate(version=2, round=0), WeightsReady(version=2)]
     learner.policy_version = 3
-    service._request_validation(control)  # 3 is not a multiple of every_steps
+    service.validation.request(control, learner.policy_version)  # 3 is not a multiple of every_steps
     learner.policy_version = 4
-    service._request_validation(control)  # round 0 still in flight: skipped, said so
+    service.validation.request(control, learner.policy_version)  # round 0 still in flight: skipped, said so
     assert len(control.published) == 2
 
     async def main() -> None:
         send, receive = trio.open_memory_channel(16)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.ingest_loop, receive)
-            nursery.start_soon(service.validation_loop)
+            nursery.start_soon(service.validation.validation_loop)
             await send.send(Ready("generator-1"))  # restarted while the round waits: it is asked again
             for gid in (0, 1):
-                for text in parts_of(gid, max_chars=260):
-                    await send.send(Metrics(f"generator-{gid}", {RESULTS_KEY: text}))
-            await send.send(Metrics("generator-1", {RESULTS_KEY: "{broken"}))
-            await send.send(Metrics("generator-0", {"groups_sent": 3}))
+                for answer in parts_of(gid, max_prompts=1):  # two parts each
+                    await send.send(wire(answer))
+            # decodable, but part 2 of 2 does not exist: counted as bad, nothing filed
+            await send.send(wire(dataclasses.replace(parts_of(1, max_prompts=1)[0], part=2)))
+            await send.send(Status("generator-0", {"groups_sent": 3}))
             with trio.fail_after(10):
                 while not read_metrics(tmp_path / "metrics.jsonl", kind="validation"):
                     await trio.sleep(0.05)
@@ -236,19 +283,18 @@ def test_service_requests_collects_writes_the_record_and_feeds_the_reset_policy(
                                             "bad_validation_results"]
     generator_records = read_metrics(tmp_path / "metrics.jsonl", kind="generator")
     assert [r.get("groups_sent") for r in generator_records] == [3]  # results never land in generator records
-    assert RESULTS_KEY not in service.generators.get("generator-0", {})
-    assert service.validation_counts == {"accepted": sum(len(parts_of(g, max_chars=260)) for g in (0, 1)), "bad": 1}
+    assert service.generators["generator-0"] == {"groups_sent": 3}  # answers never land in a generator's figures
+    assert service.validation.counts == {"accepted": 4, "bad": 1}
 
 
 def test_service_end_of_run_writes_an_incomplete_round_without_feeding_the_policy(tmp_path: Path) -> None:
     service, learner = _service(tmp_path)
-    service._request_validation(FakeControl())
-    service._on_validation_part(Metrics("generator-0", {RESULTS_KEY: parts_of(0)[0]}))
-    service._interrupted = True  # SIGINT: no waiting for generator 1
+    service.validation.request(FakeControl(), learner.policy_version)
+    service.validation.on_answer(wire(parts_of(0)[0]))
 
     async def main() -> None:
         with trio.fail_after(10):
-            await service.finish_validation()
+            await service.validation.finish(interrupted=True)  # SIGINT: no waiting for generator 1
 
     trio.run(main)
     service.metrics.close()
@@ -265,11 +311,16 @@ def test_service_end_of_run_drains_a_full_buffer_to_reach_the_answers_queued_beh
     from prorl_async.transport.messages import Sample, TrajectoryGroup
 
     service, learner = _service(tmp_path)
-    service._request_validation(FakeControl())
+    service.validation.request(FakeControl(), learner.policy_version)
     capacity = service.buffer.buffer.capacity
+    # every group answers a request in flight (others are dropped as unrequested): more requests than the
+    # buffer holds, which the run's admission would not hand out
+    service.dispatch.prompts = PromptSource(service.dispatch.prompts.sampler, Admission(4 * capacity, 1),
+                                            per_generator=4 * capacity)
+    requests = [service.dispatch.prompts.issue(0, 2, 2) for _ in range(capacity + 2)]
     groups = [TrajectoryGroup(f"g{i}", "chain_sum", "logic", np.array([1, 2], dtype=np.int32),
                               [Sample([3], [-0.1], [2], "stop", float(j % 2)) for j in range(4)],
-                              generator_id=0, seq=i) for i in range(capacity + 2)]
+                              generator_id=0, seq=r[0]) for i, r in enumerate(requests)]  # type: ignore[index]
 
     async def main() -> None:
         send, receive = trio.open_memory_channel(64)
@@ -278,17 +329,20 @@ def test_service_end_of_run_drains_a_full_buffer_to_reach_the_answers_queued_beh
             for g in groups:  # the buffer fills up: ingestion waits on the group after the last one it admits
                 await send.send(g)
             for gid in (0, 1):
-                for text in parts_of(gid):
-                    await send.send(Metrics(f"generator-{gid}", {RESULTS_KEY: text}))
+                for answer in parts_of(gid):
+                    await send.send(wire(answer))
             await trio.sleep(0.2)
-            assert service.validations.pending is not None and not service.validations.pending.answered
+            assert service.validation.tracker.pending is not None and not service.validation.tracker.pending.answered
             with trio.fail_after(10):
-                await service.finish_validation()
+                await service.validation.finish(interrupted=False)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
     service.metrics.close()
     [rec] = read_metrics(tmp_path / "metrics.jsonl", kind="validation")
     assert rec["reason"] == "complete" and rec["complete"] and rec["prompts"] == 4
-    assert service.outcomes == {"admitted": capacity, "after_final_checkpoint": 2}
+    assert service.intake.outcomes == {"admitted": capacity, "after_final_checkpoint": 2}
+    # the parked group was answered; the one discarded while draining stays in flight (a resume hands it out again)
+    assert list(service.dispatch.prompts.inflight) == [requests[-1][0]]  # type: ignore[index]
+    assert service.dispatch.prompts.counts["answered"] == capacity + 1
     assert learner.reset_policy.best_val_step == 2

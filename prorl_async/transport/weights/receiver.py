@@ -1,4 +1,4 @@
-"""Worker side of the weight broadcast: :class:`WeightReceiver` and the vLLM worker extension that drives it.
+"""Worker side of the weight broadcast: :class:`WeightReceiver` (driven by ``generator/vllm_worker.py`` inside vLLM).
 
 The protocol, membership and failure rules are in ``weight_sync``'s docstring, and so are the exact calls a
 generator makes. Here:
@@ -7,8 +7,6 @@ generator makes. Here:
   update per :meth:`~WeightReceiver.receive`, handing the tensors to a loader as views of its receive buffers,
   ``PIPELINE_DEPTH`` buckets in flight; it keeps the protocol in step whatever the loader does (drains what the loader
   left, acknowledges a loader failure), and closes its group after any failure (join again).
-- :class:`WeightSyncWorkerExtension` is mixed into vLLM's worker (``worker_extension_cls``): its methods run on
-  the worker between engine steps, load with ``self.reload_weights`` and return plain values only.
 """
 
 from __future__ import annotations
@@ -261,85 +259,3 @@ def split_request_id(internal_id: str) -> tuple[str, int]:
     base = internal_id.rsplit("-", 1)[0] if len(internal_id) > 9 and internal_id[-9] == "-" else internal_id
     index, sep, rest = base.partition("_")
     return (rest, int(index)) if sep and index.isdigit() else (base, 0)
-
-
-# -------------------------------------------------------------------------------- vLLM worker extension
-
-
-class WeightSyncWorkerExtension:
-    """Mixed into vLLM's worker class (``worker_extension_cls=EXTENSION``); reached with ``collective_rpc``.
-
-    Methods run on the worker, between engine steps; ``self`` is the vLLM worker (``device``,
-    ``model_runner``, ``reload_weights``). Only plain values cross vLLM's RPC; the weights come over the
-    group. ``weight_sync``'s docstring has the exact calls.
-    """
-
-    def weight_sync_join(self, cfg: dict[str, Any], host: str, port: int, generator_id: int,
-                         holds_version: int | None = None) -> dict[str, Any]:
-        """(Re)join the learner's weight group; returns ``member``, ``after_version`` and ``backend``.
-
-        ``holds_version``: the version the engine's weights are (the learner catches an older one up).
-        """
-        from prorl_async.config import WeightSyncConfig
-
-        self.weight_sync_leave()
-        member = f"gen{generator_id}.rank{getattr(self, 'rank', 0)}"
-        rx = WeightReceiver(WeightSyncConfig(**cfg), host, port, member, self.device,  # type: ignore[attr-defined]
-                            holds_version)
-        self._weight_sync = rx
-        return {"member": member, "after_version": rx.after_version, "backend": rx.backend}
-
-    def weight_sync_receive(self, version: int | None = None) -> dict[str, Any]:
-        """Receive the next update into the running model (``reload_weights``, streaming).
-
-        Returns the :class:`ReceiveStats` fields plus ``inflight_tokens``: {vLLM request id: output tokens
-        sampled before this update} (``None`` if this vLLM does not expose it). Call with generation
-        paused; reset the prefix cache (running requests included) before resuming.
-        """
-        rx: WeightReceiver | None = getattr(self, "_weight_sync", None)
-        if rx is None or rx.group is None:
-            raise WeightSyncError("weight_sync_receive before weight_sync_join (or after a failure: join again)")
-        inflight = self._weight_sync_inflight()
-        heads = self._weight_sync_tied_heads()
-        stats = rx.receive(lambda weights: self.reload_weights(weights_iterator=weights), version)  # type: ignore[attr-defined]
-        for head, packed in heads:
-            if head.cpu_linear is packed:  # not reprocessed by the reload: repack from the new, shared weight
-                head.quant_method.process_weights_after_loading(head)
-        return {**stats.as_dict(), "inflight_tokens": inflight}
-
-    def weight_sync_raw_broadcast(self) -> int:
-        """Benchmark baseline: receive the sender's raw flat buffer (see :meth:`WeightSender.raw_broadcast`)."""
-        rx: WeightReceiver | None = getattr(self, "_weight_sync", None)
-        if rx is None:
-            raise WeightSyncError("weight_sync_raw_broadcast before weight_sync_join")
-        return rx.raw_broadcast()
-
-    def weight_sync_leave(self) -> None:
-        rx: WeightReceiver | None = getattr(self, "_weight_sync", None)
-        if rx is not None:
-            rx.close()
-        self._weight_sync = None
-
-    def _weight_sync_tied_heads(self) -> list[tuple[Any, Any]]:
-        """(LM head, its ``cpu_linear``) for each head that shares its weight with another module (tied).
-
-        vLLM on CPU computes linear layers from a prepacked copy of their weight made when the layer is processed
-        (``cpu_linear``). ``reload_weights`` reprocesses a layer only when a weight of its own was loaded: a tied
-        head that was not (its name absent from the update, or skipped by the model's loader) keeps packing the
-        *old* embedding (log-probs off by ~1 on the tiny model). Empty off CPU."""
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-        model = self.model_runner.get_model()  # type: ignore[attr-defined]
-        owners: dict[int, int] = {}
-        for m in model.modules():
-            w = getattr(m, "weight", None)
-            if isinstance(w, torch.Tensor) and w.numel():
-                owners[w.data_ptr()] = owners.get(w.data_ptr(), 0) + 1
-        return [(m, m.cpu_linear) for m in model.modules() if isinstance(m, ParallelLMHead)
-                and hasattr(m, "cpu_linear") and owners.get(m.weight.data_ptr(), 0) > 1]
-
-    def _weight_sync_inflight(self) -> dict[str, int] | None:
-        requests = getattr(getattr(self, "model_runner", None), "requests", None)
-        if not isinstance(requests, dict):
-            return None
-        return {rid: len(state.output_token_ids) for rid, state in requests.items()}

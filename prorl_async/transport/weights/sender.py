@@ -103,8 +103,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "prorl_async.transport.weights.receiver.WeightSyncWorkerExtension"
-"""Pass as vLLM's ``worker_extension_cls``."""
+EXTENSION = "prorl_async.generator.vllm_worker.WeightSyncWorkerExtension"
+"""Pass as vLLM's ``worker_extension_cls`` (a name: the transport never imports the generator)."""
 
 MAGIC = 0x5052_4C57_5359_4E43  # "PRLWSYNC"
 RAW_MAGIC = MAGIC + 1
