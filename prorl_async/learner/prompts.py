@@ -12,18 +12,17 @@
 - :meth:`PromptSampler.state` is plain data (JSON-able): the position, the re-queued draws and the draws the
   caller still has in flight (they are re-queued on restore), so a resumed generator loses none of them.
 
-:class:`Admission` — the generator side of DESIGN.md section 4. With ``K = max_staleness`` and ``v`` the
-learner's latest announced version, a started group holds a slot of the version expected to consume it (a
-target in ``[v, loaded + K]``, ``budget / (K + 1)`` slots each), freed when the learner passes it; a new group
-may start only while a slot is free, the held slots stay below this generator's ``budget`` and the loaded weights
-themselves are not older than ``v - K`` (a group started on them would arrive too stale to use). The learner's
-admission capacity is ``(K + 1) x batch_groups``; with several
-generators :func:`generator_budget` splits it evenly (the first ``capacity mod N`` generators get one more),
-unless ``generator.admission_groups`` sets each generator's budget explicitly.
+:class:`Admission` — DESIGN.md section 4, kept by the learner. With ``K = max_staleness`` and ``v`` the
+learner's version, a request holds a slot of the version expected to consume its group (a target in
+``[v, loaded + K]``, ``budget / (K + 1)`` slots each), freed when the learner passes it; a new request is issued
+only while a slot is free and the held slots stay below ``budget`` = ``(K + 1) x batch_groups`` (or
+``generator.admission_groups`` per generator).
+
+:class:`PromptSource` — both, plus the requests in flight: what the learner hands to generators.
 
 Usage::
 
-    sampler = PromptSampler(seed=0, shard=gid, num_shards=n_gen, sizes=[mix.train_size(i) ...], weights=[...])
+    sampler = PromptSampler(seed=0, shard=0, num_shards=1, sizes=[mix.train_size(i) ...], weights=[...])
     draw = sampler.next()                      # Draw(spec=0, index=4711, epoch=0)
     sampler.requeue(draw)                      # its group was aborted: draw it again first
     saved = sampler.state(in_flight=[...])     # JSON-able; PromptSampler(...).restore(saved)
@@ -146,19 +145,6 @@ class PromptSampler:
 
 
 # ------------------------------------------------------------------------------------------ admission
-
-
-def generator_budget(capacity: int, num_generators: int, generator_id: int, explicit: int = 0) -> int:
-    """This generator's share of the learner's admission ``capacity`` (``explicit`` > 0 overrides it)."""
-    if explicit > 0:
-        return explicit
-    budget = capacity // num_generators + (1 if generator_id < capacity % num_generators else 0)
-    if budget < 1:
-        raise ValueError(
-            f"admission capacity (max_staleness + 1) x batch_groups = {capacity} leaves generator {generator_id} "
-            f"of {num_generators} no group: use fewer generators, a larger batch, or generator.admission_groups"
-        )
-    return budget
 
 
 class Admission:

@@ -16,7 +16,6 @@ from prorl_async.learner.prompts import (
     Draw,
     PromptSampler,
     PromptSource,
-    generator_budget,
     merge_shard_states,
 )
 
@@ -111,13 +110,6 @@ def test_draw_as_list() -> None:
 
 
 # ------------------------------------------------------------------------------------------ admission
-
-
-def test_budget_splits_the_capacity_over_generators() -> None:
-    assert [generator_budget(10, 3, g) for g in range(3)] == [4, 3, 3]
-    assert generator_budget(10, 3, 2, explicit=7) == 7
-    with pytest.raises(ValueError, match="no group"):
-        generator_budget(2, 3, 2)
 
 
 def _fill(adm: Admission, learner_version: int, loaded_version: int) -> list[int]:
