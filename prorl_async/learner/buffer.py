@@ -14,7 +14,9 @@ Rules, with ``K = max_staleness`` and ``v`` the learner version of the latest :m
   (population, ddof 0) is ``<= min_reward_std`` (``None`` turns the filter off): ``all_correct`` (every
   reward 1), ``all_wrong`` (every reward 0), ``no_variance`` (any other constant reward) — no signal;
 - ``pull(n, v)`` first drops, counted as ``stale``, every held group that ``v`` made too stale, then
-  returns exactly ``n`` groups in arrival order — or ``None`` and takes nothing: never a short batch;
+  returns exactly ``n`` groups, those nearest to expiry first (oldest ``min_version``; arrival order among
+  equals: a group that started on older weights may arrive after a newer one and must not be left to expire)
+  — or ``None`` and takes nothing: never a short batch;
 - ``drop("untrainable")`` counts a group the learner cannot train on (the caller's check) as received and
   dropped; :meth:`ReplayBuffer.evict` drops held ones the same way (a checkpoint written under looser rules);
 - conservation: ``received == len(buffer) + yielded + stale + all_correct + all_wrong + no_variance +
@@ -132,7 +134,7 @@ class ReplayBuffer:
         return gone
 
     def pull(self, n_groups: int, learner_version: int) -> list[TrajectoryGroup] | None:
-        """Exactly ``n_groups`` usable groups, oldest arrival first, or ``None`` (taking nothing).
+        """Exactly ``n_groups`` usable groups, nearest to expiry first, or ``None`` (taking nothing).
 
         Moves the buffer to ``learner_version`` first (it never goes back) and drops, as ``stale``, the
         groups it leaves more than ``max_staleness`` behind.
@@ -148,6 +150,7 @@ class ReplayBuffer:
             self._groups = kept
         if len(self._groups) < n_groups:
             return None
+        self._groups.sort(key=lambda g: g.min_version)  # stable: arrival order among equal versions
         batch, self._groups = self._groups[:n_groups], self._groups[n_groups:]
         self._counters["yielded"] += n_groups
         return batch

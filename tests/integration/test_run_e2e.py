@@ -116,7 +116,12 @@ def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_pat
     the restarted generator gets the current weights at once (it starts from the base weights, which the bound no
     longer admits), and the requests the dead process held are handed to the new one: none lost, none twice."""
     run_dir = tmp_path / "run"
-    overrides = ["run.max_steps=5", "run.checkpoint_every_steps=0", "generator.num_generators=1",
+    # Generator-bound on purpose (one group in the engine at a time, answers to the length cap: a tiny step takes
+    # ~0.25 s, a batch of groups longer), so the learner always has requests out at the generator when it dies,
+    # and the buffer (at most K + 1 = 2 batches) cannot finish the run without the restarted one.
+    max_steps = 6
+    overrides = [f"run.max_steps={max_steps}", "run.checkpoint_every_steps=0", "generator.num_generators=1",
+                 "generator.max_inflight_groups=1", "sampling.max_response_tokens=64",
                  f"run.run_dir={json.dumps(str(run_dir))}", "run.log_every_s=2"]
     env = dict(os.environ)
     proc = subprocess.Popen([str(EXE), "run", "configs/tiny.toml", *_sets(*overrides)], cwd=ROOT, env=env,
@@ -124,12 +129,15 @@ def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_pat
     metrics = run_dir / "metrics.jsonl"
     victims: list[int] = []
     try:
-        deadline = time.monotonic() + 400
+        deadline, killed_at = time.monotonic() + 400, 0
         while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and any(s["version"] >= 2 for s in read_metrics(metrics, kind="step")):
+            versions = [s["version"] for s in read_metrics(metrics, kind="step")] if metrics.exists() else []
+            killed_at = max(versions, default=0)
+            if killed_at >= 2:
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert proc.poll() is None, "the run ended before the kill"
+        assert killed_at <= max_steps - 3, f"killed at version {killed_at}: the buffer alone could finish the run"
         pid = json.loads((run_dir / "pids.json").read_text())["generator-0"]
         victims = [pid, *_descendants(pid)]  # vLLM's engine core runs in a child of the generator
         os.kill(pid, signal.SIGKILL)
@@ -142,14 +150,14 @@ def test_a_killed_generator_is_restarted_caught_up_and_contributes_again(tmp_pat
     assert f"generator-0 exited with {-signal.SIGKILL}" in out
     records = read_metrics(metrics)
     steps = [r for r in records if r["kind"] == "step"]
-    assert [s["version"] for s in steps] == [1, 2, 3, 4, 5]
+    assert [s["version"] for s in steps] == list(range(1, max_steps + 1))
     catch_up = [r for r in records if r.get("event") == "weights_catch_up"]
     assert catch_up and catch_up[0]["delivered"] == ["gen0.rank0"] and catch_up[0]["version"] >= 2
     readies = [r for r in records if r.get("event") == "generator_ready"]
     assert len(readies) == 2  # the first generator and its restart
     assert readies[0]["requests_reissued"] == 0 and readies[1]["requests_reissued"] > 0, readies
     trained = [p for s in steps for p in s["prompt_ids"]]
-    assert len(trained) == len(set(trained)) == 20, trained  # 5 steps x 4 groups, no prompt twice
+    assert len(trained) == len(set(trained)) == 4 * max_steps, trained  # 4 groups a step, no prompt twice
     sent = [r["groups_sent"] for r in records if r["kind"] == "generator" and r["time_s"] > readies[1]["time_s"]]
     assert sent and max(sent) > 0  # the restarted generator's own counter: it contributed groups again
     restarted_pid = json.loads((run_dir / "pids.json").read_text())["generator-0"]
@@ -202,7 +210,7 @@ def _hostile_frames(vocab: int) -> list[list[bytes]]:
 
 def test_mini_batches_advance_one_version_per_batch_and_hostile_groups_cost_nothing(tmp_path: Path) -> None:
     """The paper's shape (several mini-batches per batch, bound 1) at tiny scale: a batch is one policy version, so
-    no group goes stale in steady state; a peer pushing malformed frames, an empty response and out-of-vocabulary
+    groups go stale only as rare stragglers; a peer pushing malformed frames, an empty response and out-of-vocabulary
     ids at the learner's groups socket is counted and the run completes every step."""
     import zmq
 
@@ -234,7 +242,11 @@ def test_mini_batches_advance_one_version_per_batch_and_hostile_groups_cost_noth
     steps = read_metrics(run_dir / "metrics.jsonl", kind="step")
     assert [s["version"] for s in steps] == list(range(1, 9))
     assert [s["optimizer_step"] for s in steps] == list(range(2, 17, 2))
-    assert steps[-1]["buffer_counters"]["stale"] == 0, [s["buffer_counters"] for s in steps]
+    # Counting versions per mini-batch made about every group that waited one batch stale (stale ~ yielded). A
+    # straggler can still miss its batch under load (it started on weights v - 1 and arrived after step v + 1 took
+    # its batch: seen once in CI), so the bound here is "rare", not zero.
+    counters = steps[-1]["buffer_counters"]
+    assert 4 * counters["stale"] <= counters["yielded"], [s["buffer_counters"] for s in steps]
     assert sum(steps[-1]["messages_rejected"].values()) == 4, steps[-1]["messages_rejected"]
     trained = [p for s in steps for p in s["prompt_ids"]]
     assert not any(p.startswith("hostile") for p in trained) and len(trained) == len(set(trained)) == 32
