@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--bounds", default="0,1,2,4", help="staleness bounds; 0 (sync) is always run first")
     parser.add_argument("--steps", type=int, help="run.max_steps per run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    parser.add_argument("--compare-overlap", action="store_true",
+                        help="also run each bound >= 1 with weight_sync.overlap=false (rows '<bound>-sync-handoff')")
     parser.add_argument("--no-pin", action="store_true", help="leave processes unpinned")
     parser.add_argument("--out-dir", default="/tmp/prorl-bench/speedup", help="run directories go here")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -91,20 +93,38 @@ def main() -> int:
     print(f"config: {config or 'embedded default'}; overrides: {' '.join(overrides)}; pin: {pin}", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: dict[int, dict[str, Any]] = {}
-    for bound in bounds:
-        run_dir = Path(args.out_dir) / f"{stamp}-s{bound}"
-        run = _runs.launch(config, [*overrides, f"buffer.max_staleness={bound}"], run_dir, pin=pin,
+    handoff_rows: dict[str, dict[str, Any]] = {}  # --compare-overlap: the same bound, weights handed off after the step
+    variants = [(b, True) for b in bounds] + [(b, False) for b in bounds if b and args.compare_overlap]
+    for bound, overlap in variants:
+        name = f"{bound}" if overlap else f"{bound}-sync-handoff"
+        run_dir = Path(args.out_dir) / f"{stamp}-s{name}"
+        extra = [] if overlap else ["weight_sync.overlap=false"]
+        run = _runs.launch(config, [*overrides, f"buffer.max_staleness={bound}", *extra], run_dir, pin=pin,
                            timeout_s=plan["timeout_s"], quiet=False)
-        rows[bound] = {**_runs.summarize(run.records, plan["warmup_steps"]), "returncode": run.returncode,
-                       "run_dir": str(run_dir)}
-        print(f"  bound {bound}: {rows[bound].get('steps', 0)} steps in {run.seconds:.0f} s, "
-              f"{_runs.fmt(rows[bound].get('samples_per_s'), 2)} samples/s (exit {run.returncode})", flush=True)
+        row = {**_runs.summarize(run.records, plan["warmup_steps"]), "returncode": run.returncode,
+               "run_dir": str(run_dir)}
+        if overlap:
+            rows[bound] = row
+        else:
+            handoff_rows[name] = row
+        print(f"  bound {name}: {row.get('steps', 0)} steps in {run.seconds:.0f} s, "
+              f"{_runs.fmt(row.get('samples_per_s'), 2)} samples/s (exit {run.returncode})", flush=True)
     doc = assemble(rows)
     print_table(doc)
+    for name, row in handoff_rows.items():
+        overlapped = rows[int(name.split("-")[0])]
+        row["overlap_speedup"] = _runs.ratio(overlapped.get("samples_per_s"), row.get("samples_per_s"))
+        fmt = _runs.fmt
+        print(f"bound {name}: {fmt(row.get('samples_per_s'), 2)} samples/s, t_train {fmt(row.get('t_train_s'), 2)} s; "
+              f"overlapped handoff: {fmt(overlapped.get('samples_per_s'), 2)} samples/s, t_train "
+              f"{fmt(overlapped.get('t_train_s'), 2)} s -> overlap bought {fmt(row['overlap_speedup'], 2)}x",
+              flush=True)
+    if handoff_rows:
+        doc["sync_handoff_runs"] = handoff_rows
     _runs.write_json(args.json, {**doc, "machine": machine, "config": config, "overrides": overrides,
                                  "pin": {k: sorted(v) for k, v in pin.items()} if pin else None,
                                  "warmup_steps": plan["warmup_steps"]})
-    return 0 if all(r["returncode"] == 0 for r in rows.values()) else 1
+    return 0 if all(r["returncode"] == 0 for r in [*rows.values(), *handoff_rows.values()]) else 1
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prorl_async.transport.weights.receiver import WeightSyncWorkerExtension  # torch only, no vLLM
+from prorl_async.generator.vllm_worker import WeightSyncWorkerExtension  # torch only, no vLLM
 
 MODELS = ("tiny-random", "smollm2-135m-instruct")
 BENCH_EXTENSION = "weight_sync.BenchWorkerExtension"  # this file, on the vLLM worker's path (Child's PYTHONPATH)

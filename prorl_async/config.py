@@ -309,6 +309,10 @@ class WeightSyncConfig(_Section):
     update first, so that a learner failing mid-update leaves the engine's weights untouched."""
     sync_every_steps: int = Field(1, ge=1)
     """Broadcast weights every this many trainer steps (policy versions), not optimizer steps."""
+    overlap: bool = True
+    """With ``buffer.max_staleness`` >= 1, broadcast a snapshot of version v while step v + 1 trains (the learner
+    waits for it only at the end of that step); false broadcasts synchronously after each step. Overlap pays where
+    the broadcast runs beside the step (NCCL on a GPU); on a CPU learner both share the same cores (bench/README.md)."""
 
 
 class TransportConfig(_Section):

@@ -5,8 +5,9 @@ Invariants (``weights_lock`` is the lock every trainer step holds):
 
 - ``WeightsReady(v)`` is published before ``broadcast(v)`` starts: generators learn the version on the control
   socket and join the collective that the sender is about to start.
-- *A broadcast never reads weights that a step may change.* Under ``max_staleness = 0`` it is synchronous, from the
-  live weights under ``weights_lock``: the next batch waits for every generator's reload. With a bound >= 1
+- *A broadcast never reads weights that a step may change.* Under ``max_staleness = 0`` (or
+  ``weight_sync.overlap = false``) it is synchronous, from the live weights under ``weights_lock``: the next batch
+  waits for every generator's reload. With a bound >= 1
   (generators may sample one version behind anyway) the broadcast of v overlaps step v + 1 and sends a snapshot, a
   copy of ``learner.weights()`` (on their device) taken under the lock right after step v. A snapshot rather than
   holding step v + 1's optimizer update until the broadcast ends: no hook inside ``train_step`` (mini-batches,
@@ -103,7 +104,7 @@ class WeightHandoff:
         version = learner.policy_version
         if version % self.cfg.weight_sync.sync_every_steps:
             return sync
-        if self.cfg.buffer.ceiling >= 1:
+        if self.cfg.buffer.ceiling >= 1 and self.cfg.weight_sync.overlap:
             weights = await trio.to_thread.run_sync(snapshot, learner)
             self._publish_weights(control, version)
             self.idle = trio.Event()  # before the lock is released: catch_up_loop sees it
