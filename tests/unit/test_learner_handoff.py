@@ -146,10 +146,10 @@ async def _feed(service: LearnerService, learner: FakeLearner) -> None:
 
 
 def _run(tmp_path: Path, bound: int, steps: int = 3, hold_s: float = 5.0, cancel_at: int | None = None,
-         ) -> tuple[Log, FakeLearner, FakeSender, list[dict]]:
+         overlap: bool = True) -> tuple[Log, FakeLearner, FakeSender, list[dict]]:
     cfg = load_config(ROOT / "configs" / "tiny.toml", [
         "learner.batch_groups=1", f"buffer.max_staleness={bound}", f"run.max_steps={steps}",
-        "run.checkpoint_every_steps=0", "eval.every_steps=0"])
+        "run.checkpoint_every_steps=0", "eval.every_steps=0", f"weight_sync.overlap={str(overlap).lower()}"])
     log = Log()
     learner = FakeLearner(cfg, log)
     sender = FakeSender(learner, log, hold_s, last=steps)
@@ -198,6 +198,14 @@ def test_at_bound_zero_the_next_step_waits_for_the_broadcast(tmp_path: Path) -> 
     steps = [r for r in records if r["kind"] == "step"]
     assert [(s["version"], s["sync_version"]) for s in steps] == [(1, 1), (2, 2), (3, 3)]
     assert not [r for r in records if r.get("event") == "weights_sync"]
+
+
+def test_overlap_off_hands_off_after_the_step_even_with_a_bound(tmp_path: Path) -> None:
+    log, _, sender, records = _run(tmp_path, bound=1, hold_s=0.3, overlap=False)
+    for v in (1, 2):
+        assert log.at("broadcast_end", v) < log.at("train_start", v + 1)
+    assert sender.shared_live == [True, True, True]
+    assert [(s["version"], s["sync_version"]) for s in records if s["kind"] == "step"] == [(1, 1), (2, 2), (3, 3)]
 
 
 def test_a_broadcast_never_sees_the_weights_a_step_is_changing(tmp_path: Path) -> None:
