@@ -50,8 +50,8 @@ def validation_curve(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     t0 = _runs.training_start(records)
     if t0 is None:
         return []
-    return [{"t_s": r["time_s"] - t0, "pass@1": r["pass@1"]} for r in records
-            if r.get("kind") == "validation" and isinstance(r.get("pass@1"), int | float)]
+    return [{"t_s": r["time_s"] - t0, "pass@1": r["pass_at_1"]} for r in records
+            if r.get("kind") == "validation" and isinstance(r.get("pass_at_1"), int | float)]
 
 
 def startup_s(records: list[dict[str, Any]]) -> float | None:

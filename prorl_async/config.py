@@ -76,6 +76,49 @@ class TaskSpec(_Section):
     partial_credit: bool = False
     """Keep fractional rewards (reasoning-gym's partial scores, IFEval's share of instructions followed);
     false gives 1 only to a fully correct answer."""
+    curriculum: Literal["auto", "on", "off"] = "auto"
+    """Difficulty levels for this task (``tasks.curriculum``): ``auto`` follows ``tasks.curriculum.enabled``, ``on``
+    and ``off`` override it. A task with neither a reasoning-gym curriculum nor ``levels`` has none (logged once)."""
+    levels: list[dict[str, Any]] = Field(default_factory=list)
+    """Curriculum levels above 0, procedural tasks only: level k trains with ``params`` updated by ``levels[k - 1]``
+    (each over ``params``, not over the level before). Empty: the levels of reasoning-gym's curriculum, if any."""
+
+
+class CurriculumConfig(_Section):
+    enabled: bool = True
+    """Move each procedural task's difficulty with the policy (``prorl_async.envs.curriculum``): it trains at level 0
+    (its own ``params``), one level up when its groups pass too often, down when too rarely. Validation always uses
+    level 0. A run whose pass rate stays under ``promote_above`` trains exactly as without a curriculum."""
+    window_groups: int = Field(16, ge=1)
+    """Groups that arrived at a task's current level (every requested one, the variance filter's drops included)
+    whose mean pass rate decides a move; the window starts empty after each move."""
+    promote_above: float = Field(0.75, ge=0, le=1)
+    """One level up when the window's mean pass rate (the mean reward of its groups) is above this."""
+    demote_below: float = Field(0.25, ge=0, le=1)
+    """One level down (not below 0) when the window's mean pass rate is below this. With the default 0.25 / 0.75, a
+    group of 8 samples is informative with probability 1 - p^8 - (1-p)^8 >= 0.9 inside the band."""
+    max_levels: int = Field(8, ge=1)
+    """Levels per task taken from reasoning-gym's curriculum, level 0 included (a spec's own ``levels`` are all
+    used)."""
+
+    @model_validator(mode="after")
+    def _band(self) -> CurriculumConfig:
+        """A section-local check (it involves nothing outside this section)."""
+        if self.demote_below >= self.promote_above:
+            raise ValueError(f"demote_below ({self.demote_below}) must be below promote_above ({self.promote_above})")
+        return self
+
+
+class PromptSkipConfig(_Section):
+    enabled: bool = True
+    """Pass over, before sampling it, a prompt whose last groups all had equal rewards (all correct or all wrong),
+    with a probability ``min(max_probability, 1 - 0.5^n)`` after n such visits in a row; tasks without a curriculum
+    only (``prorl_async.learner.skips``, after GRESO). Deterministic; a passed-over prompt comes back next epoch."""
+    max_probability: float = Field(0.9, ge=0, lt=1)
+    """Cap of the skip probability: every prompt is still tried at least once in 1 / (1 - cap) epochs, in case the
+    policy has moved on."""
+    max_per_draw: int = Field(32, ge=1)
+    """Prompts passed over in a row at most; the next one is handed out anyway, so a solved data set still trains."""
 
 
 class TasksConfig(_Section):
@@ -96,6 +139,11 @@ class TasksConfig(_Section):
     few_shot: int = Field(0, ge=0, le=16)
     """Worked examples (question, answer in the asked format) from the task's own training split, put before
     the question as earlier chat turns; a small model learns the answer format from them."""
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    """Difficulty levels that follow the policy's pass rate, for procedural tasks (``[tasks.curriculum]``)."""
+    skip: PromptSkipConfig = Field(default_factory=PromptSkipConfig)
+    """Passing over prompts whose groups keep coming back uninformative, for tasks without a curriculum
+    (``[tasks.skip]``)."""
 
 
 class SamplingConfig(_Section):
@@ -373,8 +421,14 @@ class EvalConfig(_Section):
     out_dir: str = "runs/eval-{model}-{timestamp}"
     """Output directory of ``prorl-async eval`` (``{model}`` and ``{timestamp}`` are expanded)."""
     every_steps: int = Field(0, ge=0)
-    """Validate on the held-out split every this many trainer steps (policy versions) during training; 0
-    disables."""
+    """Validate on the held-out split during training after each trainer step whose version (policy version) is a
+    multiple of this; 0: not by steps. With ``every_minutes`` whichever comes first; both 0 disable validation."""
+    every_minutes: float = Field(0.0, ge=0)
+    """Also validate after a step once this many minutes of wall time passed since the last request; 0: not by
+    time. One round is in flight at a time: a round due meanwhile waits for the next step after it ends."""
+    at_start: bool = False
+    """When validation is on (``every_steps`` or ``every_minutes``): validate the weights the learner starts with
+    (the base model, or the resumed checkpoint) while the first batch is gathered, as the baseline."""
 
 
 class Config(_Section):

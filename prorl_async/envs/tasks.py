@@ -14,6 +14,12 @@ split, both from a RNG seeded by ``(seed, i)`` alone. Any process (generator, le
 gets the same task for the same i, in O(1), without shared state. Splits depend on the seed and on the
 spec's domain/name/params, not on its position in the mix.
 
+A spec with a curriculum (:mod:`prorl_async.envs.curriculum`) also trains at harder **levels**: problem j of level
+k > 0 (``train_problem(spec, j, level=k)``, any j of the training split's range) comes from level k's params and a
+dataset seeded by ``(spec, "train", k, probe)``, with ids of its own (split ``train@k``) and ``level`` in its
+metadata; it is still never a validation question. Level 0 is the spec's own params: the problems, ids and metadata
+of before curricula. Validation is always level 0. Every level's params are checked when the mix is built.
+
 Usage::
 
     mix = TaskMix(cfg.tasks)
@@ -108,19 +114,38 @@ class _Split:
     """Validation and training problems of one spec; built lazily, on first use."""
 
     def __init__(self, spec: TaskSpec, spec_index: int, cfg: TasksConfig) -> None:
+        from prorl_async.envs.curriculum import spec_levels
         from prorl_async.envs.registry import problems_for
 
         self.spec, self.spec_index, self.cfg = spec, spec_index, cfg
         self.key = [cfg.seed, spec.domain, spec.name, spec.params]
         self.source = problems_for(spec.domain, spec.name, spec.params)
+        self.level_params = spec_levels(spec, cfg)  # level 0: spec.params
+        self._level_sources = [self.source, *(self._level_source(k) for k in range(1, len(self.level_params)))]
         self._validation: list[Task] | None = None
         self._held_out: set[str] = set()
         self._train_pool: list[Problem] | None = None  # finite sets
-        self._makers: dict[int, Callable[[int], Problem]] = {}  # procedural: one dataset per probe
+        self._makers: dict[tuple[int, int], Callable[[int], Problem]] = {}  # procedural: a dataset per (level, probe)
         self._shots: list[list[str]] | None = None  # few-shot demonstrations: [question, answer] pairs
 
     def describe(self) -> str:
         return f"tasks.mix[{self.spec_index}] ({self.spec.domain}/{self.spec.name})"
+
+    def _level_source(self, level: int) -> ProceduralProblems:
+        """The problems of curriculum level ``level`` > 0; a UserError naming the level for bad params."""
+        from prorl_async.envs.registry import problems_for
+
+        if isinstance(self.source, FiniteProblems):
+            raise UserError(f"{self.describe()}: curriculum levels need a procedural task, this one is a fixed data "
+                            "set (remove its levels)")
+        params = self.level_params[level]
+        try:
+            source = problems_for(self.spec.domain, self.spec.name, params)
+        except UserError as err:
+            raise UserError(f"{self.describe()} curriculum level {level} (params {params}): {err}; fix the spec's "
+                            'levels, or set its curriculum = "off"') from None
+        assert isinstance(source, ProceduralProblems)
+        return source
 
     def validation(self) -> list[Task]:
         if self._validation is None:
@@ -135,22 +160,27 @@ class _Split:
             return len(self._train_pool)
         return self.cfg.train_size
 
-    def train(self, j: int) -> Task:
+    def train(self, j: int, level: int = 0) -> Task:
         self.validation()
+        if not 0 <= level < len(self.level_params):
+            raise ValueError(f"{self.describe()} has {len(self.level_params)} curriculum levels (asked for {level})")
         if isinstance(self.source, FiniteProblems):
             assert self._train_pool is not None
             return self._task(self._train_pool[j], "train", j)
+        split = f"train@{level}" if level else "train"
         for probe in range(_PROBES):
-            problem = self._maker(probe)(j)
+            problem = self._maker(probe, level)(j)
             if problem.question not in self._held_out:
-                return self._task(problem, "train", j)
+                return self._task(problem, split, j, level)
         raise RuntimeError(f"{self.describe()}: training problem {j} hit the validation split {_PROBES} times")
 
-    def _maker(self, probe: int) -> Callable[[int], Problem]:
-        if probe not in self._makers:
-            assert isinstance(self.source, ProceduralProblems)
-            self._makers[probe] = self.source.make(derive_seed(*self.key, "train", probe), self.cfg.train_size)
-        return self._makers[probe]
+    def _maker(self, probe: int, level: int = 0) -> Callable[[int], Problem]:
+        if (level, probe) not in self._makers:
+            source = self._level_sources[level]
+            assert isinstance(source, ProceduralProblems)
+            seed = derive_seed(*self.key, "train", *((level,) if level else ()), probe)  # level 0: as before levels
+            self._makers[(level, probe)] = source.make(seed, self.cfg.train_size)
+        return self._makers[(level, probe)]
 
     def _build(self) -> None:
         size = self.cfg.validation_size
@@ -194,9 +224,10 @@ class _Split:
             self._shots = [[t.question, t.answer] for t in tasks if t.answer is not None]
         return self._shots
 
-    def _task(self, problem: Problem, split: str, index: int) -> Task:
+    def _task(self, problem: Problem, split: str, index: int, level: int = 0) -> Task:
         spec = self.spec
         shots = {"few_shot": self.examples()} if self.cfg.few_shot and problem.answer is not None else {}
+        levels = {"level": level} if level else {}  # level 0 tasks stay as they were before curricula
         return Task(
             id=task_id(spec.domain, spec.name, self.spec_index, split, index),
             domain=spec.domain,
@@ -205,7 +236,7 @@ class _Split:
             answer=problem.answer,
             checker={**problem.checker, "answer_format": self.cfg.answer_format,
                      "partial_credit": spec.partial_credit},
-            metadata={**problem.metadata, **shots, "split": split, "index": index, "spec": self.spec_index},
+            metadata={**problem.metadata, **shots, "split": split, "index": index, "spec": self.spec_index, **levels},
         )
 
 
@@ -215,8 +246,8 @@ class _Split:
 class TaskMix:
     """Deterministic, indexable training stream and held-out validation tasks for ``TasksConfig``.
 
-    Building a mix loads each spec's data (and checks its name and params) at once; a spec's validation
-    split is generated the first time it is needed.
+    Building a mix loads each spec's data (and checks its name, its params and its curriculum levels' params) at
+    once; a spec's validation split is generated the first time it is needed.
     """
 
     def __init__(self, cfg: TasksConfig) -> None:
@@ -242,9 +273,18 @@ class TaskMix:
         """Problems in the training split of spec ``spec_index``."""
         return self._splits[spec_index].train_size()
 
-    def train_problem(self, spec_index: int, j: int) -> Task:
-        """Problem ``j`` of spec ``spec_index``'s training split (``0 <= j < train_size(spec_index)``)."""
-        return self._splits[spec_index].train(j)
+    def train_problem(self, spec_index: int, j: int, level: int = 0) -> Task:
+        """Problem ``j`` of spec ``spec_index``'s training split (``0 <= j < train_size(spec_index)``) at curriculum
+        level ``level`` (``0 <= level < levels(spec_index)``; 0: the spec's own params)."""
+        return self._splits[spec_index].train(j, level)
+
+    def levels(self, spec_index: int) -> int:
+        """Curriculum levels of spec ``spec_index``, level 0 included (1: it has no curriculum)."""
+        return len(self._splits[spec_index].level_params)
+
+    def level_params(self, spec_index: int, level: int) -> dict[str, Any]:
+        """The params spec ``spec_index`` trains with at ``level``."""
+        return dict(self._splits[spec_index].level_params[level])
 
     def validation_tasks(self, spec_index: int | None = None) -> list[Task]:
         """The held-out tasks of one spec, or of every spec in mix order."""

@@ -13,9 +13,10 @@ One asyncio loop:
   then abort the groups that version made too stale to use), ``Validate``, ``Stop``;
 - ``dispatch_loop`` starts queued requests, oldest first, while fewer than ``generator.max_inflight_groups`` are
   in the engine and the loaded weights are at least the request's ``min_version``;
-- one task per request (:func:`prorl_async.generator.rollout.sample`: render -> generate -> score), then the
-  ``TrajectoryGroup`` (``seq`` = the request id) goes out in a blocking send on a thread: backpressure from the
-  learner holds the group, not the loop;
+- one task per request (its problem at the request's curriculum ``level``;
+  :func:`prorl_async.generator.rollout.sample`: render -> generate -> score), then the ``TrajectoryGroup``
+  (``seq`` = the request id) goes out in a blocking send on a thread: backpressure from the learner holds the
+  group, not the loop;
 - validation (:mod:`prorl_async.generator.validate`) beside the training groups, in the same engine and pool;
 - ``status_loop`` sends ``Heartbeat`` and ``Status`` every ``generator.heartbeat_s``.
 
@@ -278,7 +279,7 @@ class Generator:
 
     async def _sample_and_send(self, request: GroupRequest, start_version: int) -> None:
         assert self.engine is not None
-        task = self.mix.train_problem(request.spec, request.index)
+        task = self.mix.train_problem(request.spec, request.index, level=request.level)
         prompt_ids = rollout.render(self.engine.tokenizer, task, self.cfg, self.sampling.max_tokens)
         if prompt_ids is None:
             self.counters["prompts_too_long"] += 1

@@ -12,21 +12,30 @@ Invariants:
 - :meth:`Dispatcher.dispatch_loop` issues round-robin, one request per live generator per pass, while admission and
   each generator's share allow; it is woken by every answer, restart and published version, and polls at least every
   ``_DISPATCH_POLL_S``. After :meth:`Dispatcher.stop` (training ended) it issues nothing.
+- Every requested group that arrives, kept or dropped by the variance filter, is observed once, in
+  :meth:`Dispatcher.answered`, with the spec and the curriculum level of the request it answers: it moves that spec's
+  level (an ``event=curriculum_level`` record when it does) and its prompt's skip record. Each request carries its
+  spec's level as it was when issued (``GroupRequest.level``); the step record shows both (:meth:`admission_figures`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from prorl_async.envs.curriculum import Curriculum, spec_labels
 from prorl_async.learner.prompts import Admission, PromptSampler, PromptSource, Request, merge_shard_states
+from prorl_async.learner.skips import PromptSkips
 from prorl_async.transport.messages import GroupRequest, Ready, RequestReturned, TrajectoryGroup, WeightsReady
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
     from prorl_async.monitor.metrics import MetricsLog
+
+log = logging.getLogger("prorl_async.learner.dispatch")
 
 _DISPATCH_POLL_S = 0.2
 
@@ -41,15 +50,24 @@ def admission_budget(cfg: Config, bound: int) -> int:
 
 
 def prompt_source(cfg: Config) -> PromptSource:
-    """The run's prompt order (one stream over the task mix, seeded by ``run.seed``) and admission."""
+    """The run's prompt order (one stream over the task mix, seeded by ``run.seed``), admission, the curriculum
+    (``tasks.curriculum``; the levels are the mix's own, as every generator computes them) and prompt skipping
+    (``tasks.skip``, for the specs without a curriculum)."""
     from prorl_async.envs.tasks import TaskMix
 
     mix = TaskMix(cfg.tasks)
-    sampler = PromptSampler(cfg.run.seed, 0, 1, [mix.train_size(i) for i in range(len(mix))],
+    specs = range(len(mix))
+    sampler = PromptSampler(cfg.run.seed, 0, 1, [mix.train_size(i) for i in specs],
                             [spec.weight for spec in cfg.tasks.mix])
     bound = cfg.buffer.initial_bound
     admission = Admission(admission_budget(cfg, bound), bound, cfg.buffer.ceiling)
-    return PromptSource(sampler, admission, per_generator=2 * cfg.generator.max_inflight_groups)
+    levels = [mix.levels(i) for i in specs]
+    skip = cfg.tasks.skip
+    skips = PromptSkips(cfg.run.seed, [skip.enabled and n == 1 for n in levels], spec_labels(cfg.tasks.mix),
+                        max_probability=skip.max_probability, max_per_draw=skip.max_per_draw,
+                        min_reward_std=cfg.buffer.min_reward_std)
+    return PromptSource(sampler, admission, per_generator=2 * cfg.generator.max_inflight_groups,
+                        curriculum=Curriculum.from_config(cfg.tasks, levels), skips=skips)
 
 
 def generator_id(source: str, num_generators: int) -> int | None:
@@ -122,8 +140,14 @@ class Dispatcher:
         return request
 
     def answered(self, group: TrajectoryGroup, *, kept: bool) -> None:
-        """``group`` answered its request; ``kept`` False (the learner cannot train on it) frees its slot."""
-        self.prompts.answered(group.seq, kept=kept)
+        """``group`` answered its request; ``kept`` False (the learner cannot train on it) frees its slot. Its rewards
+        feed the curriculum and the skip record of the request's prompt, whether the buffer keeps it or not."""
+        request = self.prompts.answered(group.seq, kept=kept)
+        change = self.prompts.observe(request, group.rewards) if request is not None else None
+        if change is not None:
+            log.info("curriculum: %s moves from level %d to %d of %d (pass rate %.2f over %d groups)", change.label,
+                     change.previous, change.level, change.levels, change.pass_rate, change.groups)
+            self.metrics.write("event", event="curriculum_level", **change.as_dict())
         self._wake.set()
 
     def withdraw(self, request: Request) -> None:
@@ -165,8 +189,10 @@ class Dispatcher:
                     if request is None:
                         continue
                     request_id, draw, min_version = request
+                    level = self.prompts.inflight[request_id].level
                     control.publish(GroupRequest(generator_id=gid, request_id=request_id, spec=draw.spec,
-                                                 index=draw.index, epoch=draw.epoch, min_version=min_version),
+                                                 index=draw.index, epoch=draw.epoch, min_version=min_version,
+                                                 level=level),
                                     latest=False)
                     issued = True
                 cursor += 1
@@ -184,8 +210,15 @@ class Dispatcher:
         self.prompts.restore(state)
 
     def admission_figures(self, learner_version: int) -> dict[str, Any]:
-        """The learner's admission and requests, for the step record."""
-        a = self.prompts.admission
+        """The learner's admission, requests, curriculum and prompt skipping, for the step record.
+
+        ``curriculum``: per spec with one, ``{"level", "levels", "pass_rate", "groups"}`` (the current level's window
+        so far); ``prompt_skips``: draws passed over so far per spec that skips; ``prompt_skip_rate``: their share
+        of all the stream's draws so far."""
+        p = self.prompts
+        a = p.admission
+        skipped = sum(p.skips.skipped)
         return {"admission_bound": a.max_staleness, "admission_budget": a.budget,
-                "admission_counted": a.counted(learner_version), "requests_in_flight": len(self.prompts.inflight),
-                "requests": dict(self.prompts.counts)}
+                "admission_counted": a.counted(learner_version), "requests_in_flight": len(p.inflight),
+                "requests": dict(p.counts), "curriculum": p.curriculum.summary(), "prompt_skips": p.skips.summary(),
+                "prompt_skip_rate": round(skipped / p.sampler.draws, 4) if p.sampler.draws else 0.0}

@@ -10,6 +10,8 @@ Invariants:
 - A requested group answers its request before it may wait for room: a checkpoint taken while it waits holds it
   as the buffer's *parked* group, so its prompt is not also re-queued. A group the buffer drops frees its admission
   slot.
+- Every requested group answers its request exactly once (``Dispatcher.answered``), untrainable or filtered ones
+  included: that is where its rewards reach the curriculum and the prompt's skip record.
 - The groups a checkpoint held parked go in first, in their order; untrainable ones never come back from a
   checkpoint (a checkpoint written under looser rules).
 - After :meth:`GroupIntake.drain` (the end of a run) groups are discarded and a put waiting for room gives up, so

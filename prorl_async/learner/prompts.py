@@ -18,7 +18,14 @@ learner's version, a request holds a slot of the version expected to consume its
 only while a slot is free and the held slots stay below ``budget`` = ``(K + 1) x batch_groups`` (or
 ``generator.admission_groups`` per generator).
 
-:class:`PromptSource` — both, plus the requests in flight: what the learner hands to generators.
+:class:`PromptSource` — both, plus the requests in flight: what the learner hands to generators, and the two things
+that keep its groups informative (both fed by every requested group that arrives, both checkpointed with the order):
+
+- the curriculum (:class:`~prorl_async.envs.curriculum.Curriculum`): each request asks for its spec's current level
+  (``Request.level``, sent as ``GroupRequest.level``); the arriving group's pass rate moves that level;
+- prompt skipping (:class:`~prorl_async.learner.skips.PromptSkips`): a fresh draw (not a re-queued one) of a prompt
+  whose recent groups had equal rewards may be passed over; the draw is consumed, as if answered, and the prompt
+  comes again next epoch.
 
 Usage::
 
@@ -26,6 +33,10 @@ Usage::
     draw = sampler.next()                      # Draw(spec=0, index=4711, epoch=0)
     sampler.requeue(draw)                      # its group was aborted: draw it again first
     saved = sampler.state(in_flight=[...])     # JSON-able; PromptSampler(...).restore(saved)
+
+    source = PromptSource(sampler, Admission(budget=16, max_staleness=1), per_generator=8, curriculum=..., skips=...)
+    request_id, draw, min_version = source.issue(generator=0, learner_version=3, loaded_version=3)
+    change = source.observe(source.answered(request_id, kept=True), rewards)  # a LevelChange, or None
 
     admission = Admission(budget=16, max_staleness=1)
     if admission.may_start(learner_version=3, loaded_version=3):
@@ -36,11 +47,15 @@ Usage::
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from prorl_async.envs.curriculum import Curriculum, LevelChange
+from prorl_async.learner.skips import PromptSkips
 
 STATE_VERSION = 1
 
@@ -230,11 +245,13 @@ class Admission:
 
 @dataclass
 class Request:
-    """A prompt handed to a generator and not answered yet; it holds admission slot ``target``."""
+    """A prompt handed to a generator and not answered yet; it holds admission slot ``target`` and asks for its
+    spec's curriculum ``level`` as it was when the request was issued."""
 
     generator: int
     draw: Draw
     target: int
+    level: int = 0
 
 
 class PromptSource:
@@ -251,14 +268,26 @@ class PromptSource:
       dropped by the buffer, or it is returned;
     - each generator holds at most ``per_generator`` requests (its engine's groups plus as many queued, so that
       its engine never waits for the learner's next request);
-    - :meth:`state` is plain data (JSON-able): the sampler position with every request in flight re-queued,
-      and the next request id, so that a resume hands out exactly the prompts not answered before.
+    - a draw passed over by :attr:`skips` has left the stream like an answered one (its epoch goes on without it);
+      a re-queued draw is never passed over;
+    - :meth:`state` is plain data (JSON-able): the sampler position with every request in flight re-queued, the
+      next request id, the curriculum's levels and windows and the skip records, so that a resume hands out exactly
+      the prompts not answered before, at the same levels, passing over the same ones.
+
+    ``curriculum`` and ``skips`` default to none: every spec at level 0, nothing passed over.
     """
 
-    def __init__(self, sampler: PromptSampler, admission: Admission, per_generator: int) -> None:
+    def __init__(self, sampler: PromptSampler, admission: Admission, per_generator: int,
+                 curriculum: Curriculum | None = None, skips: PromptSkips | None = None) -> None:
         if per_generator < 1:
             raise ValueError(f"per_generator must be >= 1 (got {per_generator})")
+        specs = len(sampler.sizes)
+        curriculum = curriculum if curriculum is not None else Curriculum([1] * specs)
+        skips = skips if skips is not None else PromptSkips(sampler.seed, [False] * specs)
+        if len(curriculum.counts) != specs or len(skips.eligible) != specs:
+            raise ValueError(f"the curriculum and the skips must cover the sampler's {specs} specs")
         self.sampler, self.admission, self.per_generator = sampler, admission, per_generator
+        self.curriculum, self.skips = curriculum, skips
         self.inflight: dict[int, Request] = {}
         self.next_id = 0
         self.counts: Counter[str] = Counter()  # requests by fate: issued, answered, returned_<reason>, orphaned
@@ -273,11 +302,34 @@ class PromptSource:
                                                                                        loaded_version):
             return None
         target = self.admission.start(learner_version, loaded_version)
-        draw = self.sampler.next()
+        draw = self._next_draw()
         request_id, self.next_id = self.next_id, self.next_id + 1
-        self.inflight[request_id] = Request(generator, draw, target)
+        self.inflight[request_id] = Request(generator, draw, target, self.curriculum.level(draw.spec))
         self.counts["issued"] += 1
         return request_id, draw, max(0, self.admission.oldest_usable(learner_version))
+
+    def _next_draw(self) -> Draw:
+        """The sampler's next draw; a fresh one may be passed over (:attr:`skips`), at most ``max_per_draw`` in a
+        row: then the next one is handed out whatever its record."""
+        if self.sampler.requeued:
+            return self.sampler.next()
+        draw = self.sampler.next()
+        for _ in range(self.skips.max_per_draw if self.skips.enabled else 0):
+            if not self.skips.skip(draw.spec, self.curriculum.level(draw.spec), draw.index, self.sampler.draws):
+                break
+            draw = self.sampler.next()  # nothing was re-queued meanwhile: the stream's next draw
+        return draw
+
+    def observe(self, request: Request, rewards: Sequence[float]) -> LevelChange | None:
+        """The group that answered ``request`` (kept or dropped) had ``rewards``: its pass rate (mean reward) feeds
+        the curriculum at the request's level, its variance the prompt's skip record; returns the level move it
+        causes. A group without rewards, or with one that is not finite, says nothing."""
+        values = [float(r) for r in rewards]
+        if not values or not all(map(math.isfinite, values)):
+            return None
+        spec, index = request.draw.spec, request.draw.index
+        self.skips.observe(spec, request.level, index, values)
+        return self.curriculum.observe(spec, request.level, sum(values) / len(values))
 
     def answered(self, request_id: int, *, kept: bool) -> Request | None:
         """A group answered ``request_id``; ``kept``: the buffer took it (else its slot is free again).
@@ -317,11 +369,16 @@ class PromptSource:
         """Plain data to resume from: requests in flight are re-queued (their groups, if they still come, are
         after the checkpoint and are not kept)."""
         ordered = [self.inflight[i].draw for i in sorted(self.inflight)]
-        return {"sampler": self.sampler.state(in_flight=ordered), "next_request_id": self.next_id}
+        return {"sampler": self.sampler.state(in_flight=ordered), "next_request_id": self.next_id,
+                "curriculum": self.curriculum.state(), "skips": self.skips.state()}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state`. A state written before curricula and skipping (no ``curriculum`` or
+        ``skips`` key) starts those afresh: every spec at level 0, no skip records."""
         if not isinstance(state, dict) or not isinstance(state.get("next_request_id"), int):
             raise ValueError("prompt source state: expected a map with sampler and next_request_id")
+        self.curriculum.restore(state.get("curriculum", self.curriculum.initial_state()))
+        self.skips.restore(state.get("skips", self.skips.initial_state()))
         self.sampler.restore(state["sampler"])
         self.inflight.clear()
         self.next_id = state["next_request_id"]

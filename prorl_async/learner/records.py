@@ -7,6 +7,8 @@ Invariants:
 - ``reward_mean`` is over the batch: the groups that passed the variance filter. ``reward_arrived_mean`` and
   ``samples_arrived`` are over every requested group received since the previous record, filtered ones included:
   the policy's actual reward. Each received group is counted in exactly one record.
+- ``reward_arrived_by_domain`` / ``samples_arrived_by_domain`` split the same samples by the group's domain: the
+  counts add up to ``samples_arrived``, and a domain with no arrival since the previous record is absent (not 0).
 """
 
 from __future__ import annotations
@@ -57,21 +59,24 @@ class StepRecords:
     """
 
     def __init__(self) -> None:
-        self._reward_sum = 0.0
-        self._samples = 0
+        self._reward_sums: dict[str, float] = {}  # domain -> reward sum of the samples arrived since the last record
+        self._samples: dict[str, int] = {}  # domain -> samples arrived since the last record
 
     def arrived(self, group: TrajectoryGroup) -> None:
         rewards = [x.reward for x in group.samples]
-        self._reward_sum += sum(rewards)
-        self._samples += len(rewards)
+        self._reward_sums[group.domain] = self._reward_sums.get(group.domain, 0.0) + sum(rewards)
+        self._samples[group.domain] = self._samples.get(group.domain, 0) + len(rewards)
 
     def step(self, step: dict[str, Any], summary: dict[str, Any], sync: dict[str, Any],
              **figures: Any) -> dict[str, Any]:
         """One step's record from its layers (see the module's invariants); starts the next arrival count."""
         record = {**step, **summary, **sync}  # the batch summary's figures win over duplicates
         record.update(figures)
-        count = self._samples
-        record["reward_arrived_mean"] = self._reward_sum / count if count else None
+        count = sum(self._samples.values())
+        record["reward_arrived_mean"] = sum(self._reward_sums.values()) / count if count else None
         record["samples_arrived"] = count
-        self._reward_sum, self._samples = 0.0, 0
+        record["reward_arrived_by_domain"] = {d: self._reward_sums[d] / n for d, n in sorted(self._samples.items())
+                                              if n}
+        record["samples_arrived_by_domain"] = {d: n for d, n in sorted(self._samples.items()) if n}
+        self._reward_sums, self._samples = {}, {}
         return record

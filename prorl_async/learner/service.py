@@ -11,9 +11,9 @@ The service is the nursery, the routing of messages, the train loop and the chec
 components, each with its invariants: :mod:`~prorl_async.learner.dispatch` (prompt order, admission, requests,
 ``WeightsReady``), :mod:`~prorl_async.learner.ingest` (every group accounted for),
 :mod:`~prorl_async.learner.handoff` (the weight broadcast and catch-up), :mod:`~prorl_async.learner.validation`
-(periodic validation rounds), :mod:`~prorl_async.learner.staleness` (the bound) and
-:mod:`~prorl_async.learner.records` (the ``step`` record). Components never reference the service: they get
-callables and objects. Invariants of the whole:
+(validation rounds: a baseline at start, then by steps or minutes), :mod:`~prorl_async.learner.staleness` (the
+bound) and :mod:`~prorl_async.learner.records` (the ``step`` record). Components never reference the service: they
+get callables and objects. Invariants of the whole:
 
 - ``train_step`` and the broadcast run on worker threads (``trio.to_thread``) so that ingestion keeps
   draining the sockets while the learner computes: generation and training overlap (DESIGN.md section 4).
@@ -181,6 +181,7 @@ class LearnerService:
                     nursery.start_soon(self.handoff.catch_up_loop, control, sender, learner)
                     nursery.start_soon(self.validation.validation_loop)
                     nursery.start_soon(self.dispatch.dispatch_loop, control, lambda: learner.policy_version)
+                    self.validation.start(control, learner.policy_version)  # the baseline, beside the first batch
                     task_status.started(endpoints)
                     with trio.CancelScope() as train_scope:
                         nursery.start_soon(self.signals_loop, train_scope)
@@ -340,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     service = LearnerService(cfg, run_dir, resume_from=resume)
     try:
         trio.run(service.serve)
+    except KeyboardInterrupt:  # SIGINT while signals_loop does not listen: mostly while the model loads
+        written = service._checkpointed >= 0
+        log.info("interrupted (KeyboardInterrupt)%s", "" if written else ": stopped without a checkpoint")
+        service.metrics.write("event", event="interrupted", signal=int(signal.SIGINT), checkpoint=written,
+                              detail="KeyboardInterrupt")
+        return 130
     finally:
         service.metrics.close()
     return 0

@@ -13,7 +13,15 @@ Invariants:
   that dies ends the run with its exit code, the last lines of its log and the last checkpoint named.
 - Ctrl-C / SIGTERM: SIGINT to the learner (it checkpoints and publishes ``Stop``), then every child is
   waited for and, past a grace period, killed — by the pids this supervisor started, never by name. Children
-  watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves.
+  watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves. A stop says what
+  it does as it goes (the learner interrupted, its checkpoint, each child still running), during start-up too.
+- Start-up phases (learner loading the model, listening, each generator's engine starting, the weight group
+  joined, the first batch, the first step and what each phase cost) are the view's
+  (:class:`~prorl_async.monitor.progress.Phases`, fed from the processes' states and the records written since this
+  supervisor started): plain lines, or the live screen's status line.
+- The run ends with :func:`~prorl_async.supervisor.summary.closing_lines`, printed once every process stopped: steps,
+  policy reward, validation, batch reward, the metrics file and the newest checkpoint (or that there is none) —
+  after a normal end and after Ctrl-C alike; a learner that failed gets its exit code and log tail instead.
 - ``--resume RUN_DIR``: the same directory, config and metrics file; the learner starts from the newest
   complete checkpoint (weights, optimizer, buffered groups, the prompt order with the requests that were in
   flight re-queued, counters), so nothing is lost and nothing is trained on twice.
@@ -37,6 +45,7 @@ from prorl_async.errors import UserError
 from prorl_async.monitor.metrics import read_metrics
 from prorl_async.monitor.tui.view import RunView
 from prorl_async.supervisor.lifecycle import process_table, supervisor_env
+from prorl_async.supervisor.summary import closing_lines
 from prorl_async.utils.fs import write_atomic
 from prorl_async.utils.run_dir import latest_checkpoint
 
@@ -167,8 +176,11 @@ class Supervisor:
         self.generators: list[Child] = []
         self.stopping = False  # generators that exit from now on are not restarted
         self._interrupted = False
+        self._ended = False  # the learner ended (finished or interrupted): the closing lines are due
+        self.started_s = time.time()  # records older than this (a resumed run's) make no start-up phase line
 
     async def main(self) -> int:
+        code = 130  # unless _run returns: a second Ctrl-C cancels it
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals_loop, nursery.cancel_scope)
@@ -177,13 +189,17 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self._shutdown()
+        if self._ended or self._interrupted:  # every process stopped: the newest checkpoint is the last one
+            self._summary()
         return code
 
     async def _run(self, nursery: trio.Nursery) -> int:
         nursery.start_soon(self._report_loop)  # the screen is up while the learner starts
         await self.learner.start(self.env, self.pids_file)
         endpoints = await self._wait_for_endpoints()
-        if endpoints is None:
+        if endpoints is None:  # the learner ended before it listened
+            if self._interrupted:
+                return 130
             return self._learner_failed()
         for i in range(self.cfg.generator.num_generators):
             log_path = self.run_dir / "logs" / f"generator-{i}.log"
@@ -196,7 +212,7 @@ class Supervisor:
         self.stopping = True
         if code != 0 and not self._interrupted:
             return self._learner_failed()
-        self._summary()
+        self._ended = True
         return 130 if self._interrupted else 0
 
     async def _signals_loop(self, cancel_scope: trio.CancelScope) -> None:
@@ -207,7 +223,8 @@ class Supervisor:
                     return
                 self._interrupted = True
                 self.stopping = True
-                print("prorl-async: stopping (the learner writes a checkpoint; Ctrl-C again to abort)", flush=True)
+                print("prorl-async: stopping: the learner ends the step in progress (if any), writes a checkpoint and "
+                      "stops the generators (Ctrl-C again to abort)", flush=True)
                 if self.learner.process is not None and self.learner.process.returncode is None:
                     self.learner.process.send_signal(signal.SIGINT)
 
@@ -250,7 +267,7 @@ class Supervisor:
         """The live TUI on a terminal, plain lines otherwise (``run.tui``); both follow RUN_DIR/metrics.jsonl."""
         from prorl_async.monitor.tui.app import live_loop, plain_loop, wants_live
 
-        view = RunView(self.run_dir, title=self.run_dir.name)
+        view = RunView(self.run_dir, title=self.run_dir.name, since_s=self.started_s)
         if wants_live(self.cfg.run.tui):
             await live_loop(view, before_refresh=self._process_states)
         else:
@@ -272,10 +289,10 @@ class Supervisor:
 
     def _summary(self) -> None:
         path = self.run_dir / "metrics.jsonl"
-        steps = read_metrics(path, kind="step") if path.exists() else []
-        if steps:
-            first, last = steps[0]["reward_mean"], steps[-1]["reward_mean"]
-            print(f"done: {len(steps)} steps, reward {first:.3f} -> {last:.3f}; metrics: {path}", flush=True)
+        records = read_metrics(path) if path.exists() else []
+        for line in closing_lines(records, metrics_path=path, run_dir=self.run_dir,
+                                  checkpoint=latest_checkpoint(self.run_dir), interrupted=self._interrupted):
+            print(line, flush=True)
 
     async def _shutdown(self) -> None:
         """Learner first (it checkpoints, then publishes Stop); generators get Stop, then SIGTERM, then SIGKILL."""
@@ -284,6 +301,8 @@ class Supervisor:
         for child in [self.learner, *self.generators]:
             if child.process is None:
                 continue
+            if self._interrupted and child.process.returncode is None:
+                print(f"prorl-async: waiting for {child.name} (pid {child.process.pid}) to stop", flush=True)
             with trio.move_on_at(min(deadline, trio.current_time() + _GRACE_S / 3)):
                 await child.process.wait()
             if child.process.returncode is None:  # e.g. busy in a weight-sync wait when Stop arrived

@@ -256,7 +256,10 @@ class GroupRequest:
 
     The learner owns the prompt order and admission; a generator keeps nothing a restart must restore. The
     generator starts the request once its weights are at least ``min_version`` and answers it exactly once, with
-    the :class:`TrajectoryGroup` (``seq = request_id``) or a :class:`RequestReturned`."""
+    the :class:`TrajectoryGroup` (``seq = request_id``) or a :class:`RequestReturned`.
+
+    ``level``: the spec's curriculum level to draw the problem at (0: the spec's own params). Left off the wire when
+    0, so a request without it (from before curricula) means level 0."""
 
     generator_id: int
     request_id: int
@@ -264,6 +267,7 @@ class GroupRequest:
     index: int
     epoch: int
     min_version: int
+    level: int = 0
 
 
 @dataclass(frozen=True)
@@ -391,6 +395,8 @@ def encode(msg: Message) -> list[bytes]:
         body.update(counts=_arr(msg.counts, _I32), rewards=_arr(msg.rewards, _F64))
     else:
         body = {k: v for k, v in msg.__dict__.items() if v is not None}  # None: an optional field left out
+        if isinstance(msg, GroupRequest) and msg.level == 0:
+            del body["level"]  # level 0: the request of before curricula
     body["v"] = SCHEMA_VERSION
     return [kind, _packer().pack(body)]
 
@@ -611,11 +617,15 @@ def _decode_answer(b: _Body) -> ValidationAnswer:
                             tasks=b.texts("tasks", n), counts=counts, rewards=rewards)
 
 
-# WeightsReady with its optional field: decoded with its own key set (every key set is exact).
-_WEIGHTS_WITH_BOUND = (
-    frozenset({"v", "version", "max_staleness"}),
-    lambda b: WeightsReady(version=b.integer("version"), max_staleness=b.integer("max_staleness")),
-)
+_REQUEST_INTS = ("generator_id", "request_id", "spec", "index", "epoch", "min_version")
+
+# Messages with an optional field, present: decoded with a key set of their own (every key set is exact).
+_WITH_OPTIONAL: dict[bytes, tuple[str, frozenset[str], Any]] = {
+    b"W": ("max_staleness", frozenset({"v", "version", "max_staleness"}),
+           lambda b: WeightsReady(version=b.integer("version"), max_staleness=b.integer("max_staleness"))),
+    b"Q": ("level", frozenset({"v", *_REQUEST_INTS, "level"}),
+           lambda b: GroupRequest(**{k: b.integer(k) for k in (*_REQUEST_INTS, "level")})),
+}
 
 _DECODERS: dict[bytes, tuple[frozenset[str], Any]] = {
     b"G": (_GROUP_KEYS, _decode_group),
@@ -631,11 +641,7 @@ _DECODERS: dict[bytes, tuple[frozenset[str], Any]] = {
     ),
     b"M": (frozenset({"v", "source", "values"}), _decode_status),
     b"R": (frozenset({"v", "source"}), lambda b: Ready(source=b.text("source"))),
-    b"Q": (
-        frozenset({"v", "generator_id", "request_id", "spec", "index", "epoch", "min_version"}),
-        lambda b: GroupRequest(**{k: b.integer(k) for k in ("generator_id", "request_id", "spec", "index", "epoch",
-                                                            "min_version")}),
-    ),
+    b"Q": (frozenset({"v", *_REQUEST_INTS}), lambda b: GroupRequest(**{k: b.integer(k) for k in _REQUEST_INTS})),
     b"X": (
         frozenset({"v", "source", "generator_id", "request_id", "reason"}),
         lambda b: RequestReturned(source=b.text("source"), generator_id=b.integer("generator_id"),
@@ -669,6 +675,7 @@ def decode(frames: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
     if body.get("v") != SCHEMA_VERSION or type(body.get("v")) is not int:
         raise MessageError("schema", f"schema version {body.get('v')!r}, expected {SCHEMA_VERSION}")
     keys, decoder = entry
-    if decoder is _DECODERS[b"W"][1] and "max_staleness" in body:
-        keys, decoder = _WEIGHTS_WITH_BOUND
+    optional = _WITH_OPTIONAL.get(head.tobytes())
+    if optional is not None and optional[0] in body:
+        keys, decoder = optional[1], optional[2]
     return decoder(_Body(body, keys, limits))

@@ -139,7 +139,7 @@ def test_learning_late_reward_and_time_to_reward() -> None:
     assert learning.time_to_reward(curve, target=0.4, window=1) == 8.0
     assert learning.time_to_reward(curve, target=0.9) is None
     records = [{"kind": "event", "time_s": 0.0}, {"kind": "step", "time_s": 4.0, "wait_s": 1.0, "step_time_s": 1.0},
-               {"kind": "validation", "time_s": 5.0, "pass@1": 0.5}]
+               {"kind": "validation", "time_s": 5.0, "pass_at_1": 0.5}]  # the key validation records have
     assert learning.validation_curve(records) == [{"t_s": 3.0, "pass@1": 0.5}]
     assert learning.startup_s(records) == pytest.approx(2.0)
 

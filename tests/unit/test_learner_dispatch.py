@@ -283,3 +283,35 @@ def test_an_unknown_generator_gets_nothing(tmp_path: Path) -> None:
     assert control.published == [] and service.dispatch.live == {}
     events = read_metrics(tmp_path / "metrics.jsonl", kind="event")
     assert [e["event"] for e in events] == ["unknown_generator", "unknown_generator"]
+
+
+def test_the_curriculum_follows_every_arriving_group_and_later_requests_carry_the_level(tmp_path: Path) -> None:
+    # tiny trains chain_sum (a reasoning-gym curriculum); with the filter on, the solved groups are dropped: they
+    # count all the same, as every requested group that arrives does
+    cfg = _config("tasks.curriculum.window_groups=2", "buffer.variance_filter=true")
+    service, control = _service(tmp_path, cfg), FakeControl()
+
+    async def body(send: trio.MemorySendChannel) -> None:
+        await _deliver(send, Ready("generator-0"))
+        first = control.requests()
+        assert len(first) == 8 and {r.level for r in first} == {0}
+        figures = service.dispatch.admission_figures(0)
+        assert figures["curriculum"] == {"logic/chain_sum": {"level": 0, "levels": 8, "pass_rate": None, "groups": 0}}
+        assert figures["prompt_skips"] == {} and figures["prompt_skip_rate"] == 0.0  # skipping is off in tiny
+        await _deliver(send, _group(first[0], rewards=(1.0,) * 4))  # dropped: its slot goes to a new request
+        await _deliver(send, _group(first[1], rewards=(1.0,) * 4))  # the window is full: level 1
+        await _deliver(send, _group(first[2], rewards=(0.0,) * 4))  # requested at level 0: not counted
+        more = control.requests()[8:]
+        assert [r.level for r in more] == [0, 1, 1]  # each at the level of the moment it was issued
+        await _deliver(send, _group(more[0]))  # requested at level 0 too
+        curriculum = service.dispatch.admission_figures(0)["curriculum"]["logic/chain_sum"]
+        assert curriculum == {"level": 1, "levels": 8, "pass_rate": None, "groups": 0}
+        assert all(decode(encode(r), Limits.from_config(cfg)) == r for r in more)
+
+    trio.run(_drive, service, control, body)
+    service.metrics.close()
+    [event] = [e for e in read_metrics(tmp_path / "metrics.jsonl", kind="event") if e["event"] == "curriculum_level"]
+    assert {k: event[k] for k in ("label", "previous", "level", "levels", "pass_rate", "groups")} == {
+        "label": "logic/chain_sum", "previous": 0, "level": 1, "levels": 8, "pass_rate": 1.0, "groups": 2}
+    assert service.intake.outcomes == {"all_correct": 2, "all_wrong": 1, "admitted": 1}
+    assert service.dispatch.prompts.curriculum.ignored == 2

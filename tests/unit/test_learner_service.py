@@ -1,4 +1,4 @@
-"""The learner process's pure parts: wire groups -> GroupBatch, batch summaries, the metrics log."""
+"""The learner process's pure parts: wire groups -> GroupBatch, batch summaries, step records, the metrics log."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prorl_async.learner.batch import build_batch
-from prorl_async.learner.records import batch_summary
+from prorl_async.learner.records import StepRecords, batch_summary
 from prorl_async.monitor.metrics import MetricsLog, read_metrics
 from prorl_async.transport.messages import Sample, TrajectoryGroup
 
@@ -60,6 +60,28 @@ def test_batch_summary() -> None:
     assert s["reward_mean"] == 0.75
     assert s["reward_by_domain"] == {"logic": 0.5, "math": 1.0}
     assert (s["group_staleness_mean"], s["group_staleness_max"]) == (1.0, 2)
+
+
+def test_step_records_count_every_arrival_once_and_per_domain() -> None:
+    """The arrived reward is over every group received since the previous record, filtered ones included, per domain
+    too; the batch summary's figures win over the step's duplicates."""
+    records = StepRecords()
+    for group in (_group("a", [1.0, 0.0, 0.0, 0.0], 0, "logic"), _group("b", [1.0, 1.0, 1.0, 1.0], 0, "logic"),
+                  _group("c", [0.0, 0.0], 0, "math")):
+        records.arrived(group)
+    first = records.step({"loss": 0.5, "samples": 1}, {"reward_mean": 0.5, "samples": 8}, {"sync_s": 0.1}, version=1)
+    assert (first["loss"], first["samples"], first["sync_s"], first["version"]) == (0.5, 8, 0.1, 1)
+    assert first["samples_arrived"] == 10 and first["reward_arrived_mean"] == pytest.approx(0.5)
+    assert first["reward_arrived_by_domain"] == {"logic": pytest.approx(5 / 8), "math": 0.0}
+    assert first["samples_arrived_by_domain"] == {"logic": 8, "math": 2}
+    assert sum(first["samples_arrived_by_domain"].values()) == first["samples_arrived"]
+    records.arrived(_group("d", [1.0, 0.0], 1, "math"))
+    second = records.step({}, {}, {})  # counted once: only what arrived since the first record
+    assert (second["samples_arrived"], second["reward_arrived_mean"]) == (2, 0.5)
+    assert second["reward_arrived_by_domain"] == {"math": 0.5} and second["samples_arrived_by_domain"] == {"math": 2}
+    empty = records.step({}, {}, {})
+    assert (empty["samples_arrived"], empty["reward_arrived_mean"]) == (0, None)
+    assert empty["reward_arrived_by_domain"] == {} and empty["samples_arrived_by_domain"] == {}
 
 
 def test_metrics_log_appends_valid_json(tmp_path: Path) -> None:

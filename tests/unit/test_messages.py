@@ -98,7 +98,7 @@ messages = st.one_of(
     st.builds(Ready, source=texts),
     st.builds(Status, source=texts, values=st.dictionaries(texts, metric_values, max_size=8)),
     st.builds(GroupRequest, **{k: st.integers(0, 2**62) for k in ("generator_id", "request_id", "spec", "index",
-                                                                   "epoch", "min_version")}),
+                                                                   "epoch", "min_version", "level")}),
     st.builds(RequestReturned, source=texts, generator_id=st.integers(0, 2**31), request_id=st.integers(0, 2**62),
               reason=texts),
     answers(),
@@ -369,3 +369,15 @@ def test_weights_ready_bound_is_optional_on_the_wire() -> None:
     for bad in ({"max_staleness": -1}, {"max_staleness": "2"}, {"max_staleness": 1, "extra": 0}):
         with pytest.raises(MessageError):
             decode([b"W", msgpack.packb({"v": 1, "version": 3, **bad})])
+
+
+def test_group_request_level_is_optional_on_the_wire() -> None:
+    fields = {"generator_id": 1, "request_id": 7, "spec": 0, "index": 42, "epoch": 2, "min_version": 3}
+    leveled, plain = encode(GroupRequest(**fields, level=2)), encode(GroupRequest(**fields))
+    assert set(msgpack.unpackb(plain[1])) == {"v", *fields}  # level 0: the request of before curricula
+    assert decode(leveled) == GroupRequest(**fields, level=2) and decode(leveled).level == 2
+    old = [b"Q", msgpack.packb({"v": 1, **fields})]  # encoded before GroupRequest had a level
+    assert decode(old) == GroupRequest(**fields) and decode(old).level == 0
+    for bad in ({"level": -1}, {"level": "2"}, {"level": 1, "extra": 0}):
+        with pytest.raises(MessageError):
+            decode([b"Q", msgpack.packb({"v": 1, **fields, **bad})])

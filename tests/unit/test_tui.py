@@ -2,7 +2,8 @@
 
 The fixture ``test_tui_sample.jsonl`` is a recorded ``configs/tiny.toml`` run (3 steps, 1 generator) whose
 values were edited to be told apart (the tiny model's losses are all 0) and given a second generator, a
-reference reset and a validation record; expected figures are read from it, not typed in.
+reference reset, the arrived rewards per domain and a validation record; expected figures are read from it, not
+typed in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import trio
 import trio.testing
 from rich.console import Console
 
-from prorl_async.monitor.tui.app import live_loop, plain_line, plain_loop, render, sparkline, wants_live
+from prorl_async.monitor.progress import WINDOW_STEPS, trend_arrow
+from prorl_async.monitor.tui.app import live_loop, phase_line, plain_line, plain_loop, render, sparkline, wants_live
 from prorl_async.monitor.tui.view import RunView
 
 SAMPLE = Path(__file__).with_name("test_tui_sample.jsonl")
@@ -36,6 +38,24 @@ def _rate(source: str) -> float:
     """Tokens/s of a generator over its reports (the sample spans less than the TUI's 30 s window)."""
     reports = [r for r in _records("generator") if r["source"] == source]
     return (reports[-1]["tokens_sent"] - reports[0]["tokens_sent"]) / (reports[-1]["time_s"] - reports[0]["time_s"])
+
+
+def _pooled(steps: list[dict[str, Any]], domain: str | None = None) -> tuple[float, int]:
+    """Mean reward and count of every sample that arrived over ``steps`` (what the policy reward pools)."""
+    if domain is None:
+        pairs = [(r["reward_arrived_mean"], r["samples_arrived"]) for r in steps]
+    else:
+        pairs = [(r["reward_arrived_by_domain"][domain], r["samples_arrived_by_domain"][domain]) for r in steps]
+    n = sum(k for _, k in pairs)
+    return sum(m * k for m, k in pairs) / n, n
+
+
+def _policy(steps: list[dict[str, Any]], domain: str | None = None) -> str:
+    """``0.308 →``: the pooled reward of the (at most WINDOW_STEPS) ``steps`` and its arrow against the first one."""
+    assert len(steps) <= WINDOW_STEPS
+    value, n = _pooled(steps, domain)
+    start, n0 = _pooled(steps[:1], domain)
+    return f"{value:.3f} {trend_arrow(start, n0, value, n)}"
 
 
 def _screen(view: RunView, width: int = 120) -> str:
@@ -103,11 +123,20 @@ def test_screen_shows_every_field_with_the_recorded_values(full_view: RunView) -
     for key, value in step["buffer_counters"].items():
         _has(screen, key if key in ("received", "yielded") else f"drop {key}", str(value))
     _has(screen, "gen aborted", str(sum(g["groups_aborted_stale"] for g in gens.values())))
-    # rewards per domain with their trend over the steps: 0.25, 0.375, 0.5 on the [0, 1] scale
-    _has(screen, "reward", f"{step['reward_mean']:.3f}", sparkline(r["reward_mean"] for r in _records("step")))
-    for domain, value in step["reward_by_domain"].items():
-        trend = sparkline(r["reward_by_domain"][domain] for r in _records("step"))
-        _has(screen, domain, f"{value:.3f}", trend)
+    # the headline: the policy reward (every arrived sample of the last steps) per domain, its change since the first
+    # step's arrivals; held-out pass@1; the batch reward, labelled filtered
+    steps = _records("step")
+    delta = _pooled(steps)[0] - _pooled(steps[:1])[0]
+    _has(screen, "policy reward", _policy(steps), f"{delta:+.3f}", "since start",
+         f"(every scored sample, last {WINDOW_STEPS} steps: {_pooled(steps)[1]} samples)")
+    _has(screen, "by domain", "logic", _policy(steps, "logic"), "math", _policy(steps, "math"))
+    _has(screen, "held-out", "pass@1", f"{_records('validation')[-1]['pass_at_1']:.3f}", "(v3)", "batch reward",
+         "(filtered)", f"{step['reward_mean']:.3f}")
+    # the rewards panel: the same with their trends; the batch reward's over the steps: 0.25, 0.375, 0.5
+    _has(screen, "policy reward", _policy(steps))
+    for domain in step["reward_arrived_by_domain"]:
+        _has(screen, domain, _policy(steps, domain))
+    _has(screen, "batch reward", "(filtered)", f"{step['reward_mean']:.3f}", sparkline(r["reward_mean"] for r in steps))
     # weight sync, idle ratios, validation, events
     _has(screen, "weight sync", f"{step['sync_s']:.3f} s", "3.00 MiB")
     _has(screen, "sync peers", "ok", str(step["sync_delivered"]), "failed", "0")
@@ -223,10 +252,13 @@ def test_plain_line(full_view: RunView) -> None:
     line = plain_line(full_view)
     assert "\n" not in line
     rate = _rate("generator-0") + _rate("generator-1")
-    for part in ["[0:01:13] step 3/3", f"reward {step['reward_mean']:.3f} (logic 0.375 math 0.625)",
+    steps = _records("step")
+    policy = f"policy reward {_policy(steps)} {_pooled(steps)[0] - _pooled(steps[:1])[0]:+.3f} since start"
+    domains = f"(logic {_policy(steps, 'logic')}  math {_policy(steps, 'math')})"
+    for part in ["[0:01:13] step 3/3", f"{policy} {domains}", f"batch reward (filtered) {step['reward_mean']:.3f}",
+                 "held-out pass@1 0.438 (v3)",
                  f"loss {step['loss']:.4f}", f"kl {step['kl']:.2e}", f"entropy {step['entropy']:.3f}",
-                 "buffer 4/8", f"generators 1/2 up {rate:.1f} tok/s", "sync 0.12 s 3.00 MiB", "resets 1",
-                 "pass@1 0.438"]:
+                 "buffer 4/8", f"generators 1/2 up {rate:.1f} tok/s", "sync 0.12 s 3.00 MiB", "resets 1"]:
         assert part in line, (part, line)
 
 
@@ -302,8 +334,10 @@ def test_plain_loop_prints_when_records_arrive(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
-    printed = out.getvalue().splitlines()
+    phases = [line for line in out.getvalue().splitlines() if "] start-up: " in line]
+    printed = [line for line in out.getvalue().splitlines() if line not in phases]
     assert len(printed) == 2, printed
+    assert len(phases) == 5 and "learner ready (v0)" in phases[0] and "first step done (v1)" in phases[-1], phases
     assert "step 0/3" in printed[0] and "step 3/3" in printed[1]  # learner_ready announced version 0
 
 
@@ -349,3 +383,147 @@ def test_the_snapshot_stays_small_over_a_long_run(tmp_path: Path) -> None:
 
 def _line_with(screen: str, *parts: str) -> str:
     return next(line for line in screen.splitlines() if all(p in line for p in parts))
+
+
+def _arrived_step(version: int, mean: float | None, n: int, batch: float = 0.5) -> str:
+    """A step record whose arrivals (all from domain ``logic``) are ``n`` samples of mean reward ``mean``."""
+    record = {"kind": "step", "time_s": 1000.0 + 10 * version, "elapsed_s": 10.0 * version, "version": version,
+              "reward_mean": batch, "reward_arrived_mean": mean, "samples_arrived": n,
+              "reward_arrived_by_domain": {"logic": mean} if n else {},
+              "samples_arrived_by_domain": {"logic": n} if n else {}}
+    return json.dumps(record)
+
+
+def test_the_headline_is_the_policy_reward_pooled_over_the_last_steps_with_its_trend(tmp_path: Path) -> None:
+    """Every scored sample of the last WINDOW_STEPS step records, weighted by samples; the change since the first
+    record's arrivals, with an arrow beyond twice its standard error; the filtered batch reward stays flat at 0.5."""
+    rising = [(0.1 + 0.04 * i, 64 + 8 * (i % 3)) for i in range(20)]  # 0.10 -> 0.86, 64 to 80 samples a step
+    view = _view(tmp_path, [_arrived_step(i + 1, m, n) for i, (m, n) in enumerate(rising)])
+    last = rising[-WINDOW_STEPS:]
+    want, samples = sum(m * n for m, n in last) / sum(n for _, n in last), sum(n for _, n in last)
+    p = view.snapshot.policy["all"]
+    assert p.value == pytest.approx(want) and p.samples == samples
+    assert p.start == pytest.approx(0.1) and p.delta == pytest.approx(want - 0.1) and p.arrow == "↑"
+    assert view.snapshot.policy["logic"].value == pytest.approx(want)
+    assert len(p.trend) == 20 and p.trend[-1] == pytest.approx(want) and p.trend[0] == pytest.approx(0.1)
+    screen = _screen(view)
+    _has(screen, "policy reward", f"{want:.3f} ↑ {want - 0.1:+.3f} since start",
+         f"(every scored sample, last {WINDOW_STEPS} steps: {samples} samples)")
+    _has(screen, "by domain", f"logic {want:.3f} ↑")
+    _has(screen, "held-out", "pass@1 n/a", "batch reward (filtered) 0.500")
+    line = plain_line(view)
+    assert f"policy reward {want:.3f} ↑ {want - 0.1:+.3f} since start (logic {want:.3f} ↑)" in line, line
+    assert "batch reward (filtered) 0.500" in line
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    p = _view(flat, [_arrived_step(i + 1, 0.5, 64) for i in range(10)]).snapshot.policy["all"]
+    assert (p.value, p.delta, p.arrow) == (pytest.approx(0.5), pytest.approx(0.0), "→")
+    falling = tmp_path / "falling"
+    falling.mkdir()
+    p = _view(falling, [_arrived_step(i + 1, 0.8 - 0.05 * i, 64) for i in range(10)]).snapshot.policy["all"]
+    assert p.arrow == "↓" and p.delta < 0
+    # a step with nothing arrived still counts as a step of the window; the value stays while the window is empty
+    gaps = tmp_path / "gaps"
+    gaps.mkdir()
+    lines = [_arrived_step(1, 0.2, 64), _arrived_step(2, 0.6, 64), *[_arrived_step(v, None, 0) for v in range(3, 8)]]
+    p = _view(gaps, lines).snapshot.policy["all"]
+    assert p.value == pytest.approx(0.6) and p.samples == 64  # steps 3-7 hold none: the value of steps 2-6 stays
+    p = _view(gaps, lines[:4]).snapshot.policy["all"]
+    assert p.value == pytest.approx(0.4) and p.samples == 128
+
+
+def test_trend_arrow_marks_changes_beyond_noise() -> None:
+    assert trend_arrow(0.2, 1000, 0.3, 1000) == "↑"  # standard error about 0.02
+    assert trend_arrow(0.3, 1000, 0.2, 1000) == "↓"
+    assert trend_arrow(0.2, 10, 0.3, 10) == "→"  # about 0.19: within noise
+    assert trend_arrow(0.0, 64, 0.0, 64) == "→"
+    assert trend_arrow(None, 0, 0.3, 10) == "" and trend_arrow(0.2, 10, None, 0) == ""
+
+
+def test_records_without_arrived_rewards_read_na_for_the_policy_reward(tmp_path: Path) -> None:
+    """Older runs (before ``reward_arrived_mean``) replay: the policy reward is n/a, the batch reward is shown."""
+    old = [{k: v for k, v in r.items() if "arrived" not in k} for r in _records()]
+    view = _view(tmp_path, [json.dumps(r) for r in old])
+    screen = _screen(view)
+    _has(screen, "policy reward", "n/a", "(every scored sample, last")
+    _has(screen, "batch reward (filtered) 0.500")
+    assert "policy reward n/a" in plain_line(view)
+
+
+def test_held_out_pass_at_1_compares_with_the_first_complete_round(tmp_path: Path) -> None:
+    def validation(version: int, p1: float, complete: bool = True) -> str:
+        return json.dumps({"kind": "validation", "time_s": 1000.0 + version, "elapsed_s": float(version),
+                           "version": version, "complete": complete, "pass_at_1": p1})
+
+    requested = json.dumps({"kind": "event", "event": "validation_requested", "time_s": 1000.0, "elapsed_s": 0.0,
+                            "version": 0, "round": 0, "step": 0, "reason": "start"})
+    view = _view(tmp_path, [requested])
+    assert "held-out pass@1 n/a validating v0…" in plain_line(view)
+    view = _view(tmp_path, [requested, validation(0, 0.25), validation(10, 0.3, complete=False),
+                            validation(20, 0.625)])
+    assert "held-out pass@1 0.625 (v20, +0.375 since v0)" in plain_line(view)
+    view = _view(tmp_path, [validation(0, 0.25), validation(10, 0.3, complete=False)])
+    assert "held-out pass@1 0.300 (v10, partial, +0.050 since v0)" in plain_line(view)
+
+
+def test_start_up_phases_from_process_states_and_records(tmp_path: Path) -> None:
+    """A line per phase, timed from the supervisor's start; the first step's line says what each phase cost."""
+    records = _records()
+    ready = next(r for r in records if r.get("event") == "learner_ready")
+    joined = next(r for r in records if r.get("event") == "generators_joined")
+    first = _records("step")[0]
+    started = ready["time_s"] - 9.5  # the supervisor started the learner 9.5 s before it was ready
+    now = [started]
+    (tmp_path / "metrics.jsonl").write_text("")
+    view = RunView(tmp_path, config=CONFIG, clock=lambda: now[0], since_s=started)
+    view.poll()
+    view.set_process_state("learner", "alive", pid=111)
+    now[0] += 5.5
+    view.set_process_state("learner", "alive", pid=111)  # each refresh: one line only
+    view.poll()
+    screen = _screen(view)
+    _has(screen, "start-up: learner: loading the model (pid 111)", "·", "0:00:05 in this phase")
+    (tmp_path / "metrics.jsonl").write_text(SAMPLE.read_text())
+    view.poll()
+    phases = list(view.snapshot.phases.lines)
+    model, generators, batch = ready["time_s"] - started, joined["time_s"] - ready["time_s"], \
+        first["time_s"] - joined["time_s"]
+    assert [p.text for p in phases] == [
+        "learner: loading the model (pid 111)",
+        "learner ready (v0): model loaded, listening; generators start",
+        "generator-0 connected; it starts its vLLM engine, then joins the weight group",
+        "generator-1 connected; it starts its vLLM engine, then joins the weight group",
+        "generators joined the weight group; waiting for the first batch (4 groups)",
+        f"first step done (v1): {first['time_s'] - started:.0f} s after start: model {model:.0f} s, "
+        f"generators {generators:.0f} s, first batch and step {batch:.0f} s",
+    ]
+    assert all(p.label == "start-up" for p in phases)
+    assert phase_line(view.snapshot, phases[1]) == ("[0:00:09] start-up: learner ready (v0): model loaded, "
+                                                     "listening; generators start")
+    _has(_screen(view), "start-up: first step done (v1):")
+
+    # records from before the supervisor started (a resumed run's file) make no line
+    late = RunView(tmp_path, config=CONFIG, clock=None, since_s=records[-1]["time_s"] + 1)
+    late.poll()
+    assert not late.snapshot.phases.lines
+
+
+def test_a_stop_and_a_resumed_start_in_one_file_have_their_own_phases(tmp_path: Path) -> None:
+    t = _records()[-1]["time_s"]
+    stop = [{"kind": "event", "event": "interrupted", "signal": 2, "version": 3, "time_s": t + 1, "elapsed_s": 80.0},
+            {"kind": "event", "event": "checkpoint", "path": "/r/checkpoints/step-000003", "version": 3,
+             "time_s": t + 2, "elapsed_s": 81.0},
+            {"kind": "event", "event": "resumed", "path": "/r/checkpoints/step-000003", "version": 3,
+             "time_s": t + 60, "elapsed_s": 8.0},
+            {"kind": "event", "event": "learner_ready", "version": 3, "time_s": t + 61, "elapsed_s": 9.0}]
+    view = _view(tmp_path, [*SAMPLE.read_text().splitlines(), *(json.dumps(r) for r in stop)])
+    tail = [(p.label, p.text) for p in view.snapshot.phases.lines][-4:]
+    assert tail == [
+        ("stopping", "learner interrupted (v3), it ends the step in progress, writes a checkpoint, then stops the "
+                     "generators"),
+        ("stopping", "checkpoint written: /r/checkpoints/step-000003"),
+        ("start-up", "resumed from step-000003 (v3)"),
+        ("start-up", "learner ready (v3): model loaded, listening; generators start"),
+    ]
+    assert not view.snapshot.phases.started

@@ -21,9 +21,11 @@ from prorl_async.eval.validation import (
     shard_part,
     validation_record,
 )
+from prorl_async.learner import validation as learner_validation
 from prorl_async.learner.prompts import Admission, PromptSource
 from prorl_async.learner.reset import ResetPolicy
 from prorl_async.learner.service import LearnerService
+from prorl_async.learner.validation import ValidationSchedule
 from prorl_async.monitor.metrics import read_metrics
 from prorl_async.transport.messages import (
     Limits,
@@ -215,6 +217,46 @@ def test_a_timeout_writes_what_arrived_and_says_so() -> None:
     assert rec["weights_versions"] == []
 
 
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_schedule_validates_at_start_then_by_steps_or_minutes_whichever_comes_first() -> None:
+    s = ValidationSchedule(every_steps=10, every_minutes=5.0, at_start=True)
+    assert s.start(version=0, now=0.0) == "start"
+    s.requested(0, 0.0)
+    assert s.after_step(1, 60.0) is None
+    assert s.after_step(4, 299.0) is None
+    assert s.after_step(5, 300.0) == "minutes"
+    s.requested(5, 300.0)
+    assert s.after_step(6, 400.0) is None  # the minutes count from the last request
+    assert s.after_step(10, 420.0) == "steps"  # a multiple of every_steps first
+    s.requested(10, 420.0)
+    assert s.after_step(11, 700.0) is None
+    assert s.after_step(12, 720.0) == "minutes"
+    assert s.after_step(13, 800.0) == "minutes"  # not asked for (a round in flight): still due after the next step
+    s.requested(13, 800.0)
+    assert s.after_step(20, 801.0) == "steps"  # steps count versions, not the time since the last round
+
+
+def test_schedule_triggers_turn_off_one_by_one_and_never_repeat_a_version() -> None:
+    off = ValidationSchedule(every_steps=0, every_minutes=0.0, at_start=True)
+    assert not off.enabled and off.start(0, 0.0) is None and off.after_step(5, 1e9) is None  # no baseline either
+    steps = ValidationSchedule(every_steps=4, every_minutes=0.0, at_start=False)
+    assert steps.start(0, 0.0) is None
+    assert [v for v in range(1, 13) if steps.after_step(v, v * 1e4)] == [4, 8, 12]
+    minutes = ValidationSchedule(every_steps=0, every_minutes=1.0, at_start=False)
+    minutes.start(3, 100.0)  # resumed at version 3: the minutes count from the start
+    assert minutes.after_step(4, 159.0) is None and minutes.after_step(5, 160.0) == "minutes"
+    resumed = ValidationSchedule(every_steps=0, every_minutes=1.0, at_start=True)
+    assert resumed.start(3, 0.0) == "start"
+    resumed.requested(3, 0.0)
+    assert resumed.after_step(3, 100.0) is None  # the weights validated at start: not again
+    lazy = ValidationSchedule(every_steps=0, every_minutes=1.0, at_start=False)  # no start(): from the first call
+    assert lazy.after_step(1, 500.0) is None and lazy.after_step(2, 560.0) == "minutes"
+    with pytest.raises(ValueError, match="periods"):
+        ValidationSchedule(every_steps=-1, every_minutes=0.0, at_start=False)
+
+
 # ------------------------------------------------------------------------------------------ learner service
 
 
@@ -346,3 +388,53 @@ def test_service_end_of_run_drains_a_full_buffer_to_reach_the_answers_queued_beh
     assert list(service.dispatch.prompts.inflight) == [requests[-1][0]]  # type: ignore[index]
     assert service.dispatch.prompts.counts["answered"] == capacity + 1
     assert learner.reset_policy.best_val_step == 2
+
+
+def test_service_validates_the_start_weights_then_by_minutes_one_round_at_a_time(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    cfg = load_config(ROOT / "configs" / "tiny.toml", ["generator.num_generators=2", "eval.every_steps=10",
+                                                       "eval.every_minutes=1", "eval.at_start=true"])
+    learner = FakeLearner(cfg, version=0)
+    service = LearnerService(cfg, tmp_path, learner=learner)  # type: ignore[arg-type]
+    clock = [100.0]
+    monkeypatch.setattr(learner_validation.time, "monotonic", lambda: clock[0])
+    control = service._control = FakeControl()
+    service.validation.start(control, learner.policy_version)  # before any generator listens: the base weights
+    assert control.published == [Validate(version=0, round=0), WeightsReady(version=0)]
+
+    def step(version: int, seconds: float) -> None:  # a trainer step that took ``seconds`` and published its weights
+        clock[0] += seconds
+        learner.policy_version = service.dispatch.published_version = version
+        service.validation.request(control, version)
+
+    async def main() -> None:
+        send, receive = trio.open_memory_channel(16)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.ingest_loop, receive)
+            nursery.start_soon(service.validation.validation_loop)
+            await send.send(Ready("generator-0"))  # its engine starts now: the round asked for at start is repeated
+            step(1, 30.0)  # the first step does not wait for the round, nor the round for it
+            for gid in (0, 1):
+                for answer in parts_of(gid, version=0):
+                    await send.send(wire(answer))
+            with trio.fail_after(10):
+                while not read_metrics(tmp_path / "metrics.jsonl", kind="validation"):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # asked again, then the latest WeightsReady again (the first step published version 1 meanwhile)
+    assert control.published[2:] == [Validate(version=0, round=0), WeightsReady(version=1)]
+    step(2, 29.0)  # 59 s since the baseline was asked for
+    step(3, 1.0)  # a minute: the weights of version 3
+    assert control.published[4:] == [Validate(version=3, round=1), WeightsReady(version=3)]
+    step(4, 61.0)  # due by time while round 1 runs: asked after a later step, silently
+    step(10, 5.0)  # due by steps while round 1 runs: skipped, said so
+    service.metrics.close()
+    assert len(control.published) == 6
+    [rec] = read_metrics(tmp_path / "metrics.jsonl", kind="validation")
+    assert rec["version"] == 0 and rec["step"] == 0 and rec["complete"] and rec["pass_at_1"] == pytest.approx(0.4375)
+    events = [e for e in read_metrics(tmp_path / "metrics.jsonl", kind="event") if "validation" in e["event"]]
+    assert [(e["event"], e["version"], e.get("reason")) for e in events] == [
+        ("validation_requested", 0, "start"), ("validation_requested", 3, "minutes"), ("validation_skipped", 10, None)]

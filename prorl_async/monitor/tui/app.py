@@ -7,6 +7,13 @@ Invariants:
   I/O, no history scans — so refreshing twice a second costs the supervisor a few milliseconds and the
   training processes nothing;
 - every figure has a place on screen; one the records do not carry (yet) reads ``n/a``, never ``0``;
+- the headline is the policy reward: every scored sample that arrived, pooled over the last
+  :data:`~prorl_async.monitor.progress.WINDOW_STEPS` steps, with its change since the start and an arrow when that
+  change exceeds twice its standard error (:mod:`prorl_async.monitor.progress`), per domain; beside it the held-out
+  pass@1 (the last round, and its change since the first) and the batch reward, labelled ``(filtered)``: the
+  variance filter keeps it near 0.5 whatever the policy does;
+- start-up (and stop) phases: the live screen's status line shows the current one; plain mode prints each as a
+  line of its own (``[0:00:09] start-up: ...``) within a second;
 - the screen is drawn in the normal buffer (``screen=False``, ``transient=False``): what the run printed
   stays in the scrollback after it ends.
 
@@ -29,6 +36,7 @@ from rich.table import Table
 from rich.text import Text
 
 from prorl_async.learner.buffer import DROP_REASONS
+from prorl_async.monitor.progress import WINDOW_STEPS, Phase, PolicyReward, pass_at_1
 from prorl_async.monitor.tui.view import ProcessStatus, RunView, Snapshot
 
 NA = "n/a"
@@ -36,6 +44,7 @@ _SPARK = "▁▂▃▄▅▆▇█"
 _STATE_STYLE = {"alive": "green", "running": "green", "ready": "cyan", "restarting": "yellow",
                 "exited": "red", "finished": "dim", "starting": "dim"}
 _PASS_AT = re.compile(r"^pass(?:_at_|@)(\d+)$")
+_PHASE_POLL_S = 1.0  # plain mode: a new phase line is printed within this long
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -108,6 +117,59 @@ def _gen_rate(snap: Snapshot) -> float | None:
     return sum(rates) if rates else None
 
 
+def _policy_text(p: PolicyReward | None, since: bool = True) -> str:
+    """``0.452 ↑ +0.121 since start``: the smoothed arrived reward, its arrow, its change; n/a before any arrival."""
+    if p is None or p.value is None:
+        return NA
+    delta = p.delta
+    change = f" {delta:+.3f} since start" if since and delta is not None else ""
+    return f"{p.value:.3f} {p.arrow}{change}"
+
+
+def _domains_text(snap: Snapshot) -> str:
+    """``logic 0.375 ↑  math 0.625 →``: each domain's policy reward."""
+    return "  ".join(f"{d} {_policy_text(p, since=False)}" for d, p in sorted(snap.policy.items()) if d != "all")
+
+
+def _held_out_text(snap: Snapshot) -> str:
+    """``pass@1 0.438 (v3, +0.125 since v0)``, then ``validating v4…`` while a round runs; n/a before the first."""
+    last = pass_at_1(snap.validation)
+    if last is None:
+        text = f"pass@1 {NA}"
+    else:
+        where = [f"v{snap.validation.get('version', '?')}"]
+        if snap.validation.get("complete") is False:
+            where.append("partial")
+        first = pass_at_1(snap.first_validation)
+        if first is not None and snap.first_validation is not snap.validation:
+            where.append(f"{last - first:+.3f} since v{snap.first_validation.get('version', '?')}")
+        text = f"pass@1 {last:.3f} ({', '.join(where)})"
+    if snap.validating:
+        text += f" validating v{snap.validating.get('version', '?')}…"
+    return text
+
+
+def phase_line(snap: Snapshot, phase: Phase) -> str:
+    """``[0:00:09] start-up: learner ready (v0): ...``: one phase, timed from the start of the run."""
+    origin = snap.phases.origin_s
+    return f"[{_clock(None if origin is None else max(0.0, phase.time_s - origin))}] {phase.label}: {phase.text}"
+
+
+def _status_text(snap: Snapshot) -> Text | None:
+    """The current start-up (or stop) phase, with the groups sent while the first batch is gathered."""
+    phases = snap.phases
+    phase = phases.current
+    if phase is None:
+        return None
+    text = f"{phase.label}: {phase.text}"
+    busy = not phases.started or phases.stopping
+    if busy and not phases.started and "joined" in phases.marks:
+        text += f" · {_fmt(_gen_sum(snap, 'groups_sent'), '.0f')} groups sent"
+    if busy and snap.now_s is not None:
+        text += f" · {_clock(max(0.0, snap.now_s - phase.time_s))} in this phase"
+    return Text(text, style="yellow" if busy else "dim", no_wrap=True, overflow="ellipsis")
+
+
 # ------------------------------------------------------------------------------------------ rich screen
 
 
@@ -140,7 +202,19 @@ def _header(snap: Snapshot) -> Panel:
         f" pid {learner.pid}" if learner.pid else "",
         "  time budget ", _clock(snap.time_budget_s) if snap.time_budget_s else "none",
     )
-    return Panel(line, title="prorl-async run", title_align="left", padding=(0, 1))
+    policy = snap.policy.get("all")
+    domains = _domains_text(snap)
+    counted = f": {policy.samples} samples" if policy is not None and policy.value is not None else ""
+    rows: list[RenderableType] = [line, Text.assemble(
+        ("policy reward ", "bold"), (_policy_text(policy), "bold"),
+        (f"  (every scored sample, last {WINDOW_STEPS} steps{counted})", "dim"))]
+    if domains:
+        rows.append(Text.assemble(("by domain ", "bold"), domains))
+    rows.append(Text.assemble(("held-out ", "bold"), _held_out_text(snap),
+                              "   batch reward (filtered) ", _fmt(_num(snap.step, "reward_mean"), ".3f")))
+    if (status := _status_text(snap)) is not None:
+        rows.append(status)
+    return Panel(Group(*rows), title="prorl-async run", title_align="left", padding=(0, 1))
 
 
 # (header, shown on a narrow screen too); the order of _generator_row's cells
@@ -249,12 +323,17 @@ def _histogram(hist: Any) -> str:
 
 def _reward_panel(snap: Snapshot, value_width: int) -> Panel:
     s = snap.step
-    trend, points = snap.reward_trend, max(4, value_width - 6)
-    rows = [("reward", f"{_fmt(_num(s, 'reward_mean'), '.3f')} {sparkline(list(trend.get('all', ()))[-points:])}")]
-    by_domain = s.get("reward_by_domain") if isinstance(s.get("reward_by_domain"), dict) else {}
-    for domain in sorted(by_domain):
-        spark = sparkline(list(trend.get(domain, ()))[-points:])
-        rows.append((f" {domain}", f"{_fmt(_num(by_domain, domain), '.3f')} {spark}"))
+
+    def with_trend(text: str, values: Iterable[float]) -> str:  # as many sparkline points as the column holds
+        return f"{text} {sparkline(list(values)[-max(4, value_width - len(text) - 1):])}"
+
+    policy = snap.policy.get("all")
+    rows = [("policy reward", with_trend(_policy_text(policy, since=False), policy.trend if policy else ()))]
+    for domain, p in sorted(snap.policy.items()):
+        if domain != "all":
+            rows.append((f" {domain}", with_trend(_policy_text(p, since=False), p.trend)))
+    rows.append(("batch reward", with_trend(f"(filtered) {_fmt(_num(s, 'reward_mean'), '.3f')}",
+                                            snap.reward_trend.get("all", ()))))
     failed = s.get("sync_failed")
     n_failed = len(failed) if isinstance(failed, dict | list) else _num(s, "sync_failed")
     gen_update = [u for g in snap.generators.values() if (u := _num(g.values, "weight_update_s")) is not None]
@@ -293,15 +372,15 @@ def plain_line(view: RunView) -> str:
     """One log line for a non-terminal stdout: the figures a person scans first."""
     snap = view.snapshot
     s = snap.step
-    by_domain = s.get("reward_by_domain") if isinstance(s.get("reward_by_domain"), dict) else {}
-    domains = " ".join(f"{d} {_fmt(_num(by_domain, d), '.3f')}" for d in sorted(by_domain))
+    domains = _domains_text(snap)
     gens = snap.generators.values()
     up = sum(g.state in ("alive", "running") for g in gens)
     held, cap = _num(s, "buffer_held"), snap.buffer_capacity
-    val = _pass_at(snap.validation)
     return (
         f"[{_clock(snap.elapsed_s)}] step {_steps_text(snap)}"
-        f" | reward {_fmt(_num(s, 'reward_mean'), '.3f')}{f' ({domains})' if domains else ''}"
+        f" | policy reward {_policy_text(snap.policy.get('all'))}{f' ({domains})' if domains else ''}"
+        f" | held-out {_held_out_text(snap)}"
+        f" | batch reward (filtered) {_fmt(_num(s, 'reward_mean'), '.3f')}"
         f" | loss {_fmt(_num(s, 'loss'), '.4f')} kl {_fmt(_num(s, 'kl'), '.2e')}"
         f" entropy {_fmt(_num(s, 'entropy'), '.3f')} grad {_fmt(_num(s, 'grad_norm'), '.3f')}"
         f" | {_fmt(_num(s, 'step_time_s'), '.2f', ' s/step')} {_fmt(_num(s, 'tokens_per_s'), '.0f', ' tok/s')}"
@@ -310,7 +389,6 @@ def plain_line(view: RunView) -> str:
         f" | generators {up}/{len(snap.generators)} up {_fmt(_gen_rate(snap), '.1f', ' tok/s')}"
         f" | sync {_fmt(_num(s, 'sync_s'), '.2f', ' s')} {_mib(_num(s, 'sync_bytes'))}"
         f" | resets {len(snap.resets)}"
-        f" | pass@1 {next((f'{v:.3f}' for k, v in val if k == 1), NA)}"
     )
 
 
@@ -358,16 +436,35 @@ async def live_loop(view: RunView, *, refresh_per_s: float = 2.0, console: Conso
 async def plain_loop(view: RunView, *, every_s: float = 10.0, file: TextIO | None = None,
                      before_refresh: Callable[[RunView], None] | None = None,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Every ``every_s``, one :func:`plain_line` if records arrived since the last one; a last line when cancelled."""
+    """Every ``every_s``, one :func:`plain_line` if records arrived since the last one; each new phase line
+    (:func:`phase_line`) as soon as a poll finds it (polls at least once a second); the rest when cancelled."""
     out = file or sys.stdout
+    printed = 0  # the seq of the last phase printed
+    fresh = 0  # records applied since the last plain line
+
+    def new_phases() -> None:
+        nonlocal printed
+        for phase in list(view.snapshot.phases.lines):
+            if phase.seq > printed:
+                print(phase_line(view.snapshot, phase), file=out, flush=True)
+                printed = phase.seq
+
     task_status.started()
     try:
+        next_line = trio.current_time() + every_s
         while True:
-            await trio.sleep(every_s)
-            if _update(view, before_refresh):
-                print(plain_line(view), file=out, flush=True)
+            await trio.sleep_until(min(next_line, trio.current_time() + _PHASE_POLL_S))
+            fresh += _update(view, before_refresh)
+            new_phases()
+            if trio.current_time() >= next_line:
+                next_line += every_s
+                if fresh:
+                    print(plain_line(view), file=out, flush=True)
+                    fresh = 0
     finally:
-        if _update(view, before_refresh):
+        fresh += _update(view, before_refresh)
+        new_phases()
+        if fresh:
             print(plain_line(view), file=out, flush=True)
 
 

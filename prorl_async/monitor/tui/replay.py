@@ -3,7 +3,9 @@
 The replay writes the file's lines into a fresh run directory at a steady pace, each line in two writes (a
 reader polling in between sees a torn line), while a :class:`RunView` follows that file and the live screen
 (or the plain lines) draws it: the code path of a real run, without one. Handy to look at a finished run and
-to test the TUI in a terminal. Ctrl-C / SIGTERM end it at any point; the last frame stays on the terminal.
+to test the TUI in a terminal. Ctrl-C / SIGTERM end it at any point; the last frame stays on the terminal. The
+headline (policy reward, held-out pass@1) and the start-up phases (lines in ``--plain``) come from the records as
+in a live run; a file older than the arrived rewards shows the policy reward as ``n/a``.
 """
 
 from __future__ import annotations

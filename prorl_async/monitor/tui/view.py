@@ -8,7 +8,10 @@ Invariants:
 - the snapshot holds the last record of each kind and source plus short trends; rendering reads it and
   computes nothing over the history, so a refresh costs the same at step 10 and at step 10,000;
 - process states (``alive``, ``restarting``, ``exited``) come from the supervisor through
-  :meth:`RunView.set_process_state`; without one (replay) a generator's state is derived from its records.
+  :meth:`RunView.set_process_state`; without one (replay) a generator's state is derived from its records;
+- the policy reward (every scored sample, smoothed over the last steps, with its change since the start), the first
+  and the last validation and the start-up phases are kept as they arrive (:mod:`prorl_async.monitor.progress`);
+  a record older than ``since_s`` (a resumed run's earlier starts) makes no phase line.
 
 Why a file and not a socket: the learner already appends every metric there (the record of the run), and
 a reader of an append-only file cannot slow training down or lose a record.
@@ -23,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import tomllib
@@ -31,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prorl_async.monitor.progress import Phases, PolicyReward, add_step, pass_at_1
 
 _READ_CHUNK = 1 << 20  # bytes per read
 _POLL_BYTES = 16 << 20  # at most this much per poll: catching up on a long run never stalls the event loop
@@ -88,11 +94,19 @@ class Snapshot:
     learner: ProcessStatus = field(default_factory=lambda: ProcessStatus("learner"))
     generators: dict[str, ProcessStatus] = field(default_factory=dict)
     reward_trend: dict[str, deque[float]] = field(default_factory=dict)
-    """``"all"`` (reward_mean) and each domain: the last :data:`TREND_STEPS` step values."""
+    """Batch reward (filtered): ``"all"`` (reward_mean) and each domain, the last :data:`TREND_STEPS` step values."""
+    policy: dict[str, PolicyReward] = field(default_factory=dict)
+    """The policy reward (every scored sample that arrived, smoothed): ``"all"`` and each domain."""
     resets: list[tuple[int, str]] = field(default_factory=list)
     """(learner version, reason) of every reference reset."""
     validation: dict[str, Any] = field(default_factory=dict)
     """The last ``validation`` record."""
+    first_validation: dict[str, Any] = field(default_factory=dict)
+    """The first complete ``validation`` record with a pass@1: what later rounds are compared with."""
+    validating: dict[str, Any] = field(default_factory=dict)
+    """The last ``validation_requested`` event while its round runs (empty once a record follows)."""
+    phases: Phases = field(default_factory=Phases)
+    """Start-up and stop phases, one line each."""
     events: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=3))
     last_checkpoint: str | None = None
     records: int = 0
@@ -104,12 +118,13 @@ class RunView:
 
     ``clock`` gives the wall time used for the header's elapsed time (``None``: the records' own times,
     what a replay and the tests use). ``config`` is the resolved run config as a dict; by default it is
-    read from ``config.toml`` beside the metrics file once that exists.
+    read from ``config.toml`` beside the metrics file once that exists. ``since_s``: records older than this
+    (wall clock) make no start-up phase line (the supervisor passes its own start).
     """
 
     def __init__(self, run_dir: str | Path | None = None, *, metrics_path: str | Path | None = None,
                  title: str | None = None, config: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] | None = time.time) -> None:
+                 clock: Callable[[], float] | None = time.time, since_s: float | None = None) -> None:
         if metrics_path is None:
             if run_dir is None:
                 raise ValueError("RunView needs run_dir or metrics_path")
@@ -121,6 +136,8 @@ class RunView:
         self._offset = 0
         self._inode: int | None = None
         self._pending_states: dict[str, tuple[str, int | None, int]] = {}
+        self._since_s = since_s
+        self._phase_counter = itertools.count(1)  # phase numbers stay increasing across fresh snapshots
         self.snapshot = self._fresh_snapshot()
 
     # ------------------------------------------------------------------------------------ input
@@ -179,6 +196,7 @@ class RunView:
             snap.elapsed_s = float(record["elapsed_s"])
             if isinstance(record.get("time_s"), int | float):
                 self._started_s = float(record["time_s"]) - float(record["elapsed_s"])
+        snap.phases.record(record)
         kind = record["kind"]
         if kind == "step":
             self._on_step(record)
@@ -189,13 +207,18 @@ class RunView:
         elif kind == "reset":
             self._add_reset(record.get("version"), str(record.get("reason", record.get("reset_reason", ""))))
         elif kind == "validation":
-            snap.validation = record
+            snap.validation, snap.validating = record, {}
+            if not snap.first_validation and record.get("complete") is not False and pass_at_1(record) is not None:
+                snap.first_validation = record
 
     def set_process_state(self, name: str, state: str, pid: int | None = None, restarts: int = 0) -> None:
         """What the supervisor knows of a process: ``alive``, ``restarting``, ``exited`` (or any short word)."""
         self._pending_states[name] = (state, pid, restarts)  # survives a fresh snapshot (file replaced)
         proc = self.snapshot.learner if name == "learner" else self._generator(name)
         proc.state, proc.pid, proc.restarts, proc.supervised = state, pid, restarts, True
+        now = self.clock() if self.clock is not None else self.snapshot.now_s
+        if now is not None:
+            self.snapshot.phases.process(name, state, pid, now)
 
     # ---------------------------------------------------------------------------------- records
 
@@ -206,6 +229,7 @@ class RunView:
             snap.version = record["version"]
         if not snap.learner.supervised:
             snap.learner.state = "running"
+        add_step(snap.policy, record)
         if isinstance(record.get("reward_mean"), int | float):
             self._trend("all", float(record["reward_mean"]))
         by_domain = record.get("reward_by_domain")
@@ -233,6 +257,8 @@ class RunView:
         snap = self.snapshot
         snap.events.append(record)
         name = record.get("event")
+        if name == "validation_requested":
+            snap.validating = record
         if name in ("learner_ready", "resumed") and isinstance(record.get("version"), int):
             snap.version = record["version"]
         if name == "learner_ready" and not snap.learner.supervised:
@@ -263,7 +289,7 @@ class RunView:
 
     def _fresh_snapshot(self) -> Snapshot:
         self._started_s: float | None = None
-        snap = Snapshot(title=self._title)
+        snap = Snapshot(title=self._title, phases=Phases(self._since_s, counter=self._phase_counter))
         self.snapshot = snap
         if self._config is not None:
             self._apply_config(self._config)
@@ -289,6 +315,7 @@ class RunView:
         snap.time_budget_s = run.get("time_budget_s")
         snap.num_generators = cfg.get("generator", {}).get("num_generators")
         snap.batch_groups = learner.get("batch_groups")
+        snap.phases.batch_groups = snap.batch_groups
         snap.auto_staleness = buffer.get("max_staleness") == "auto"
         ceiling = buffer.get("auto_max_staleness") if snap.auto_staleness else buffer.get("max_staleness")
         snap.configured_bound = None if snap.auto_staleness or not isinstance(ceiling, int) else ceiling
@@ -298,10 +325,12 @@ class RunView:
             self._generator(f"generator-{i}")
 
     def _tick(self) -> None:
-        """Live: the header's clock runs between records."""
-        if self.clock is not None and self._started_s is not None:
-            now = self.clock()
-            self.snapshot.now_s = max(self.snapshot.now_s or 0.0, now)
+        """Live: the header's clock (and the time in the current start-up phase) runs between records."""
+        if self.clock is None:
+            return
+        now = self.clock()
+        self.snapshot.now_s = max(self.snapshot.now_s or 0.0, now)
+        if self._started_s is not None:
             self.snapshot.elapsed_s = max(self.snapshot.elapsed_s or 0.0, now - self._started_s)
 
 
