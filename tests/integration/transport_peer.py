@@ -73,7 +73,10 @@ def generator(args: argparse.Namespace) -> int:
                 raw = transport.socket(zmq.PUSH, args.groups, bind=False)
                 for frames, _ in BAD_MESSAGES:
                     raw.send_multipart(frames)
-                raw.close()  # its own pipe: no order with the groups socket is implied
+                # Its own pipe (no order with the groups socket is implied). Closing with the transport's 1 s
+                # linger lost these frames once in CI (ipc, a loaded machine): the learner then waited for their
+                # rejections and never sent Stop. Wait up to 10 s for them to be handed over.
+                raw.close(linger=10_000)
         groups.send(Heartbeat("gen-1", time.time()), timeout_s=10)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
