@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from prorl_async.envs.curriculum import spec_labels
 from prorl_async.eval.validation import PromptRewards, encode_shard
 from prorl_async.generator import rollout
 from prorl_async.generator.engine import Sampling
@@ -81,8 +82,7 @@ class Validator:
     def shard(self) -> list[tuple[str, Task]]:
         """``(task label, task)`` of this generator's share of the held-out split, in split order."""
         if self._shard is None:
-            labels = [f"{s.domain}/{s.name}" for s in self.cfg.tasks.mix]
-            names = [f"{x}#{i}" if labels.count(x) > 1 else x for i, x in enumerate(labels)]
+            names = spec_labels(self.cfg.tasks.mix)
             every = self.cfg.generator.num_generators
             self._shard = [(names[t.metadata["spec"]], t) for i, t in enumerate(self.mix.validation_tasks())
                            if i % every == self.gid]
