@@ -8,8 +8,11 @@ Each arm is one real ``prorl-async run`` of the config under a wall-clock budget
 validation at start and then on the config's schedule (``eval.at_start``, ``eval.every_steps`` /
 ``eval.every_minutes``):
 
-- ``new``: the config as it is (``tasks.curriculum`` and ``tasks.skip`` on by default);
-- ``old``: both off (``tasks.curriculum.enabled=false``, ``tasks.skip.enabled=false``): what every run did before.
+- ``new``: the config as it is (``tasks.curriculum``, ``tasks.skip`` and ``tasks.balance`` on by default; the
+  balance draws each task by its weight times its recent share of informative groups, and does nothing with one
+  task, as in ``--quick``'s tiny config);
+- ``old``: all three off (``tasks.curriculum.enabled=false``, ``tasks.skip.enabled=false``,
+  ``tasks.balance.enabled=false``): what every run did before.
 
 Per arm, from ``RUN_DIR/metrics.jsonl``:
 
@@ -20,7 +23,7 @@ Per arm, from ``RUN_DIR/metrics.jsonl``:
 - **held-out validation pass@1** at the first validation record (the start) and at the last, and its gain; pass@k
   at the largest k per task, first and last (validation stays on the level-0 difficulty, so these compare);
 - the policy reward (``reward_arrived_mean``, every scored sample) of the first and last quarter, the curriculum's
-  levels at the end, and the prompt skip rate.
+  levels at the end, the prompt skip rate, and the task balance's shares at the end (``task_shares``).
 
 The PNG has two panels: the fraction reaching the learner per step window, and validation pass@1, against
 training time, a line per arm. Nothing is shaped to a goal: the figures are what the run logged.
@@ -39,7 +42,7 @@ FULL = {"config": None, "overrides": ["run.max_steps=0", "run.checkpoint_every_s
 QUICK = {"config": "configs/tiny.toml",
          "overrides": ["run.max_steps=0", "run.checkpoint_every_steps=0", "eval.every_minutes=0.5"],
          "budget_s": 90.0}
-ARMS = {"new": [], "old": ["tasks.curriculum.enabled=false", "tasks.skip.enabled=false"]}
+ARMS = {"new": [], "old": ["tasks.curriculum.enabled=false", "tasks.skip.enabled=false", "tasks.balance.enabled=false"]}
 DROPS = ("all_correct", "all_wrong", "no_variance", "stale", "untrainable")
 
 
@@ -138,6 +141,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     last = steps[-1] if steps else {}
     return {"steps": len(steps), **reach_figures(records), **validation_figures(records), **policy_reward(records),
             "curriculum": last.get("curriculum"), "prompt_skip_rate": last.get("prompt_skip_rate"),
+            "task_shares": last.get("task_shares"),
             "level_changes": sum(1 for r in records if r.get("event") == "curriculum_level")}
 
 
@@ -149,7 +153,7 @@ def plot(path: Path, records: dict[str, list[dict[str, Any]]]) -> None:
          "series": [reach_curve(records[n]) for n in names], "legend": names},
         {"title": "held-out validation pass@1", "xlabel": "training time (s)", "ylabel": "pass@1",
          "series": [validation_curve(records[n]) for n in names], "legend": names},
-    ], title="Sampling that follows the policy (new) vs fixed difficulty, no skipping (old)")
+    ], title="Sampling that follows the policy (new) vs fixed difficulty, no skipping, fixed task shares (old)")
 
 
 def main() -> int:

@@ -121,6 +121,20 @@ class PromptSkipConfig(_Section):
     """Prompts passed over in a row at most; the next one is handed out anyway, so a solved data set still trains."""
 
 
+class TaskBalanceConfig(_Section):
+    enabled: bool = True
+    """Draw each task of the mix by its ``weight`` times the share of its recent groups that were informative
+    (rewards not all equal), with a floor (``prorl_async.learner.balance``, after SEC). It never changes a task's
+    difficulty and never drops a task; with one task in the mix it does nothing."""
+    window_groups: int = Field(32, ge=1)
+    """Latest groups per task (every requested one, the variance filter's drops included) whose informative share,
+    estimated as (informative + 1) / (groups + 2), scales that task's weight."""
+    min_share: float = Field(0.25, ge=0, le=1)
+    """Floor of a task's drawing share, as a fraction of its configured share (weight / sum of weights): 0.25 keeps
+    a task configured at half the mix at no less than an eighth of it, so no task starves; 1 is the configured
+    shares, unchanged."""
+
+
 class TasksConfig(_Section):
     mix: list[TaskSpec] = Field(default_factory=lambda: [TaskSpec()])
     """Tasks to train on, sampled by weight."""
@@ -144,6 +158,8 @@ class TasksConfig(_Section):
     skip: PromptSkipConfig = Field(default_factory=PromptSkipConfig)
     """Passing over prompts whose groups keep coming back uninformative, for tasks without a curriculum
     (``[tasks.skip]``)."""
+    balance: TaskBalanceConfig = Field(default_factory=TaskBalanceConfig)
+    """Drawing tasks by how informative their groups are (``[tasks.balance]``)."""
 
 
 class SamplingConfig(_Section):

@@ -14,8 +14,9 @@ Invariants:
   ``_DISPATCH_POLL_S``. After :meth:`Dispatcher.stop` (training ended) it issues nothing.
 - Every requested group that arrives, kept or dropped by the variance filter, is observed once, in
   :meth:`Dispatcher.answered`, with the spec and the curriculum level of the request it answers: it moves that spec's
-  level (an ``event=curriculum_level`` record when it does) and its prompt's skip record. Each request carries its
-  spec's level as it was when issued (``GroupRequest.level``); the step record shows both (:meth:`admission_figures`).
+  level (an ``event=curriculum_level`` record when it does), its prompt's skip record and its spec's drawing share
+  (the task balance). Each request carries its spec's level as it was when issued (``GroupRequest.level``); the step
+  record shows all three (:meth:`admission_figures`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from prorl_async.envs.curriculum import Curriculum, spec_labels
+from prorl_async.learner.balance import TaskBalance
 from prorl_async.learner.prompts import Admission, PromptSampler, PromptSource, Request, merge_shard_states
 from prorl_async.learner.skips import PromptSkips
 from prorl_async.transport.messages import GroupRequest, Ready, RequestReturned, TrajectoryGroup, WeightsReady
@@ -51,23 +53,26 @@ def admission_budget(cfg: Config, bound: int) -> int:
 
 def prompt_source(cfg: Config) -> PromptSource:
     """The run's prompt order (one stream over the task mix, seeded by ``run.seed``), admission, the curriculum
-    (``tasks.curriculum``; the levels are the mix's own, as every generator computes them) and prompt skipping
-    (``tasks.skip``, for the specs without a curriculum)."""
+    (``tasks.curriculum``; the levels are the mix's own, as every generator computes them), prompt skipping
+    (``tasks.skip``, for the specs without a curriculum) and the task balance (``tasks.balance``, over the mix's
+    weights)."""
     from prorl_async.envs.tasks import TaskMix
 
     mix = TaskMix(cfg.tasks)
     specs = range(len(mix))
-    sampler = PromptSampler(cfg.run.seed, 0, 1, [mix.train_size(i) for i in specs],
-                            [spec.weight for spec in cfg.tasks.mix])
+    weights, labels = [spec.weight for spec in cfg.tasks.mix], spec_labels(cfg.tasks.mix)
+    sampler = PromptSampler(cfg.run.seed, 0, 1, [mix.train_size(i) for i in specs], weights)
     bound = cfg.buffer.initial_bound
     admission = Admission(admission_budget(cfg, bound), bound, cfg.buffer.ceiling)
     levels = [mix.levels(i) for i in specs]
     skip = cfg.tasks.skip
-    skips = PromptSkips(cfg.run.seed, [skip.enabled and n == 1 for n in levels], spec_labels(cfg.tasks.mix),
+    skips = PromptSkips(cfg.run.seed, [skip.enabled and n == 1 for n in levels], labels,
                         max_probability=skip.max_probability, max_per_draw=skip.max_per_draw,
                         min_reward_std=cfg.buffer.min_reward_std)
+    b = cfg.tasks.balance
+    balance = TaskBalance(weights, labels, enabled=b.enabled, window_groups=b.window_groups, min_share=b.min_share)
     return PromptSource(sampler, admission, per_generator=2 * cfg.generator.max_inflight_groups,
-                        curriculum=Curriculum.from_config(cfg.tasks, levels), skips=skips)
+                        curriculum=Curriculum.from_config(cfg.tasks, levels), skips=skips, balance=balance)
 
 
 def generator_id(source: str, num_generators: int) -> int | None:
@@ -210,15 +215,17 @@ class Dispatcher:
         self.prompts.restore(state)
 
     def admission_figures(self, learner_version: int) -> dict[str, Any]:
-        """The learner's admission, requests, curriculum and prompt skipping, for the step record.
+        """The learner's admission, requests, curriculum, prompt skipping and task balance, for the step record.
 
         ``curriculum``: per spec with one, ``{"level", "levels", "pass_rate", "groups"}`` (the current level's window
         so far); ``prompt_skips``: draws passed over so far per spec that skips; ``prompt_skip_rate``: their share
-        of all the stream's draws so far."""
+        of all the stream's draws so far; ``task_shares``: per spec, while the balance is active (enabled, more than
+        one spec), ``{"share", "informative", "groups"}`` (its drawing share, informative estimate and window)."""
         p = self.prompts
         a = p.admission
         skipped = sum(p.skips.skipped)
         return {"admission_bound": a.max_staleness, "admission_budget": a.budget,
                 "admission_counted": a.counted(learner_version), "requests_in_flight": len(p.inflight),
                 "requests": dict(p.counts), "curriculum": p.curriculum.summary(), "prompt_skips": p.skips.summary(),
-                "prompt_skip_rate": round(skipped / p.sampler.draws, 4) if p.sampler.draws else 0.0}
+                "prompt_skip_rate": round(skipped / p.sampler.draws, 4) if p.sampler.draws else 0.0,
+                "task_shares": p.balance.summary()}

@@ -2,8 +2,11 @@
 
 :class:`PromptSampler` — the prompt order. Pure state, no I/O, no clock.
 
-- Deterministic from ``(seed, shard, num_shards, sizes, weights)`` and its position alone: a draw picks a task
-  spec by weight with an RNG seeded by ``(seed, shard, draw number)``, then the spec's next problem.
+- Deterministic from ``(seed, shard, num_shards, sizes)``, its position and the weights in force at each draw: a draw
+  picks a task spec by weight with an RNG seeded by ``(seed, shard, draw number)``, then the spec's next problem.
+  The weights start as the config's and may be replaced (:meth:`PromptSampler.set_weights`, by the task balance);
+  they are not part of the sampler's state: whoever sets them restores them (so a state restores whatever the
+  weights, and checkpoints written before the balance load as they are).
 - Epochs and shards: per spec, epoch ``e`` is a permutation of its training split seeded by ``(seed, spec, e)``
   — the same in every generator. Shard ``g`` of ``N`` owns the permutation's positions ``g, g+N, g+2N, ...``,
   so within one epoch of a spec no problem is drawn twice, neither by one generator nor by two.
@@ -18,14 +21,17 @@ learner's version, a request holds a slot of the version expected to consume its
 only while a slot is free and the held slots stay below ``budget`` = ``(K + 1) x batch_groups`` (or
 ``generator.admission_groups`` per generator).
 
-:class:`PromptSource` — both, plus the requests in flight: what the learner hands to generators, and the two things
-that keep its groups informative (both fed by every requested group that arrives, both checkpointed with the order):
+:class:`PromptSource` — both, plus the requests in flight: what the learner hands to generators, and the three things
+that keep its groups informative (all fed by every requested group that arrives, all checkpointed with the order):
 
 - the curriculum (:class:`~prorl_async.envs.curriculum.Curriculum`): each request asks for its spec's current level
   (``Request.level``, sent as ``GroupRequest.level``); the arriving group's pass rate moves that level;
 - prompt skipping (:class:`~prorl_async.learner.skips.PromptSkips`): a fresh draw (not a re-queued one) of a prompt
   whose recent groups had equal rewards may be passed over; the draw is consumed, as if answered, and the prompt
-  comes again next epoch.
+  comes again next epoch;
+- the task balance (:class:`~prorl_async.learner.balance.TaskBalance`): each arriving group counts as informative or
+  not for its spec, and the sampler draws specs by the shares that follow (configured weight x informative rate,
+  with a floor).
 
 Usage::
 
@@ -34,7 +40,8 @@ Usage::
     sampler.requeue(draw)                      # its group was aborted: draw it again first
     saved = sampler.state(in_flight=[...])     # JSON-able; PromptSampler(...).restore(saved)
 
-    source = PromptSource(sampler, Admission(budget=16, max_staleness=1), per_generator=8, curriculum=..., skips=...)
+    source = PromptSource(sampler, Admission(budget=16, max_staleness=1), per_generator=8, curriculum=..., skips=...,
+                          balance=...)
     request_id, draw, min_version = source.issue(generator=0, learner_version=3, loaded_version=3)
     change = source.observe(source.answered(request_id, kept=True), rewards)  # a LevelChange, or None
 
@@ -55,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prorl_async.envs.curriculum import Curriculum, LevelChange
+from prorl_async.learner.balance import TaskBalance
 from prorl_async.learner.skips import PromptSkips
 
 STATE_VERSION = 1
@@ -78,12 +86,11 @@ class PromptSampler:
     def __init__(self, seed: int, shard: int, num_shards: int, sizes: Sequence[int], weights: Sequence[float]) -> None:
         if num_shards < 1 or not 0 <= shard < num_shards:
             raise ValueError(f"shard must be in [0, {num_shards}) (got {shard})")
-        if not sizes or len(sizes) != len(weights):
-            raise ValueError(f"need one weight per spec and at least one spec (sizes {sizes}, weights {weights})")
-        if any(w <= 0 for w in weights):
-            raise ValueError(f"spec weights must be > 0 (got {list(weights)})")
+        if not sizes:
+            raise ValueError(f"need at least one spec (sizes {sizes}, weights {weights})")
         self.seed, self.shard, self.num_shards = seed, shard, num_shards
-        self.sizes, self.weights = list(sizes), list(weights)
+        self.sizes = list(sizes)
+        self.set_weights(weights)
         self._shares = [len(range(shard, size, num_shards)) for size in self.sizes]
         if min(self._shares) == 0:
             spec = self._shares.index(0)
@@ -91,11 +98,20 @@ class PromptSampler:
                 f"task spec {spec} has {self.sizes[spec]} training problems, fewer than the {num_shards} generators "
                 "that share it: raise tasks.train_size or use fewer generators"
             )
-        self._cumulative = [sum(self.weights[: i + 1]) for i in range(len(self.weights))]
         self.draws = 0  # draws taken from the stream (re-queued ones excluded)
         self.positions = [0] * len(self.sizes)  # this shard's draws per spec, over all epochs
         self._requeued: deque[Draw] = deque()
         self._perm: dict[int, tuple[int, list[int]]] = {}  # spec -> (epoch, permutation), the latest only
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Pick specs by ``weights`` (one per spec, each finite and > 0; only their ratios matter) from the next draw
+        on; the problem order within each spec is untouched."""
+        if len(weights) != len(self.sizes):
+            raise ValueError(f"need one weight per spec (sizes {self.sizes}, weights {list(weights)})")
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"spec weights must be > 0 (got {list(weights)})")
+        self.weights = [float(w) for w in weights]
+        self._cumulative = [sum(self.weights[: i + 1]) for i in range(len(self.weights))]
 
     @property
     def requeued(self) -> int:
@@ -270,24 +286,32 @@ class PromptSource:
       its engine never waits for the learner's next request);
     - a draw passed over by :attr:`skips` has left the stream like an answered one (its epoch goes on without it);
       a re-queued draw is never passed over;
+    - while :attr:`balance` is active, the sampler picks specs by ``balance.weights()``: set after every group it
+      observes and on restore, so the weights are always a function of the balance's windows;
     - :meth:`state` is plain data (JSON-able): the sampler position with every request in flight re-queued, the
-      next request id, the curriculum's levels and windows and the skip records, so that a resume hands out exactly
-      the prompts not answered before, at the same levels, passing over the same ones.
+      next request id, the curriculum's levels and windows, the skip records and the balance's windows, so that a
+      resume hands out exactly the prompts not answered before, at the same levels, passing over the same ones,
+      drawing specs by the same weights.
 
-    ``curriculum`` and ``skips`` default to none: every spec at level 0, nothing passed over.
+    ``curriculum``, ``skips`` and ``balance`` default to none: every spec at level 0, nothing passed over, specs
+    drawn by the sampler's own weights.
     """
 
     def __init__(self, sampler: PromptSampler, admission: Admission, per_generator: int,
-                 curriculum: Curriculum | None = None, skips: PromptSkips | None = None) -> None:
+                 curriculum: Curriculum | None = None, skips: PromptSkips | None = None,
+                 balance: TaskBalance | None = None) -> None:
         if per_generator < 1:
             raise ValueError(f"per_generator must be >= 1 (got {per_generator})")
         specs = len(sampler.sizes)
         curriculum = curriculum if curriculum is not None else Curriculum([1] * specs)
         skips = skips if skips is not None else PromptSkips(sampler.seed, [False] * specs)
-        if len(curriculum.counts) != specs or len(skips.eligible) != specs:
-            raise ValueError(f"the curriculum and the skips must cover the sampler's {specs} specs")
+        balance = balance if balance is not None else TaskBalance(sampler.weights, [str(i) for i in range(specs)],
+                                                                  enabled=False)
+        if len(curriculum.counts) != specs or len(skips.eligible) != specs or len(balance.base) != specs:
+            raise ValueError(f"the curriculum, the skips and the balance must cover the sampler's {specs} specs")
         self.sampler, self.admission, self.per_generator = sampler, admission, per_generator
-        self.curriculum, self.skips = curriculum, skips
+        self.curriculum, self.skips, self.balance = curriculum, skips, balance
+        self._apply_balance()
         self.inflight: dict[int, Request] = {}
         self.next_id = 0
         self.counts: Counter[str] = Counter()  # requests by fate: issued, answered, returned_<reason>, orphaned
@@ -322,14 +346,22 @@ class PromptSource:
 
     def observe(self, request: Request, rewards: Sequence[float]) -> LevelChange | None:
         """The group that answered ``request`` (kept or dropped) had ``rewards``: its pass rate (mean reward) feeds
-        the curriculum at the request's level, its variance the prompt's skip record; returns the level move it
-        causes. A group without rewards, or with one that is not finite, says nothing."""
+        the curriculum at the request's level, its variance the prompt's skip record and its spec's balance window
+        (and so the weights of the next draws); returns the level move it causes. A group without rewards, or with
+        one that is not finite, says nothing."""
         values = [float(r) for r in rewards]
         if not values or not all(map(math.isfinite, values)):
             return None
         spec, index = request.draw.spec, request.draw.index
         self.skips.observe(spec, request.level, index, values)
+        self.balance.observe(spec, values)
+        self._apply_balance()
         return self.curriculum.observe(spec, request.level, sum(values) / len(values))
+
+    def _apply_balance(self) -> None:
+        """The sampler picks specs by the balance's weights (while it is active; else it keeps its own)."""
+        if self.balance.active:
+            self.sampler.set_weights(self.balance.weights())
 
     def answered(self, request_id: int, *, kept: bool) -> Request | None:
         """A group answered ``request_id``; ``kept``: the buffer took it (else its slot is free again).
@@ -370,15 +402,18 @@ class PromptSource:
         after the checkpoint and are not kept)."""
         ordered = [self.inflight[i].draw for i in sorted(self.inflight)]
         return {"sampler": self.sampler.state(in_flight=ordered), "next_request_id": self.next_id,
-                "curriculum": self.curriculum.state(), "skips": self.skips.state()}
+                "curriculum": self.curriculum.state(), "skips": self.skips.state(), "balance": self.balance.state()}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from :meth:`state`. A state written before curricula and skipping (no ``curriculum`` or
-        ``skips`` key) starts those afresh: every spec at level 0, no skip records."""
+        """Continue from :meth:`state`. A state written before curricula, skipping or the balance (no
+        ``curriculum``, ``skips`` or ``balance`` key) starts those afresh: every spec at level 0, no skip records,
+        empty balance windows (the configured shares)."""
         if not isinstance(state, dict) or not isinstance(state.get("next_request_id"), int):
             raise ValueError("prompt source state: expected a map with sampler and next_request_id")
         self.curriculum.restore(state.get("curriculum", self.curriculum.initial_state()))
         self.skips.restore(state.get("skips", self.skips.initial_state()))
+        self.balance.restore(state.get("balance", self.balance.initial_state()))
+        self._apply_balance()
         self.sampler.restore(state["sampler"])
         self.inflight.clear()
         self.next_id = state["next_request_id"]

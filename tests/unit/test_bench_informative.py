@@ -53,3 +53,10 @@ def test_policy_reward_quarters_weight_by_samples() -> None:
     out = informative.policy_reward(records)
     assert out["policy_reward_first_quarter"] == pytest.approx(0.5)
     assert out["policy_reward_last_quarter"] == pytest.approx((0.6 * 8 + 0.3 * 24) / 32)
+
+
+def test_the_summary_holds_the_last_steps_task_shares() -> None:
+    shares = {"logic/chain_sum": {"share": 0.3, "informative": 0.2, "groups": 32}}
+    records = [_step(1, 8, 0, 0), {**_step(2, 16, 1, 1), "task_shares": shares}]
+    assert informative.summarize(records)["task_shares"] == shares
+    assert "tasks.balance.enabled=false" in informative.ARMS["old"]

@@ -46,14 +46,27 @@ def test_levels_start_at_the_params_and_get_strictly_harder(name: str, params: d
 
 def test_chain_sum_levels_follow_reasoning_gym_and_never_go_below_the_spec() -> None:
     levels = spec_levels(TaskSpec(name="chain_sum", params=EASY_SUM), tasks())
-    # reasoning-gym's global level 0 is the spec itself (dropped); level L widens both ranges by L
-    assert levels[1] == {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
-    assert levels[2] == {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3}
+    # reasoning-gym's global level 0 is the spec itself (dropped); level L widens both ranges by L, reached here one
+    # attribute at a time: terms, then digits
+    assert levels[1] == {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1}
+    assert levels[2] == {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+    assert levels[4] == {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3}
     hard = {"min_terms": 4, "max_terms": 4, "min_digits": 1, "max_digits": 1, "allow_negation": True}
     raised = spec_levels(TaskSpec(name="chain_sum", params=hard), tasks())
     assert raised[0] == hard and all(level["min_terms"] >= 4 and level["allow_negation"] for level in raised)
     assert raised[1]["max_terms"] == 4 and raised[1]["max_digits"] == 2  # terms held at the spec's, digits grow
     assert len(spec_levels(TaskSpec(name="chain_sum", params=EASY_SUM), tasks(curriculum={"max_levels": 3}))) == 3
+
+
+def test_a_wide_jump_between_reasoning_gym_levels_is_climbed_in_even_steps() -> None:
+    # the default's letter_counting (1-3 words) against reasoning-gym's first level (5-7 words): measured on the
+    # default run, the pass rate fell from ~0.8 to ~0.15-0.4 in one move and the level went back and forth
+    levels = spec_levels(TaskSpec(name="letter_counting", params=FEW_WORDS), tasks())
+    assert [(lv["min_words"], lv["max_words"]) for lv in levels[:6]] == [(1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (5, 8)]
+    # a doubling attribute (leg_counting's instances: 2, 4, 8, ... 1024) gets at most MAX_STEPS steps per level
+    legs = spec_levels(TaskSpec(name="leg_counting", params={}), tasks(curriculum={"max_levels": 30}))
+    tops = [lv.get("max_instances") for lv in legs[1:]]
+    assert tops == sorted(tops) and len(legs) == 30
 
 
 def test_which_specs_have_a_curriculum() -> None:
@@ -89,17 +102,17 @@ def test_level_zero_problems_and_ids_are_those_of_before_curricula() -> None:
 def test_a_level_draws_its_problems_from_its_params() -> None:
     mix = TaskMix(tasks())
     held_out = {t.question for t in mix.validation_tasks()}
-    params = mix.level_params(0, 2)
+    params = mix.level_params(0, 4)
     assert params == {"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3}
-    problems = [mix.train_problem(0, j, level=2) for j in range(60)]
-    assert all(t.id == f"logic/chain_sum/0/train@2/{j}" for j, t in enumerate(problems))
-    assert all(t.metadata["level"] == 2 and t.metadata["split"] == "train@2" for t in problems)
+    problems = [mix.train_problem(0, j, level=4) for j in range(60)]
+    assert all(t.id == f"logic/chain_sum/0/train@4/{j}" for j, t in enumerate(problems))
+    assert all(t.metadata["level"] == 4 and t.metadata["split"] == "train@4" for t in problems)
     assert all(t.checker["params"] == params and t.question not in held_out for t in problems)
     terms = {t.checker["metadata"]["num_terms"] for t in problems}
     assert terms == {2, 3, 4}  # more terms than level 0's two
     assert max(t.checker["metadata"]["num_digits"] for t in problems) == 3
-    assert [mix.train_problem(0, j, level=2) for j in range(60)] == problems  # deterministic
-    assert [t.question for t in problems] != [mix.train_problem(0, j, level=3).question for j in range(60)]
+    assert [mix.train_problem(0, j, level=4) for j in range(60)] == problems  # deterministic
+    assert [t.question for t in problems] != [mix.train_problem(0, j, level=5).question for j in range(60)]
     with pytest.raises(ValueError, match="8 curriculum levels"):
         mix.train_problem(0, 0, level=8)
 

@@ -15,6 +15,7 @@ import trio
 import trio.testing
 
 from prorl_async.config import load_config
+from prorl_async.learner.dispatch import prompt_source
 from prorl_async.learner.prompts import Draw, PromptSampler
 from prorl_async.learner.reset import ResetPolicy
 from prorl_async.learner.service import LearnerService
@@ -298,6 +299,7 @@ def test_the_curriculum_follows_every_arriving_group_and_later_requests_carry_th
         figures = service.dispatch.admission_figures(0)
         assert figures["curriculum"] == {"logic/chain_sum": {"level": 0, "levels": 8, "pass_rate": None, "groups": 0}}
         assert figures["prompt_skips"] == {} and figures["prompt_skip_rate"] == 0.0  # skipping is off in tiny
+        assert figures["task_shares"] == {}  # one task: the balance does nothing
         await _deliver(send, _group(first[0], rewards=(1.0,) * 4))  # dropped: its slot goes to a new request
         await _deliver(send, _group(first[1], rewards=(1.0,) * 4))  # the window is full: level 1
         await _deliver(send, _group(first[2], rewards=(0.0,) * 4))  # requested at level 0: not counted
@@ -315,3 +317,17 @@ def test_the_curriculum_follows_every_arriving_group_and_later_requests_carry_th
         "label": "logic/chain_sum", "previous": 0, "level": 1, "levels": 8, "pass_rate": 1.0, "groups": 2}
     assert service.intake.outcomes == {"all_correct": 2, "all_wrong": 1, "admitted": 1}
     assert service.dispatch.prompts.curriculum.ignored == 2
+
+
+def test_the_task_balance_is_built_from_the_mix_and_shown_in_the_step_record() -> None:
+    mix = ('tasks.mix=[{name="chain_sum", weight=3.0, params={min_terms=2, max_terms=2, min_digits=1, max_digits=1}},'
+           ' {name="chain_sum", weight=1.0}]')
+    cfg = _config(mix, "tasks.train_size=20", "tasks.balance.window_groups=4", "tasks.balance.min_share=0.5")
+    source = prompt_source(cfg)
+    b = source.balance
+    assert b.active and b.base == [3.0, 1.0] and (b.window_groups, b.min_share) == (4, 0.5)
+    assert b.labels == ["logic/chain_sum#0", "logic/chain_sum#1"]
+    assert b.summary() == {"logic/chain_sum#0": {"share": 0.75, "informative": 0.5, "groups": 0},
+                           "logic/chain_sum#1": {"share": 0.25, "informative": 0.5, "groups": 0}}
+    off = prompt_source(_config(mix, "tasks.train_size=20", "tasks.balance.enabled=false"))
+    assert not off.balance.active and off.balance.summary() == {}

@@ -151,7 +151,7 @@ def test_a_resume_hands_out_the_same_prompts_at_the_same_levels() -> None:
     src = make()
     _run(src, 60)
     saved = json.loads(json.dumps(src.state()))
-    assert set(saved) == {"sampler", "next_request_id", "curriculum", "skips"}
+    assert set(saved) == {"sampler", "next_request_id", "curriculum", "skips", "balance"}
     resumed = make()
     resumed.restore(saved)
     assert resumed.state() == saved

@@ -1,6 +1,8 @@
-"""PromptSampler: determinism, disjoint shards within an epoch, weights, re-queue, checkpoint/restore;
-Admission: the (K+1) x batch bound per generator and its release as the learner version moves; PromptSource: every
-draw in exactly one place, admission and per-generator caps; merging the per-generator states of an old checkpoint."""
+"""PromptSampler: determinism, disjoint shards within an epoch, weights (and replacing them), re-queue,
+checkpoint/restore; Admission: the (K+1) x batch bound per generator and its release as the learner version moves;
+PromptSource: every draw in exactly one place, admission and per-generator caps, the task balance moving the draws
+toward the informative spec and resuming with the same weights; merging the per-generator states of an old
+checkpoint."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prorl_async.learner.balance import TaskBalance
 from prorl_async.learner.prompts import (
     Admission,
     Draw,
@@ -61,6 +64,33 @@ def test_weights_pick_specs_in_proportion() -> None:
     s = sampler(sizes=(1000, 1000), weights=(3.0, 1.0))
     counts = Counter(s.next().spec for _ in range(4000))
     assert 0.70 < counts[0] / 4000 < 0.80
+
+
+def test_set_weights_changes_the_spec_picks_from_the_next_draw_on() -> None:
+    a, b = sampler(sizes=(1000, 1000)), sampler(sizes=(1000, 1000))
+    assert [a.next() for _ in range(10)] == [b.next() for _ in range(10)]
+    a.set_weights([9.0, 1.0])
+    b.set_weights([0.9, 0.1])  # only the ratios matter: the same picks
+    picks = [a.next() for _ in range(2000)]
+    assert picks == [b.next() for _ in range(2000)]
+    assert 0.87 < sum(d.spec == 0 for d in picks) / 2000 < 0.93
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("nan")], [1.0, -2.0]):
+        with pytest.raises(ValueError):
+            a.set_weights(bad)
+    assert a.weights == [9.0, 1.0]
+
+
+def test_a_state_restores_whatever_the_weights() -> None:
+    # The weights are not part of the sampler's state (the task balance restores its own): a sampler drawn under
+    # other weights restores into one built with the config's.
+    s = sampler(sizes=(30, 12), weights=(1.0, 2.0))
+    s.set_weights([5.0, 1.0])
+    for _ in range(9):
+        s.next()
+    resumed = sampler(sizes=(30, 12), weights=(1.0, 2.0))
+    resumed.restore(json.loads(json.dumps(s.state())))
+    resumed.set_weights(s.weights)
+    assert [resumed.next() for _ in range(30)] == [s.next() for _ in range(30)]
 
 
 def test_requeued_draws_come_first_in_order() -> None:
@@ -309,6 +339,59 @@ def test_each_generator_holds_at_most_its_share_of_requests() -> None:
     assert src.held(0) == 1 and src.held(1) == 0
     with pytest.raises(ValueError, match="per_generator"):
         source(per_generator=0)
+
+
+MIXED, SOLVED = [1.0, 0.0, 1.0, 1.0], [1.0] * 4
+
+
+def balanced(window: int = 32, min_share: float = 0.25, enabled: bool = True) -> PromptSource:
+    """Two specs of equal weight, the task balance on."""
+    balance = TaskBalance([1.0, 1.0], ["mixed", "solved"], enabled=enabled, window_groups=window, min_share=min_share)
+    return PromptSource(sampler(sizes=(40, 40), weights=(1.0, 1.0)), Admission(10**6, 0), 10**6, balance=balance)
+
+
+def _answer_all(src: PromptSource, n: int) -> list[Draw]:
+    """Issue ``n`` requests and answer each: spec 0's groups informative, spec 1's all correct; what was handed out."""
+    out = []
+    for _ in range(n):
+        request_id, draw, _ = src.issue(0, 0, 0)  # type: ignore[misc]
+        request = src.answered(request_id, kept=True)
+        assert request is not None
+        src.observe(request, MIXED if draw.spec == 0 else SOLVED)
+        out.append(draw)
+    return out
+
+
+def test_the_balance_moves_the_draws_toward_the_informative_spec_down_to_the_floor() -> None:
+    src = balanced()
+    _answer_all(src, 100)
+    assert src.sampler.weights == src.balance.weights()
+    assert src.sampler.weights[1] == 0.25 * 0.5  # spec 1's informative estimate is ~0.03: held at its floor
+    later = _answer_all(src, 400)
+    assert 0.83 < sum(d.spec == 0 for d in later) / 400 < 0.92  # share 0.875 against 0.5 without the balance
+    assert sum(d.spec == 1 for d in later) > 0  # never starved
+    assert set(src.balance.summary()) == {"mixed", "solved"}
+    off = balanced(enabled=False)
+    drawn = _answer_all(off, 400)
+    assert off.sampler.weights == [1.0, 1.0] and 0.45 < sum(d.spec == 0 for d in drawn) / 400 < 0.55
+
+
+def test_a_resume_draws_by_the_same_weights_and_hands_out_the_same_prompts() -> None:
+    src = balanced(window=8)
+    _answer_all(src, 50)
+    saved = json.loads(json.dumps(src.state()))
+    assert saved["balance"] == src.balance.state()
+    resumed = balanced(window=8)
+    resumed.restore(saved)
+    assert resumed.sampler.weights == src.sampler.weights != [1.0, 1.0]
+    assert resumed.state() == saved
+    assert _answer_all(resumed, 60) == _answer_all(src, 60)
+    old = {k: v for k, v in saved.items() if k != "balance"}  # written before the balance: it starts afresh
+    again = balanced(window=8)
+    again.restore(old)
+    assert again.balance.state() == again.balance.initial_state() and again.sampler.weights == [0.5, 0.5]
+    with pytest.raises(ValueError, match="task balance state"):
+        balanced().restore({**saved, "balance": {"windows": [[1.0]]}})
 
 
 def test_restore_refuses_a_broken_prompt_source_state() -> None:
