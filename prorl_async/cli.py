@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("config", nargs="?", help="TOML config file (default: configs/default.toml)")
     cfg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
 
+    data = sub.add_parser(
+        "data", help="check a config's data and rewards before training: prompts as the model sees them, row counts, "
+                     "reference answers scored",
+        description="Open every data source and reward function of the config, print the training and validation "
+                    "problems per task, render prompts exactly as the model will see them, and score reference "
+                    "answers through the run's reward (they should score 1). Exit 0: ready; 1: some reference "
+                    "scored below 1; 2: a source or reward function cannot be used.")
+    data.add_argument("config", nargs="?", help="TOML config file (default: configs/default.toml)")
+    data.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    data.add_argument("--show", type=int, default=3, metavar="N", help="prompts to render (default 3)")
+    data.add_argument("--rows", type=int, default=32, metavar="N",
+                      help="training problems per task whose reference answers are scored (default 32)")
+
     models = sub.add_parser("models", help="list the built-in models, or prepare one")
     models.add_argument("prepare", nargs="?", metavar="NAME",
                         help="build/convert NAME into the cache and print its path")
@@ -65,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "eval":
             return _cmd_eval(args)
+        if args.command == "data":
+            return _cmd_data(args)
     except KeyboardInterrupt:
         print("prorl-async: interrupted", file=sys.stderr)
         return 130
@@ -84,6 +99,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(config_to_toml(cfg))
     return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from prorl_async.config import load_config
+    from prorl_async.envs.preview import preview
+
+    return preview(load_config(args.config, args.overrides), show=args.show, rows=args.rows)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:

@@ -19,7 +19,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from prorl_async.errors import UserError
 
@@ -63,12 +72,60 @@ class ModelConfig(_Section):
     """Longest prompt + response the generators accept, in tokens."""
 
 
+class DataSourceConfig(_Section):
+    """Rows of the user's own data set as a task spec's problems (``prorl_async.envs.data``)."""
+
+    path: str
+    """A local file (``.jsonl``/``.json``, ``.parquet``, ``.csv``) or directory: a Hugging Face data set saved with
+    ``save_to_disk``, or a local data set repository holding data files. Relative to the working directory."""
+    format: Literal["auto", "json", "parquet", "csv", "hf"] = "auto"
+    """How to read ``path``; ``auto`` goes by its suffix (a directory: ``hf``)."""
+    split: str = "train"
+    """The split to read where ``path`` holds several (a DatasetDict, a repository with split files)."""
+    prompt: str = "auto"
+    """Column with the prompt: a string (one user message) or a chat ``messages`` list (role/content maps), used as
+    it is. ``auto``: ``prompt``, else ``messages``, ``question``, ``problem``, ``instruction`` (the first present).
+    A dotted name reaches into a nested column (``extra_info.question``)."""
+    answer: str = "auto"
+    """Column with the reference answer the built-in verifier checks (dotted for nested). ``auto``:
+    ``reward_model.ground_truth`` (verl's schema), else ``answer``, ``solution``, ``label``, ``ground_truth``; empty:
+    none (a reward function must then judge without one)."""
+    validation_path: str = ""
+    """A separate file or directory of held-out rows (same format and columns); empty: ``tasks.validation_size`` rows
+    of ``path`` are held out, and no training row has the same prompt text as one of them."""
+    validation_split: str = ""
+    """The split of ``validation_path`` (or of ``path``) to hold out; empty: ``split``."""
+    max_rows: int = Field(0, ge=0)
+    """Read at most this many training rows (0: all)."""
+
+    @model_validator(mode="after")
+    def _names(self) -> DataSourceConfig:
+        """A section-local check: the path and column names can name something (their existence is checked when the
+        data is opened, ``prorl_async.envs.data.check``)."""
+        if not self.path.strip():
+            raise ValueError("path is empty: give a file or directory of rows")
+        for key in ("prompt", "answer"):
+            name = getattr(self, key)
+            if (name or key == "prompt") and not all(part.strip() for part in name.split(".")):
+                raise ValueError(f"{key} = {name!r} is not a column name (a dotted name reaches into a struct column; "
+                                 f"{'auto: found by name' if key == 'prompt' else 'empty: no answer'})")
+        return self
+
+
 class TaskSpec(_Section):
     domain: Literal["logic", "math", "code", "stem", "instruction"] = "logic"
-    """Reward domain that scores this task."""
+    """Reward domain that scores this task (for a ``source``: which built-in verifier checks its rows, unless
+    ``reward`` names a function)."""
     name: str = "chain_sum"
     """Task within its domain: a reasoning-gym generator for ``logic`` and ``math`` (or ``champ`` for math),
-    ``humaneval`` for ``code``, ``mmlu_stem`` for ``stem``, ``ifeval`` for ``instruction``."""
+    ``humaneval`` for ``code``, ``mmlu_stem`` for ``stem``, ``ifeval`` for ``instruction``. With a ``source``: the
+    task's label in logs and metrics."""
+    source: DataSourceConfig | None = None
+    """The user's own data set (``[tasks.mix.source]``) instead of a built-in task."""
+    reward: str = ""
+    """A reward function for this spec's samples, ``package.module:function`` or ``path/to/file.py:function``,
+    called as ``fn(completion, **row)`` in the scoring pool (``prorl_async.envs.rewards``); empty: the domain's
+    built-in verifier."""
     weight: float = Field(1.0, gt=0)
     """Relative sampling weight in the task mix."""
     params: dict[str, Any] = Field(default_factory=dict)
@@ -82,6 +139,51 @@ class TaskSpec(_Section):
     levels: list[dict[str, Any]] = Field(default_factory=list)
     """Curriculum levels above 0, procedural tasks only: level k trains with ``params`` updated by ``levels[k - 1]``
     (each over ``params``, not over the level before). Empty: the levels of reasoning-gym's curriculum, if any."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_defaults(cls, data: Any) -> Any:
+        """A data source's spec that names no ``domain`` is scored as ``math`` (answer equivalence, what a prompt +
+        reference answer data set such as verl's asks), and one without a ``name`` is labelled by its file (the
+        built-in defaults, ``logic/chain_sum``, name a generator the rows have nothing to do with)."""
+        if not isinstance(data, dict) or data.get("source") is None:
+            return data
+        source = data["source"]
+        path = source.get("path") if isinstance(source, dict) else getattr(source, "path", None)
+        defaults = {"domain": "math", "name": _source_label(path) if isinstance(path, str) else "data"}
+        return {**defaults, **data}
+
+    @model_validator(mode="after")
+    def _source_spec(self) -> TaskSpec:
+        """A section-local check: what a data source cannot have (no curriculum; ``logic`` cannot score rows)."""
+        if self.source is None:
+            return self
+        if self.levels:
+            raise ValueError("levels: a data source has no curriculum levels (its rows are what they are); remove them")
+        if self.curriculum == "on":
+            raise ValueError('curriculum = "on": a data source has no curriculum levels; remove it')
+        if self.domain == "logic" and not self.reward:
+            raise ValueError("domain = 'logic' cannot score a data source's rows (reasoning-gym's verifier needs its "
+                             "generator); set reward = 'module:function', or domain = math, stem, code or instruction")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_source(self, handler: Any) -> Any:
+        """No ``source`` key for a built-in task: TOML has no null, and the resolved config must load again."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("source", ...) is None:
+            del data["source"]
+        return data
+
+
+def _source_label(path: str) -> str:
+    """A data source's default task name: its file's stem; the directory's name for a directory or a file named
+    for its split (``gsm8k/train.parquet``: ``gsm8k``)."""
+    where = Path(path)
+    split_named = where.suffix and where.stem.lower() in ("train", "test", "validation", "val", "dev", "data")
+    if split_named and where.parent.name:
+        return where.parent.name
+    return where.stem or "data"
 
 
 class CurriculumConfig(_Section):
@@ -447,6 +549,23 @@ class EvalConfig(_Section):
     (the base model, or the resumed checkpoint) while the first batch is gathered, as the baseline."""
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers that receive the run's records next to ``metrics.jsonl`` (``prorl_async.monitor``)."""
+
+    wandb: bool = False
+    """Log to Weights & Biases (``pip install prorl-async[wandb]``): the resolved config once, every numeric field of
+    the step, validation and generator records under the names ``metrics.jsonl`` uses, against ``version`` (the x
+    axis of every series). A resumed run continues the same W&B run. ``WANDB_MODE=offline`` keeps it on disk."""
+    wandb_project: str = "prorl-async"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (team or user); empty: the logged-in default."""
+    wandb_name: str = ""
+    """W&B run name; empty: the run directory's name."""
+    wandb_tags: list[str] = Field(default_factory=list)
+    """W&B run tags."""
+
+
 class Config(_Section):
     """The whole run. Sections mirror the processes and modules that read them."""
 
@@ -476,6 +595,8 @@ class Config(_Section):
     """ZeroMQ sockets between processes."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     """Evaluation and periodic validation."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Experiment tracking (Weights & Biases)."""
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:

@@ -83,9 +83,10 @@ def spec_levels(spec: TaskSpec, cfg: TasksConfig) -> list[dict[str, Any]]:
     """The params of each level of ``spec``, level 0 first (module docstring); one level when it has no curriculum.
 
     The levels' params are not checked here: :class:`~prorl_async.envs.tasks.TaskMix` builds each level's problems
-    at start-up, where bad params are a UserError naming the level."""
+    at start-up, where bad params are a UserError naming the level. A data source (``spec.source``) has one level:
+    its rows have no difficulty to move (its config refuses ``levels``)."""
     params = dict(spec.params)
-    if not curriculum_wanted(spec, cfg):
+    if spec.source is not None or not curriculum_wanted(spec, cfg):
         return [params]
     if spec.levels:
         return [params, *({**params, **override} for override in spec.levels)]

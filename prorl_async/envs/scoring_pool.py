@@ -3,16 +3,26 @@
 Invariants:
 
 - :meth:`ScoringPool.score` never raises for a bad reward: a reward function that raises scores 0 with the
-  error as reason (``status="error"``); one that returns something other than a finite number or a
-  ``(number, reason)`` pair scores 0 (``"error"``); one that runs past ``timeout_s`` scores 0
-  (``"timeout"``) and its worker is killed and replaced; a worker that dies scores 0 (``"crash"``) and is
-  replaced. Every outcome is counted in :attr:`ScoringPool.counters`.
+  error as reason (``status="error"``); one that returns no finite number (:func:`prorl_async.envs.rewards.interpret`)
+  scores 0 (``"error"``); one that runs past ``timeout_s`` scores 0 (``"timeout"``) and its worker is killed and
+  replaced; a worker that dies scores 0 (``"crash"``) and is replaced. Every status is counted in
+  :attr:`ScoringPool.counters`; a user function's zero scores also by cause in :attr:`ScoringPool.reasons`
+  (``reward_raised``, ...: :data:`prorl_async.envs.rewards.COUNTERS`).
+- Which function scores a task: ``task["checker"]["reward_fn"]`` (a spec's ``reward``, called as
+  ``fn(completion, **row)``: :mod:`prorl_async.envs.rewards`) when set, else ``reward_function`` (called as
+  ``fn(text, task_dict)``) when set, else the built-in verifier (:func:`prorl_async.envs.score.score`). A worker
+  imports each ``reward_fn`` once: at start for those of ``warm_tasks`` (an import that fails there fails
+  :meth:`start`), lazily for others. Both kinds of user function may return a dict with extras (in
+  :attr:`ScoreResult.extras`) and may be ``async``.
+- The first failure of each user function for each cause is logged once per pool (the traceback when it raised,
+  with the function's name); later ones are only counted. With several generators, once per generator.
 - Nothing is pickled. A worker is ``python -m prorl_async.envs.scoring_pool`` started by this pool; requests and
   answers are length-prefixed JSON over its stdin and stdout (the worker moves ``print`` output of reward
   code to stderr, so that stdout carries only answers). Tasks travel as ``Task.to_dict()``.
 - The timeout runs from the request written to the answer read: a worker is used only once it has said it
-  is ready: its imports are done and the built-in verifier has scored each ``warm_tasks`` entry once (the
-  verifiers import their libraries lazily; under load that first use alone can take seconds).
+  is ready: its imports are done, the ``reward_fn`` of each ``warm_tasks`` entry is imported and the built-in
+  verifier has scored each other entry once (the verifiers import their libraries lazily; under load that first
+  use alone can take seconds).
 - A request cancelled while a worker scores it (its group was aborted) kills that worker: an answer that
   nobody reads must not be taken as the answer to the next request.
 
@@ -31,15 +41,17 @@ import asyncio
 import importlib
 import json
 import logging
-import math
 import os
 import struct
 import sys
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from prorl_async.envs import rewards
 from prorl_async.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,6 +69,10 @@ class ScoreResult(NamedTuple):
     reward: float
     reason: str
     status: str  # one of STATUSES
+    extras: Mapping[str, float] = MappingProxyType({})
+    """A user function's extra named scores (never the training reward)."""
+    cause: str = ""
+    """Why a user function's sample scored 0 (one of ``rewards.CAUSES``); empty otherwise."""
 
 
 class _Worker:
@@ -98,6 +114,8 @@ class ScoringPool:
         self.reward_function, self.warm_tasks = reward_function, list(warm_tasks)
         self.start_timeout_s = start_timeout_s
         self.counters: Counter[str] = Counter({s: 0 for s in STATUSES})
+        self.reasons: Counter[str] = Counter(dict.fromkeys(rewards.COUNTERS, 0))
+        self._logged: set[tuple[str, str]] = set()  # (function, cause) whose first failure was logged
         self.score_seconds = 0.0
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._all: set[_Worker] = set()
@@ -182,24 +200,41 @@ class ScoringPool:
             raise RuntimeError("scoring pool is closed")
         worker = await self._idle.get()
         start = time.perf_counter()
+        user_fn = _user_function(task, self.reward_function)
+        answer: dict[str, Any] = {}
         try:
             answer = await asyncio.wait_for(worker.request({"text": text, "task": task}), self.timeout_s)
             result = _result_of(answer)
         except TimeoutError:
             self._replace(worker)
-            result = ScoreResult(0.0, f"timeout: scoring took over {self.timeout_s:g} s (worker replaced)", "timeout")
+            result = ScoreResult(0.0, f"timeout: scoring took over {self.timeout_s:g} s (worker replaced)", "timeout",
+                                 cause="timeout" if user_fn else "")
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as err:
             self._replace(worker)
             code = worker.proc.returncode
-            result = ScoreResult(0.0, f"scorer crashed ({type(err).__name__}, exit code {code})", "crash")
+            result = ScoreResult(0.0, f"scorer crashed ({type(err).__name__}, exit code {code})", "crash",
+                                 cause="crash" if user_fn else "")
         except BaseException:  # cancelled mid-request: its answer would be read by the next request
             self._replace(worker)
             raise
         else:
             self._idle.put_nowait(worker)
         self.counters[result.status] += 1
+        if result.cause:
+            self.reasons[f"reward_{result.cause}"] += 1
+            self._log_first(user_fn, result, answer.get("traceback"))
         self.score_seconds += time.perf_counter() - start
         return result
+
+    def _log_first(self, fn: str, result: ScoreResult, tb: Any) -> None:
+        """Log the first failure of ``fn`` for each cause (with its traceback when it raised); later ones are only
+        counted."""
+        if (fn, result.cause) in self._logged:
+            return
+        self._logged.add((fn, result.cause))
+        detail = f"\n{tb.rstrip()}" if isinstance(tb, str) and tb else ""
+        log.warning("reward function %s scored 0: %s (logged once: later ones are counted as reward_%s)%s",
+                    fn, result.reason, result.cause, detail)
 
     async def close(self) -> None:
         """Kill every worker (each was started by this pool) and stop replacing them."""
@@ -210,11 +245,22 @@ class ScoringPool:
             await self._discard(worker)
 
 
+def _user_function(task: dict[str, Any], reward_function: str) -> str:
+    """The spec of the user function that scores ``task``; empty for the built-in verifier."""
+    checker = task.get("checker")
+    spec = checker.get("reward_fn") if isinstance(checker, dict) else None
+    return spec if isinstance(spec, str) and spec else reward_function
+
+
 def _result_of(answer: dict[str, Any]) -> ScoreResult:
     reward, reason, status = answer.get("reward"), answer.get("reason"), answer.get("status")
     if status not in ("ok", "error") or type(reward) not in (int, float) or not isinstance(reason, str):
         return ScoreResult(0.0, f"malformed answer from a scoring worker: {str(answer)[:200]}", "error")
-    return ScoreResult(float(reward), reason, status)
+    extras = answer.get("extras")
+    cause = answer.get("cause", "")
+    return ScoreResult(float(reward), reason, status,
+                       rewards.extras_of(extras) if isinstance(extras, dict) else MappingProxyType({}),
+                       cause if cause in rewards.CAUSES else "")
 
 
 # ------------------------------------------------------------------------------------------ the worker
@@ -235,17 +281,72 @@ def _load_function(spec: str, timeout_s: float) -> Callable[[str, dict[str, Any]
     return fn
 
 
-def _score_one(fn: Callable[[str, dict[str, Any]], Any], request: Any) -> dict[str, Any]:
+class _Scorers:
+    """A worker's scoring functions: the default one (``reward_function`` or the built-in verifier) and each task
+    spec's ``reward_fn``, imported once (module docstring)."""
+
+    def __init__(self, reward_function: str, timeout_s: float) -> None:
+        self.default_spec = reward_function
+        self.default = _load_function(reward_function, timeout_s)
+        self.by_spec: dict[str, rewards.RewardFunction | str] = {}  # a str: why it did not import
+        self.reported: set[tuple[str, str]] = set()  # (function, cause) whose traceback went to the pool
+
+    def preload(self, spec: str) -> None:
+        """Import ``spec`` now; UserError (one line) if it does not import."""
+        fn = self._get(spec)
+        if isinstance(fn, str):
+            raise UserError(fn)
+
+    def _get(self, spec: str) -> rewards.RewardFunction | str:
+        if spec not in self.by_spec:
+            try:
+                self.by_spec[spec] = rewards.RewardFunction(spec)
+            except UserError as err:
+                self.by_spec[spec] = " ".join(str(err).split())
+            except (Exception, SystemExit) as err:
+                target = spec.rpartition(":")[0]
+                self.by_spec[spec] = f"reward function {spec!r}: importing {target} failed: {rewards.one_line(err)}"
+        return self.by_spec[spec]
+
+    def answer(self, request: Any) -> dict[str, Any]:
+        task = request.get("task") if isinstance(request, dict) else None
+        spec = _user_function(task, "") if isinstance(task, dict) else ""
+        if not spec:
+            return _score_one(self.default, request, self.default_spec, self.reported)
+        fn = self._get(spec)
+        if isinstance(fn, str):
+            return _failure("unloadable", fn, spec, self.reported)
+        return _score_one(lambda text, task: fn(text, rewards.row_of(task)), request, spec, self.reported)
+
+
+def _score_one(fn: Callable[[str, dict[str, Any]], Any], request: Any, label: str = "",
+               reported: set[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The answer to one request; ``label``: the user function's spec (empty: the built-in verifier)."""
     if not isinstance(request, dict) or not isinstance(request.get("text"), str):
         return {"reward": 0.0, "reason": "bad scoring request", "status": "error"}
     try:
-        out = fn(request["text"], request.get("task") or {})
-    except Exception as err:
-        return {"reward": 0.0, "reason": f"reward raised {type(err).__name__}: {str(err)[:200]}", "status": "error"}
-    reward, reason = (out if isinstance(out, tuple) and len(out) == 2 else (out, ""))
-    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
-        return {"reward": 0.0, "reason": f"reward function returned {str(out)[:100]}", "status": "error"}
-    return {"reward": float(reward), "reason": str(reason), "status": "ok"}
+        out = rewards.resolve_awaitable(fn(request["text"], request.get("task") or {}))
+    except (Exception, SystemExit) as err:  # sys.exit() in a reward function is its error, not the worker's end
+        return _failure("raised", f"reward raised {rewards.one_line(err)}", label, reported, traceback.format_exc())
+    outcome = rewards.interpret(out)
+    if outcome.cause:
+        return _failure(outcome.cause, f"reward function {outcome.reason}", label, reported)
+    answer: dict[str, Any] = {"reward": outcome.reward, "reason": outcome.reason, "status": "ok"}
+    if outcome.extras:
+        answer["extras"] = outcome.extras
+    return answer
+
+
+def _failure(cause: str, reason: str, label: str, reported: set[tuple[str, str]] | None,
+             tb: str | None = None) -> dict[str, Any]:
+    """A zero score with its cause (for a user function) and, the first time per function and cause, the traceback."""
+    answer: dict[str, Any] = {"reward": 0.0, "reason": reason, "status": "error"}
+    if label:
+        answer["cause"] = cause
+        if tb and reported is not None and (label, cause) not in reported:
+            reported.add((label, cause))
+            answer["traceback"] = tb[-8000:]
+    return answer
 
 
 def worker_main(argv: Sequence[str] | None = None) -> int:
@@ -265,15 +366,21 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         answers.write(_HEADER.pack(len(data)) + data)
 
     try:
-        fn = _load_function(args.reward_function, args.timeout_s)
+        scorers = _Scorers(args.reward_function, args.timeout_s)
         (size,) = _HEADER.unpack(requests.read(_HEADER.size))
         warm = json.loads(requests.read(size))
-        if warm:  # the verifiers' first use (lazy imports) must not count against a sample's timeout
+        for task in warm:
+            if spec := _user_function(task, ""):
+                scorers.preload(spec)
+                continue
+            # the verifiers' first use (lazy imports) must not count against a sample's timeout
             from prorl_async.envs.score import score
 
-            for task in warm:
-                answer_text = task.get("answer") or "0"
-                score(f"<answer>{answer_text}</answer> \\boxed{{{answer_text}}}", task, time_limit_s=None)
+            answer_text = task.get("answer") or "0"
+            score(f"<answer>{answer_text}</answer> \\boxed{{{answer_text}}}", task, time_limit_s=None)
+    except UserError as err:
+        answer({"ready": False, "error": str(err)})
+        return 2
     except Exception as err:
         answer({"ready": False, "error": f"{type(err).__name__}: {err}"})
         return 2
@@ -284,7 +391,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
             request = json.loads(requests.read(size))
         except ValueError:
             request = None
-        answer(_score_one(fn, request))
+        answer(scorers.answer(request))
     return 0
 
 

@@ -20,6 +20,12 @@ dataset seeded by ``(spec, "train", k, probe)``, with ids of its own (split ``tr
 metadata; it is still never a validation question. Level 0 is the spec's own params: the problems, ids and metadata
 of before curricula. Validation is always level 0. Every level's params are checked when the mix is built.
 
+A spec with a ``source`` (the user's own data set) takes its problems from :mod:`prorl_async.envs.data_split`
+instead: the rows of its file, opened and checked when the mix is built, held out and scanned on first use, each
+row read when its problem is asked for. Its tasks carry the row (``checker["row"]``) and the messages the model sees
+(``metadata["messages"]``, sent as they are by :func:`build_messages`). A spec's ``reward`` (any spec) travels in
+``checker["reward_fn"]``.
+
 Usage::
 
     mix = TaskMix(cfg.tasks)
@@ -42,6 +48,7 @@ from prorl_async.errors import UserError
 
 if TYPE_CHECKING:
     from prorl_async.config import TasksConfig, TaskSpec
+    from prorl_async.envs.data_split import DataSplit
 
 _PROBES = 64  # procedural training: redraws allowed when a problem collides with the validation split
 _VALIDATION_DRAWS = 4  # procedural validation: draws allowed per requested problem (+64) to find distinct ones
@@ -52,8 +59,9 @@ class Task:
     """One problem, ready to prompt and to score.
 
     ``checker`` holds what the domain's scorer needs beyond ``answer`` (tests, instruction arguments,
-    choices, a generator's metadata) plus ``answer_format`` and ``partial_credit``; ``metadata`` is
-    informational (split, index, spec, source, difficulty).
+    choices, a generator's metadata) plus ``answer_format`` and ``partial_credit``, and the spec's ``reward_fn``
+    and a data row's columns (``row``) where there are; ``metadata`` is informational (split, index, spec, source,
+    difficulty), but for the prompt of a data row (``messages``) and few-shot demonstrations (``few_shot``).
     """
 
     id: str
@@ -119,8 +127,15 @@ class _Split:
 
         self.spec, self.spec_index, self.cfg = spec, spec_index, cfg
         self.key = [cfg.seed, spec.domain, spec.name, spec.params]
-        self.source = problems_for(spec.domain, spec.name, spec.params)
-        self.level_params = spec_levels(spec, cfg)  # level 0: spec.params
+        self.data: DataSplit | None = None  # a data source's rows (then ``source`` is an empty set, never read)
+        if spec.source is not None:
+            from prorl_async.envs.data_split import DataSplit
+
+            self.data = DataSplit(spec, cfg, self.describe())
+            self.source: FiniteProblems | ProceduralProblems = FiniteProblems(())
+        else:
+            self.source = problems_for(spec.domain, spec.name, spec.params)
+        self.level_params = spec_levels(spec, cfg)  # level 0: spec.params; one level for a data source
         self._level_sources = [self.source, *(self._level_source(k) for k in range(1, len(self.level_params)))]
         self._validation: list[Task] | None = None
         self._held_out: set[str] = set()
@@ -154,6 +169,8 @@ class _Split:
         return self._validation
 
     def train_size(self) -> int:
+        if self.data is not None:
+            return self.data.train_size()
         self.validation()
         if isinstance(self.source, FiniteProblems):
             assert self._train_pool is not None
@@ -164,6 +181,8 @@ class _Split:
         self.validation()
         if not 0 <= level < len(self.level_params):
             raise ValueError(f"{self.describe()} has {len(self.level_params)} curriculum levels (asked for {level})")
+        if self.data is not None:
+            return self._task(self.data.problem(j), "train", j)
         if isinstance(self.source, FiniteProblems):
             assert self._train_pool is not None
             return self._task(self._train_pool[j], "train", j)
@@ -184,6 +203,9 @@ class _Split:
 
     def _build(self) -> None:
         size = self.cfg.validation_size
+        if self.data is not None:
+            self._validation = [self._task(p, "validation", i) for i, p in enumerate(self.data.validation())]
+            return
         if isinstance(self.source, FiniteProblems):
             order = list(range(len(self.source.problems)))
             random.Random(derive_seed(*self.key, "order")).shuffle(order)
@@ -216,18 +238,28 @@ class _Split:
         return held
 
     def examples(self) -> list[list[str]]:
-        """``cfg.few_shot`` demonstrations: the first training problems that have a reference answer."""
+        """Candidates for ``cfg.few_shot`` demonstrations: the first ``few_shot + 1`` training problems that have a
+        reference answer (and, for a data source, a prompt that is one user message: its text is shown as it is).
+        A problem is shown the first ``few_shot`` of them that are not itself (:meth:`shots_for`)."""
         if self._shots is None:
             self._shots = []  # the demonstrations are tasks themselves: they carry none
-            count = min(self.cfg.few_shot, self.train_size())
+            count = min(self.cfg.few_shot + 1, self.train_size())
             tasks = (self.train(j) for j in range(count))
-            self._shots = [[t.question, t.answer] for t in tasks if t.answer is not None]
+            self._shots = [[_shown(t), t.answer] for t in tasks if t.answer is not None and _shown(t) is not None]
         return self._shots
+
+    def shots_for(self, problem: Problem) -> list[list[str]]:
+        """The demonstrations ``problem`` is shown: never its own question with its answer (a group that reads its
+        answer in the prompt teaches nothing, and a validation score would count it)."""
+        shown = _shown(problem)
+        return [shot for shot in self.examples() if shot[0] != shown][: self.cfg.few_shot]
 
     def _task(self, problem: Problem, split: str, index: int, level: int = 0) -> Task:
         spec = self.spec
-        shots = {"few_shot": self.examples()} if self.cfg.few_shot and problem.answer is not None else {}
+        shot = self.cfg.few_shot and problem.answer is not None and _shown(problem) is not None
+        shots = {"few_shot": self.shots_for(problem)} if shot else {}
         levels = {"level": level} if level else {}  # level 0 tasks stay as they were before curricula
+        reward = {"reward_fn": spec.reward} if spec.reward else {}
         return Task(
             id=task_id(spec.domain, spec.name, self.spec_index, split, index),
             domain=spec.domain,
@@ -235,9 +267,20 @@ class _Split:
             question=problem.question,
             answer=problem.answer,
             checker={**problem.checker, "answer_format": self.cfg.answer_format,
-                     "partial_credit": spec.partial_credit},
+                     "partial_credit": spec.partial_credit, **reward},
             metadata={**problem.metadata, **shots, "split": split, "index": index, "spec": self.spec_index, **levels},
         )
+
+
+def _shown(problem: Problem | Task) -> str | None:
+    """The question a few-shot demonstration shows: a built-in task's question (its domain's prompt dresses it), a
+    data row's one user message as it is; None for a data row's chat of several messages (no demonstrations)."""
+    messages = problem.metadata.get("messages")
+    if messages is None:
+        return problem.question
+    if len(messages) == 1 and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str):
+        return messages[0]["content"]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- mix
@@ -296,19 +339,26 @@ class TaskMix:
 # ------------------------------------------------------------------------------------------ prompts
 
 
-def build_messages(task: Task, cfg: TasksConfig) -> list[dict[str, str]]:
-    """Chat messages for ``task``: the optional system prompt, then the question with its answer format."""
+def build_messages(task: Task, cfg: TasksConfig) -> list[dict[str, Any]]:
+    """Chat messages for ``task``: the optional system prompt, few-shot turns, then the question with its answer
+    format; for a data row, its own messages (``metadata["messages"]``) as they are, after ``cfg.system_prompt``
+    unless they have a system message of their own."""
     from prorl_async.envs.registry import domain_module
 
-    module = domain_module(task.domain)
-    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    turns: list[dict[str, Any]] | None = task.metadata.get("messages")
+    module = domain_module(task.domain) if turns is None else None
+
+    def ask(question: str) -> str:  # the user message of a question (a data row's: as it is)
+        return module.prompt(replace(task, question=question), cfg.answer_format) if module else question
+
+    if turns is None:
+        turns = [{"role": "user", "content": ask(task.question)}]
+    own_system = any(m.get("role") == "system" for m in turns)
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt and not own_system else []
     for question, answer in task.metadata.get("few_shot", []):
         shown = f"\\boxed{{{answer}}}" if cfg.answer_format == "boxed" else f"<answer>{answer}</answer>"
-        messages += [
-            {"role": "user", "content": module.prompt(replace(task, question=question), cfg.answer_format)},
-            {"role": "assistant", "content": shown},
-        ]
-    return [*messages, {"role": "user", "content": module.prompt(task, cfg.answer_format)}]
+        messages += [{"role": "user", "content": ask(question)}, {"role": "assistant", "content": shown}]
+    return [*messages, *(dict(m) for m in turns)]
 
 
 def render_prompt(tokenizer: Any, task: Task, cfg: TasksConfig) -> str:

@@ -125,7 +125,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"- sampling: {s['samples']} samples per prompt, temperature {s['temperature']:g}, top_p {s['top_p']:g}"
         + (f", top_k {s['top_k']}" if s["top_k"] > 0 else "")
         + f", at most {s['max_response_tokens']} tokens, stop {stop}, seed {s['seed']}",
-        f"- a sample is correct when its reward ({s['reward_function']}) is at least {s['correct_threshold']:g}; "
+        f"- a sample is correct when its reward ({_rewards(data)}) is at least {s['correct_threshold']:g}; "
         "pass@k is the unbiased estimate 1 - C(n-c, k)/C(n, k) averaged over prompts; a domain row and `all` pool "
         "their prompts (each prompt counts once)",
         "",
@@ -307,3 +307,13 @@ def plot_histograms(data: dict[str, Any], scopes: list[str], path: Path) -> None
 def plot_curves(data: dict[str, Any], scopes: list[str], path: Path) -> None:
     """Write :func:`curve_figure` as a PNG."""
     _save(curve_figure(data, scopes), path)
+
+
+def _rewards(data: dict[str, Any]) -> str:
+    """The reward of each task, one name when they share it (reports written before per-task rewards: the global)."""
+    names = {t["reward"] for t in data["tasks"] if t.get("reward")}
+    if not names:
+        return data["settings"]["reward_function"]
+    if len(names) == 1:
+        return names.pop()
+    return "; ".join(f"`{t['label']}`: {t['reward']}" for t in data["tasks"])

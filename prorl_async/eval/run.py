@@ -207,6 +207,8 @@ def assemble(cfg: Config, models: list[EvalModel], specs: list[tuple[str, TaskSp
             "reward_function": cfg.generator.reward_function or "prorl_async.envs.score.score",
         },
         "tasks": [{"label": label, "domain": spec.domain, "name": spec.name, "params": spec.params,
+                   "source": spec.source.path if spec.source is not None else None,
+                   "reward": spec.reward or cfg.generator.reward_function or f"built-in {spec.domain} verifier",
                    "prompts": sum(t_label == label for t_label, _ in tasks)} for label, spec in specs],
         "results": {m.label: summarize_all(per_model[m.label]["prompts"], ks) for m in models},
         "comparison": (compare(per_model[first]["prompts"], per_model[models[1].label]["prompts"], ks)

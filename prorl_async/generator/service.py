@@ -18,7 +18,11 @@ One asyncio loop:
   (``seq`` = the request id) goes out in a blocking send on a thread: backpressure from the learner holds the
   group, not the loop;
 - validation (:mod:`prorl_async.generator.validate`) beside the training groups, in the same engine and pool;
-- ``status_loop`` sends ``Heartbeat`` and ``Status`` every ``generator.heartbeat_s``.
+- ``status_loop`` sends ``Heartbeat`` and ``Status`` every ``generator.heartbeat_s`` (the learner writes each Status
+  as a ``generator`` record of ``metrics.jsonl``): cumulative counters, among them the pool's ``score_<status>`` and
+  the user reward functions' zero scores by cause, ``reward_<cause>`` (:mod:`prorl_async.envs.rewards`), and
+  ``reward_extras/<name>``: the mean of each extra score over the training samples sent since the last Status
+  that went out (absent when none came).
 
 Invariants: every request is answered exactly once on the groups socket, in this process's order: by its group,
 or by ``RequestReturned`` (``stale``: aborted by a newer version; ``too_long``: the prompt does not fit the
@@ -43,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prorl_async.envs.rewards import ExtrasTotals, window_means
 from prorl_async.generator import rollout
 from prorl_async.generator.engine import Engine, Sampling, prepare_environment
 from prorl_async.generator.validate import Validator
@@ -102,6 +107,8 @@ class Generator:
             ("groups_sent", "samples_sent", "tokens_sent", "groups_aborted_stale", "prompts_too_long",
              "requests_received", "weight_updates", "weight_update_failures", "heartbeats_dropped"), 0)
         self.last_update_s = 0.0
+        self.extras = ExtrasTotals()  # user reward functions' extra scores of the training samples sent
+        self._extras_reported: dict[str, tuple[float, int]] = {}  # the totals the last sent Status reported
         self.started_at = time.monotonic()
         self._idle_s = 0.0  # time the engine held none of our requests (waiting for requests or weights)
         self._idle_since: float | None = time.monotonic()
@@ -305,6 +312,8 @@ class Generator:
             self.counters["groups_sent"] += 1
             self.counters["samples_sent"] += len(samples)
             self.counters["tokens_sent"] += group.num_tokens
+            for r in done.scores:
+                self.extras.add(r.extras)
 
     def _send(self, msg: Any) -> bool:
         """Blocking send on the groups socket that gives up only when the generator stops (backpressure waits)."""
@@ -342,7 +351,9 @@ class Generator:
         elif not busy and self._idle_since is None:
             self._idle_since = now
 
-    def status_values(self) -> dict[str, int | float]:
+    def status_values(self, extras: dict[str, tuple[float, int]] | None = None) -> dict[str, int | float]:
+        """The figures of a Status. ``extras``: a snapshot of :attr:`extras`, reported as ``reward_extras/<name>``,
+        the mean over the training samples sent since the last Status that went out."""
         now = time.monotonic()
         elapsed = max(now - self.started_at, 1e-9)
         idle_s = self._idle_s + (now - self._idle_since if self._idle_since is not None else 0.0)
@@ -350,7 +361,9 @@ class Generator:
         return {
             **self.counters,
             **(validator.counters if validator is not None else {}),
-            **{f"score_{k}": v for k, v in self.pool.counters.items()},
+            **{f"score_{k}": v for k, v in dict(self.pool.counters).items()},  # copied: the loop thread counts
+            **dict(self.pool.reasons),  # reward_raised, reward_timeout, ...: user reward functions' zero scores
+            **window_means(extras or {}, self._extras_reported),
             "score_seconds": round(self.pool.score_seconds, 3),
             "requests_in_flight": sum(r.in_engine for r in self.running.values()),
             "groups_in_flight": len(self.running),
@@ -365,7 +378,8 @@ class Generator:
 
     def _send_status(self, final: bool = False) -> None:
         """Heartbeat + status on the groups socket; dropped (counted) when it is full: not worth waiting for."""
-        values = self.status_values()
+        extras = self.extras.snapshot()
+        values = self.status_values(extras)
         if final:
             values["final"] = 1
         for msg in (Heartbeat(self.source, time.time()), Status(self.source, values)):
@@ -373,6 +387,9 @@ class Generator:
                 self.groups.send(msg, timeout_s=0.1)
             except TimeoutError:
                 self.counters["heartbeats_dropped"] += 1
+            else:
+                if isinstance(msg, Status):  # a dropped Status leaves its window to the next one
+                    self._extras_reported = extras
 
     def _terminate(self) -> None:
         log.info("%s: SIGTERM: stopping (the learner hands unfinished requests out again)", self.source)

@@ -63,6 +63,7 @@ from prorl_async.learner.records import StepRecords, batch_summary, buffer_figur
 from prorl_async.learner.staleness import AutoStaleness, StalenessController
 from prorl_async.learner.validation import ValidationCoordinator
 from prorl_async.monitor.metrics import MetricsLog
+from prorl_async.monitor.wandb_sink import tracking_sinks
 from prorl_async.transport.messages import (
     Heartbeat,
     Limits,
@@ -113,7 +114,8 @@ class LearnerService:
             ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.ceiling,
                          cfg.buffer.min_reward_std if cfg.buffer.variance_filter else None)
         )
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir,
+                                  sinks=tracking_sinks(cfg, self.run_dir, resume=self.resume_from is not None))
         self.generators: dict[str, dict[str, Any]] = {}  # each generator's latest reported figures, by source
         self.clock = TrainClock(cfg.run)
         self.rejections = Rejections("learner groups socket")  # undecodable messages, counted by reason

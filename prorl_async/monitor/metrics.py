@@ -10,6 +10,11 @@ value of ``step`` records also goes to event files in ``RUN_DIR/tensorboard/`` a
 (nested maps such as ``reward_by_domain`` as ``reward_by_domain/<key>``), and ``generator`` records under
 ``<source>/<key>`` by their time. JSONL stays the source of truth; the event files are a view of it.
 
+Sinks (experiment trackers such as W&B, ``prorl_async.monitor.wandb_sink``) get every record after it is written,
+and :func:`tracked_scalars` names their numbers as TensorBoard does. A tracker must never take the run down: a sink
+that raises when it opens or writes is closed, logged once and dropped for the rest of the run, and an ``event``
+record ``tracking_off`` says so.
+
 Usage::
 
     log = MetricsLog(run_dir)
@@ -20,10 +25,17 @@ Usage::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+TRACKED_KINDS = ("step", "validation", "generator")
+_UNTRACKED = frozenset({"time_s", "elapsed_s", "version"})  # the axes, not series
 
 
 def _plain(value: Any) -> Any:
@@ -51,38 +63,92 @@ def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-class MetricsLog:
-    """Append-only JSONL metrics file; safe to reopen (resume appends). TensorBoard events when available."""
+def tracked_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a ``step``, ``validation`` or ``generator`` record as trackers name them (else nothing).
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    Step records' keys as they are, validation records' under ``validation/``, a generator's under its source
+    (``generator-0/tokens_per_s``); nested maps flattened with ``/`` (``buffer_counters/received``). ``time_s``,
+    ``elapsed_s`` and ``version`` are the axes, not series.
+    """
+    kind = record.get("kind")
+    if kind not in TRACKED_KINDS:
+        return {}
+    prefix = {"step": "", "validation": "validation/"}.get(kind, f"{record.get('source', 'generator')}/")
+    return _scalars({k: v for k, v in record.items() if k not in _UNTRACKED and k != "kind"}, prefix)
+
+
+class Sink(Protocol):
+    """A tracker fed every record: opened once, then ``write(record)`` per record, ``close()`` at the end."""
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MetricsLog:
+    """Append-only JSONL metrics file; safe to reopen (resume appends). TensorBoard events when available, and
+    ``sinks`` (opened here) fed every record."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, sinks: Iterable[Sink] = ()) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)
         self._start = time.time()
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard") if tensorboard else None
+        self._sinks: list[Sink] = []
+        for sink in sinks:
+            try:
+                sink.open()
+            except Exception as err:  # a tracker that cannot start (no network, no login) is left out
+                self._drop(sink, "open", err)
+            else:
+                self._sinks.append(sink)
 
     def write(self, kind: str, **values: Any) -> dict[str, Any]:
         now = time.time()
         record = {"kind": kind, "time_s": round(now, 3), "elapsed_s": round(now - self._start, 3)}
         record.update({k: _plain(v) for k, v in values.items()})
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        if self._tb is not None and kind in ("step", "generator", "validation"):
+        if self._tb is not None and kind in TRACKED_KINDS:
             self._to_tensorboard(kind, record)
+        for sink in list(self._sinks):
+            try:
+                sink.write(record)
+            except Exception as err:  # never take the run down for a tracker
+                self._sinks.remove(sink)
+                self._drop(sink, "write", err)
         return record
 
+    def _drop(self, sink: Sink, stage: str, err: Exception) -> None:
+        """Close ``sink`` (quietly), log once, note it in the file; it gets no record from now on."""
+        log.warning("%s failed to %s, off for the rest of the run: %s: %s", sink.name, stage, type(err).__name__, err,
+                    exc_info=err)
+        try:
+            sink.close()
+        except Exception:
+            log.debug("closing %s after its failure failed too", sink.name, exc_info=True)
+        detail = f"{type(err).__name__}: {err}"[:300]
+        self.write("event", event="tracking_off", sink=sink.name, stage=stage, detail=detail)
+
     def _to_tensorboard(self, kind: str, record: dict[str, Any]) -> None:
-        skip = {"time_s", "elapsed_s", "version"}
-        if kind == "generator":
-            prefix, step = f"{record.get('source', 'generator')}/", int(record["elapsed_s"])
-        else:
-            prefix, step = ("" if kind == "step" else f"{kind}/"), int(record.get("version", 0))
-        for key, value in _scalars({k: v for k, v in record.items() if k not in skip}, prefix).items():
+        step = int(record["elapsed_s"]) if kind == "generator" else int(record.get("version", 0))
+        for key, value in tracked_scalars(record).items():
             self._tb.add_scalar(key, value, global_step=step, walltime=record["time_s"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception as err:  # the run's own files are closed already
+                log.warning("%s failed to close: %s: %s", sink.name, type(err).__name__, err)
+        self._sinks = []
 
 
 def _tensorboard_writer(directory: Path) -> Any:

@@ -145,8 +145,14 @@ def run(cfg: Config, resume: str | None = None) -> int:
 
     With ``resume`` (a run directory), continue that run from its newest complete checkpoint.
     """
+    from prorl_async.envs.preview import absolute_paths, check_sources
     from prorl_async.models import resolve_model
+    from prorl_async.monitor.wandb_sink import check_tracking
 
+    check_tracking(cfg.tracking)  # a missing tracker package is a one-line error here, not a dead learner later
+    if resume is None:
+        cfg = absolute_paths(cfg)  # config.toml names the same data and reward files from any directory
+    check_sources(cfg)  # a missing file or column, a reward that does not import: one line, before any model loads
     checkpoint = None
     if resume is not None:
         run_dir = Path(resume)

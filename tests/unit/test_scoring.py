@@ -105,7 +105,9 @@ def test_score_one_validates_requests_and_results() -> None:
         "reward": 0.5, "reason": "half", "status": "ok"}
     assert _score_one(lambda t, k: 1, {"text": "x"})["reward"] == 1.0
     assert _score_one(lambda t, k: "1", {"text": "x"})["status"] == "error"
-    assert _score_one(lambda t, k: True, {"text": "x"})["status"] == "error"
+    assert _score_one(lambda t, k: True, {"text": "x"})["reward"] == 1.0  # a bool is 0 or 1 (rewards.interpret)
+    assert _score_one(lambda t, k: {"reward": 0.5, "n": 2}, {"text": "x"}) == {
+        "reward": 0.5, "reason": "", "status": "ok", "extras": {"n": 2.0}}
     assert _score_one(lambda t, k: 1.0, {"text": 3})["status"] == "error"
 
 

@@ -131,3 +131,17 @@ def test_few_shot_demonstrations_come_before_the_question_in_the_asked_format() 
             assert task.question not in messages[0]["content"] + messages[2]["content"]
     plain = TasksConfig(mix=[spec], validation_size=8)
     assert len(build_messages(TaskMix(plain).train_task(7), plain)) == 1
+
+
+def test_a_problem_is_never_its_own_few_shot_demonstration() -> None:
+    # measured with examples/own_data: training problems 0 and 1 were shown with their own answers as demonstrations
+    spec = TaskSpec(domain="logic", name="chain_sum",
+                    params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1})
+    cfg = TasksConfig(mix=[spec], few_shot=2, validation_size=8, train_size=50)
+    mix = TaskMix(cfg)
+    first = [mix.train_problem(0, j) for j in range(3)]
+    for j, task in enumerate(first):
+        shown = [question for question, _ in task.metadata["few_shot"]]
+        assert len(shown) == 2 and task.question not in shown
+        assert shown == [t.question for t in first if t is not task][:2], j
+    assert [q for q, _ in mix.train_problem(0, 9).metadata["few_shot"]] == [t.question for t in first[:2]]
