@@ -74,7 +74,8 @@ def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
     saved = json.loads((run_dir / "checkpoints" / "step-000002" / "service.json").read_text())
     assert saved["groups_arrived"] >= steps[-1]["groups_arrived"]
     prompts = json.loads((run_dir / "checkpoints" / "step-000002" / "prompts.json").read_text())
-    assert set(prompts) == {"sampler", "next_request_id", "curriculum", "skips"} and prompts["next_request_id"] >= 8
+    assert set(prompts) == {"sampler", "next_request_id", "curriculum", "skips", "balance"}
+    assert prompts["next_request_id"] >= 8
 
     # --resume: same directory, config and metrics file; two more steps
     out = _run([str(EXE), "run", "--resume", str(run_dir), *_sets("run.max_steps=4")], run_dir, tmp_path)
