@@ -178,7 +178,9 @@ def test_with_a_bound_the_next_step_starts_before_the_broadcast_ends(tmp_path: P
     log, _, sender, records = _run(tmp_path, bound=1)
     for v in (1, 2):
         assert log.at("published", v) < log.at("broadcast_start", v)  # WeightsReady(v) first
-        assert log.at("broadcast_start", v) < log.at("train_start", v + 1) < log.at("broadcast_end", v)
+        # the next step starts while broadcast v runs (held 5 s); whether the sender's thread or the next step gets
+        # going first is a race (lost once in CI under load), and nothing depends on it
+        assert log.at("train_start", v + 1) < log.at("broadcast_end", v)
         assert log.at("broadcast_end", v) < log.at("broadcast_start", v + 1)  # one in flight at a time
     assert sender.most_active == 1
     steps = [r for r in records if r["kind"] == "step"]
