@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prorl_async.envs.data import DataSource, answer_text, is_list, is_text, lookup, needs, open_checked
-from prorl_async.envs.tasks import Problem, Task, derive_seed
+from prorl_async.envs.problem import Problem, Task, derive_seed
 from prorl_async.errors import UserError
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from prorl_async.errors import UserError
 
 if TYPE_CHECKING:
-    from prorl_async.envs.tasks import FiniteProblems, ProceduralProblems
+    from prorl_async.envs.problem import FiniteProblems, ProceduralProblems
 
 DOMAINS = ("logic", "math", "code", "stem", "instruction")
 

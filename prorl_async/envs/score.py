@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from math import isfinite  # not `import math`: the submodule rewards.math would rebind that name
 from typing import Any
 
+from prorl_async.envs.problem import Task
 from prorl_async.envs.registry import domain_module
-from prorl_async.envs.tasks import Task
 
 SCORE_TIME_LIMIT_S = 10.0
 """Default limit for one non-code score (math-verify on a pathological answer is the slow case)."""

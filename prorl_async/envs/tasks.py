@@ -1,7 +1,8 @@
 """Tasks: what a prompt asks and how its answer is checked, the task mix, and prompt rendering.
 
-A :class:`Task` is plain data (strings, numbers, lists, dicts): it pickles into a scoring process, and
-``Task.from_dict(task.to_dict())`` rebuilds it. ``prorl_async.envs.score.score(text, task)`` scores it.
+A :class:`Task` (defined in :mod:`prorl_async.envs.problem`, re-exported here) is plain data (strings, numbers,
+lists, dicts): it pickles into a scoring process, and ``Task.from_dict(task.to_dict())`` rebuilds it.
+``prorl_async.envs.score.score(text, task)`` scores it.
 
 :class:`TaskMix` turns ``TasksConfig`` into two deterministic views per task spec:
 
@@ -37,13 +38,12 @@ Usage::
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from prorl_async.envs.problem import FiniteProblems, Problem, ProceduralProblems, Task, derive_seed
 from prorl_async.errors import UserError
 
 if TYPE_CHECKING:
@@ -52,62 +52,6 @@ if TYPE_CHECKING:
 
 _PROBES = 64  # procedural training: redraws allowed when a problem collides with the validation split
 _VALIDATION_DRAWS = 4  # procedural validation: draws allowed per requested problem (+64) to find distinct ones
-
-
-@dataclass(frozen=True)
-class Task:
-    """One problem, ready to prompt and to score.
-
-    ``checker`` holds what the domain's scorer needs beyond ``answer`` (tests, instruction arguments,
-    choices, a generator's metadata) plus ``answer_format`` and ``partial_credit``, and the spec's ``reward_fn``
-    and a data row's columns (``row``) where there are; ``metadata`` is informational (split, index, spec, source,
-    difficulty), but for the prompt of a data row (``messages``) and few-shot demonstrations (``few_shot``).
-    """
-
-    id: str
-    domain: str
-    name: str
-    question: str
-    answer: str | None = None
-    checker: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Task:
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """What a domain yields for one problem; :class:`TaskMix` adds the id, split and scoring options."""
-
-    question: str
-    answer: str | None
-    checker: dict[str, Any] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FiniteProblems:
-    """A fixed data set (HumanEval, MMLU, IFEval, CHAMP), in a stable order."""
-
-    problems: Sequence[Problem]
-
-
-@dataclass(frozen=True)
-class ProceduralProblems:
-    """A generator: ``make(seed, size)`` returns ``item(index) -> Problem`` for ``0 <= index < size``."""
-
-    make: Callable[[int, int], Callable[[int], Problem]]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 32-bit seed from any parts, the same in every process (no ``hash()`` randomisation)."""
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
 
 
 # ------------------------------------------------------------------------------------------- splits

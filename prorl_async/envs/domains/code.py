@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from prorl_async.envs.domains.extract import code_block
+from prorl_async.envs.problem import FiniteProblems, Problem, Task
 from prorl_async.envs.sandbox import SandboxLimits, SandboxResult, run_python
-from prorl_async.envs.tasks import FiniteProblems, Problem, Task
 from prorl_async.errors import UserError
 
 _PARAMS = {"timeout_s": 5.0, "memory_mb": 512}

@@ -19,7 +19,7 @@ from typing import Any
 
 from prorl_async.envs.domains import ifeval_checks
 from prorl_async.envs.domains.extract import answer_tag, strip_thinking
-from prorl_async.envs.tasks import FiniteProblems, Problem, Task
+from prorl_async.envs.problem import FiniteProblems, Problem, Task
 from prorl_async.errors import UserError
 
 

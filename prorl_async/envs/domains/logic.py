@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from prorl_async.envs.domains.extract import ask_for, final_answer, parse_number
-from prorl_async.envs.tasks import Problem, ProceduralProblems, Task
+from prorl_async.envs.problem import Problem, ProceduralProblems, Task
 from prorl_async.errors import UserError
 
 _OURS = ("seed", "size")

@@ -22,7 +22,7 @@ from typing import Any
 
 from prorl_async.envs.domains import logic
 from prorl_async.envs.domains.extract import final_answer, parse_number
-from prorl_async.envs.tasks import FiniteProblems, Problem, ProceduralProblems, Task
+from prorl_async.envs.problem import FiniteProblems, Problem, ProceduralProblems, Task
 from prorl_async.errors import UserError
 
 MAX_VERIFY_CHARS = 300

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from prorl_async.envs.domains.extract import ask_for, choice_letter
-from prorl_async.envs.tasks import FiniteProblems, Problem, Task
+from prorl_async.envs.problem import FiniteProblems, Problem, Task
 from prorl_async.errors import UserError
 
 STEM_SUBJECTS = (
