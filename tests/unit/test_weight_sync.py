@@ -394,3 +394,28 @@ def _peer(port: int, member: str, mode: str, timeout_s: float = TIMEOUT_S) -> No
 
 if __name__ == "__main__":
     _peer(int(sys.argv[1]), sys.argv[2], sys.argv[3], *map(float, sys.argv[4:]))
+
+
+# ------------------------------------------------------------------------------------ the store's interface
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses of the LISTEN sockets on ``port``, from /proc/net/tcp and tcp6 (hex, as the kernel writes)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the kernel's socket table (Linux)")
+def test_the_weight_store_listens_only_on_the_configured_interface() -> None:
+    sender = WeightSender(WeightSyncConfig(host="127.0.0.1", timeout_s=TIMEOUT_S))
+    try:
+        # 0100007F is 127.0.0.1 as /proc/net/tcp writes it; a wildcard bind would show 00000000 or an all-zero tcp6
+        assert _listening_addresses(sender.port) == ["0100007F"]
+    finally:
+        sender.close()

@@ -208,9 +208,29 @@ def local_address(host: str, port: int) -> str:
 
 
 def tcp_store(host: str, port: int, master: bool, timeout_s: float) -> Any:
+    """A client of the store at ``host:port``, or (``master``) the store itself, listening on ``host`` only.
+
+    torch's store binds every interface when it opens its own socket; the master is handed a socket bound to
+    ``host`` instead (``master_listen_fd``), so a store on loopback cannot be reached from another machine and one
+    on a cluster interface only from that network.
+    """
     from torch.distributed import TCPStore
 
-    return TCPStore(host, port, None, master, timedelta(seconds=timeout_s), wait_for_workers=False)
+    if not master:
+        return TCPStore(host, port, None, False, timedelta(seconds=timeout_s), wait_for_workers=False)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(512)
+        store = TCPStore(host, listener.getsockname()[1], None, True, timedelta(seconds=timeout_s),
+                         wait_for_workers=False, master_listen_fd=listener.fileno())
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now and closes it with itself
+    return store
 
 
 # -------------------------------------------------------------------------------------------- sender
