@@ -20,8 +20,9 @@ Invariants:
   generator (``handshake``) waits for that first control message — learner reachable, keys accepted,
   subscription live — then sends ``Ready(source)`` as its first message on the groups socket.
   Control messages are idempotent (a generator may see the same ``WeightsReady`` twice).
-- CURVE (when ``curve_secret_key_file`` is set): the binding side is the CURVE server and admits only
-  the public keys in ``curve_authorized_keys_dir`` (ZAP); a client with another key, or none, is refused.
+- CURVE (when ``curve_secret_key_file`` is set, or the process was handed a run's keys in ``PRORL_CURVE_KEYS``,
+  :class:`CurveKeys`): the binding side is the CURVE server and admits only the public keys in
+  ``curve_authorized_keys_dir`` or the run's (ZAP); a client with another key, or none, is refused.
 - A socket lives on one thread at a time. ``receive_loop`` hands a socket to a worker thread that
   decodes and passes messages to trio through a bounded memory channel; when trio stops reading, the
   thread blocks, ZeroMQ's queues fill up to the high-water marks and the senders block: the channel
@@ -32,10 +33,13 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +86,64 @@ class Rejections:
             return dict(self._counts)
 
 
+CURVE_KEYS_ENV = "PRORL_CURVE_KEYS"
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """One process's CURVE keys for one run, held in memory (Z85 text): never in a file, never in a log.
+
+    A launcher makes them with :func:`run_keys` and hands them to each process in its environment
+    (``PRORL_CURVE_KEYS``, :meth:`to_env`), which only the process's own user can read. The learner (server)
+    gets its key pair and the clients it admits; a generator (client) gets its key pair and the learner's public key.
+    """
+
+    public: bytes
+    secret: bytes
+    server_public: bytes = b""
+    """A client's: the public key of the server it connects to."""
+    authorized: tuple[bytes, ...] = ()
+    """A server's: the public keys of the clients it admits."""
+
+    def to_env(self) -> str:
+        return json.dumps({"public": self.public.decode(), "secret": self.secret.decode(),
+                           "server_public": self.server_public.decode(),
+                           "authorized": [k.decode() for k in self.authorized]})
+
+    @classmethod
+    def from_env(cls, text: str) -> CurveKeys:
+        try:
+            raw = json.loads(text)
+            keys = cls(raw["public"].encode(), raw["secret"].encode(), raw.get("server_public", "").encode(),
+                       tuple(k.encode() for k in raw.get("authorized", [])))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise TransportError(f"{CURVE_KEYS_ENV} does not hold a run's CURVE keys") from None
+        if any(len(k) != 40 for k in (keys.public, keys.secret, *keys.authorized)):
+            raise TransportError(f"{CURVE_KEYS_ENV}: a key is not 40 Z85 characters")
+        return keys
+
+    def __repr__(self) -> str:  # the secret never reaches a log line or a traceback
+        return f"CurveKeys(public={self.public.decode()!r}, authorized={len(self.authorized)})"
+
+
+def run_keys() -> tuple[CurveKeys, CurveKeys]:
+    """Fresh keys for one run: (the learner's, the generators'). Each admits only the other."""
+    server_public, server_secret = zmq.curve_keypair()
+    client_public, client_secret = zmq.curve_keypair()
+    return (CurveKeys(server_public, server_secret, authorized=(client_public,)),
+            CurveKeys(client_public, client_secret, server_public=server_public))
+
+
+class _Admit:
+    """ZAP's credentials provider for a run's keys: admits exactly the authorized public keys."""
+
+    def __init__(self, authorized: tuple[bytes, ...]) -> None:
+        self.authorized = frozenset(authorized)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.authorized
+
+
 class Transport:
     """One per process: the ZeroMQ context, this side's CURVE keys and ZAP handler, and the socket factory.
 
@@ -92,11 +154,18 @@ class Transport:
             sender = Sender(transport, zmq.PUSH, groups_endpoint)              # generator
     """
 
-    def __init__(self, cfg: TransportConfig, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, cfg: TransportConfig, limits: Limits = DEFAULT_LIMITS, keys: CurveKeys | None = None) -> None:
+        """``keys``: a run's CURVE keys; by default those in ``PRORL_CURVE_KEYS``, else the configured key files."""
         self.cfg = cfg
         self.limits = limits
         self.context = zmq.Context()
-        self._keys = _load_key_pair(cfg.curve_secret_key_file) if cfg.curve_secret_key_file else None
+        if keys is None and os.environ.get(CURVE_KEYS_ENV):
+            keys = CurveKeys.from_env(os.environ[CURVE_KEYS_ENV])
+        self._run_keys = keys
+        if keys is not None:
+            self._keys: tuple[bytes, bytes | None] | None = (keys.public, keys.secret)
+        else:
+            self._keys = _load_key_pair(cfg.curve_secret_key_file) if cfg.curve_secret_key_file else None
         self._auth: ThreadAuthenticator | None = None
 
     def endpoint(self, name: str) -> str:
@@ -140,6 +209,10 @@ class Transport:
         if server:
             self._start_authenticator()
             sock.curve_server = True
+        elif self._run_keys is not None:
+            if not self._run_keys.server_public:
+                raise TransportError(f"{CURVE_KEYS_ENV} holds no server key: this process cannot connect with CURVE")
+            sock.curve_serverkey = self._run_keys.server_public
         else:
             if not self.cfg.curve_server_public_key_file:
                 raise TransportError("transport.curve_server_public_key_file is needed to connect with CURVE")
@@ -147,6 +220,11 @@ class Transport:
 
     def _start_authenticator(self) -> None:
         if self._auth is not None:
+            return
+        if self._run_keys is not None:
+            self._auth = ThreadAuthenticator(self.context)
+            self._auth.start()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_Admit(self._run_keys.authorized))
             return
         keys_dir = self.cfg.curve_authorized_keys_dir
         if not keys_dir or not Path(keys_dir).is_dir():
