@@ -325,6 +325,8 @@ class GeneratorConfig(_Section):
     reward_function: str = ""
     """``module:function`` called as ``fn(text, task_dict) -> reward | (reward, reason)`` in the scoring pool;
     empty uses the built-in verifiers (``prorl_async.envs.score.score``)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one vLLM engine spans (vLLM's ``tensor_parallel_size``); the Ray launcher keeps them on one node."""
 
 
 class BufferConfig(_Section):
@@ -549,6 +551,45 @@ class EvalConfig(_Section):
     (the base model, or the resumed checkpoint) while the first batch is gathered, as the baseline."""
 
 
+class ClusterConfig(_Section):
+    """Where the processes run: on this machine (``local``) or on a Ray cluster (``ray``; ``pip install
+    prorl-async[ray]``). The processes, the ZeroMQ data plane and the weight groups are the same either way."""
+
+    launcher: Literal["local", "ray"] = "local"
+    """``local``: every process on this machine. ``ray``: each process inside a Ray actor placed by a placement group
+    (``prorl_async.supervisor.ray_launcher``)."""
+    address: str = "auto"
+    """The Ray cluster to join: ``auto`` joins the one this machine belongs to (``RAY_ADDRESS``, ``ray start``) and
+    starts one on this machine when there is none; ``local`` always starts one here; else ``HOST:PORT``."""
+    learner_nodes: int = Field(1, ge=1)
+    """Nodes the learner's ranks span (one placement-group bundle per node)."""
+    learner_gpus_per_node: int = Field(0, ge=0)
+    """GPUs per learner node (one rank each); 0: the learner runs on CPU (one rank)."""
+    learner_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per learner bundle (a scheduling unit, not a limit on threads)."""
+    learner_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources per learner bundle, e.g. ``{learner_node = 1}`` to pin it to nodes started with them."""
+    generator_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per generator engine."""
+    generator_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources per generator engine."""
+    generator_gpus: bool = False
+    """Generator engines on GPUs: each reserves ``generator.tensor_parallel_size`` GPUs of one node."""
+    interface: str = ""
+    """The address the learner listens on when processes span machines; empty: its node's address as Ray sees it.
+    On one machine the learner keeps ``transport.host`` (loopback)."""
+    curve: Literal["auto", "on", "off"] = "auto"
+    """ZeroMQ CURVE with keys made for this run and handed to the processes through Ray: ``auto`` turns it on when the
+    learner listens on anything but loopback. ``off`` across machines is refused."""
+    generator_max_restarts: int = Field(-1, ge=-1)
+    """How often Ray restarts a generator's actor after its node dies (on another node when this one is gone);
+    -1: always."""
+    placement_timeout_s: float = Field(300.0, gt=0)
+    """How long to wait for the cluster to place a process (resources free up, nodes join) before giving up."""
+    call_timeout_s: float = Field(60.0, gt=0)
+    """Longest wait on any one call to a remote actor; past it the actor counts as lost."""
+
+
 class TrackingConfig(_Section):
     """Experiment trackers that receive the run's records next to ``metrics.jsonl`` (``prorl_async.monitor``)."""
 
@@ -597,6 +638,8 @@ class Config(_Section):
     """Evaluation and periodic validation."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Experiment tracking (Weights & Biases)."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Where the processes run: this machine or a Ray cluster."""
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Config:
@@ -616,6 +659,13 @@ class Config(_Section):
             raise ValueError(
                 "transport.curve_secret_key_file is required when transport.curve_server_public_key_file or "
                 "transport.curve_authorized_keys_dir is set (CURVE needs this side's key pair)"
+            )
+        ranks = self.cluster.learner_nodes * max(1, self.cluster.learner_gpus_per_node)
+        if ranks > 1:
+            raise ValueError(
+                f"cluster.learner_nodes x cluster.learner_gpus_per_node = {ranks} learner ranks: the learner service "
+                "runs one rank so far (the trainer itself shards with FSDP2, the service does not yet feed several "
+                "ranks); use one learner node with at most one GPU"
             )
         if self.model.max_model_len <= self.sampling.max_response_tokens:
             raise ValueError(

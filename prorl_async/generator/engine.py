@@ -133,7 +133,7 @@ class Engine:
         args = AsyncEngineArgs(model=str(resolve_model(m.name)), dtype=m.dtype, max_model_len=m.max_model_len,
                                enforce_eager=g.enforce_eager, gpu_memory_utilization=g.gpu_memory_utilization,
                                seed=seed, logprobs_mode=logprobs_mode, disable_log_stats=True,
-                               worker_extension_cls=EXTENSION,
+                               worker_extension_cls=EXTENSION, tensor_parallel_size=g.tensor_parallel_size,
                                max_num_seqs=engine_max_num_seqs(cfg, SchedulerConfig.DEFAULT_MAX_NUM_SEQS))
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         return cls(AsyncLLM.from_engine_args(args), tokenizer)

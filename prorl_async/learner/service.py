@@ -42,6 +42,7 @@ Run as a process: ``python -m prorl_async.learner RUN_DIR [--resume CHECKPOINT_D
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
@@ -329,17 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     from prorl_async.config import load_config
     from prorl_async.supervisor.lifecycle import exit_with_parent
 
-    args = sys.argv[1:] if argv is None else argv
-    resume = None
-    if len(args) == 3 and args[1] == "--resume":
-        resume = Path(args[2])
-    elif len(args) != 1:
-        print("usage: python -m prorl_async.learner RUN_DIR [--resume CHECKPOINT_DIR]", file=sys.stderr)
-        return 2
-    run_dir = Path(args[0])
+    p = argparse.ArgumentParser(prog="python -m prorl_async.learner")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
+                   help="on top of RUN_DIR/config.toml, for this process only (a launcher's bind address)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(args.run_dir)
+    resume = Path(args.resume) if args.resume else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
     exit_with_parent()
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", args.overrides)
     service = LearnerService(cfg, run_dir, resume_from=resume)
     try:
         trio.run(service.serve)

@@ -4,8 +4,9 @@ The supervisor starts each child in a session of its own (so that a terminal's C
 supervisor, which stops the children in order) and names itself in ``PRORL_SUPERVISOR_PID``. A child calls
 :func:`exit_with_parent` once at start: a daemon thread checks every ``interval_s`` that its parent is
 still that process, and when it is not (the supervisor died, even by SIGKILL, and the child was re-parented)
-it sends itself SIGTERM, which the learner and the generators handle as a clean stop (the learner writes a
-checkpoint). ``prctl(PR_SET_PDEATHSIG)`` cannot do this job: it fires when the *thread* that forked the
+it sends SIGTERM to its process group: itself, which the learner and the generators handle as a clean stop (the
+learner writes a checkpoint), and the processes it started (vLLM's engine core, the scoring pool), which no
+supervisor is left to reap. ``prctl(PR_SET_PDEATHSIG)`` cannot do this job: it fires when the *thread* that forked the
 child exits, and trio starts processes from worker threads that come and go.
 """
 
@@ -43,13 +44,27 @@ def exit_with_parent(interval_s: float = 1.0) -> threading.Thread | None:
         stop = threading.Event()
         while not stop.wait(interval_s):
             if os.getppid() != supervisor:
-                log.error("the supervisor (pid %d) is gone: stopping (SIGTERM to myself)", supervisor)
-                os.kill(os.getpid(), signal.SIGTERM)
+                _stop_my_group(supervisor, stop)
                 return
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
     thread.start()
     return thread
+
+
+def _stop_my_group(supervisor: int, stop: threading.Event, grace_s: float = 60.0) -> None:
+    """SIGTERM to this process (a clean stop: the learner checkpoints) and, when it leads its process group (the
+    launchers start each child in a session of its own), to every process it started (vLLM's engine core, the
+    scoring pool): nobody else is left to reap them. Whatever of the group still runs after ``grace_s`` is killed."""
+    leader = os.getpgrp() == os.getpid()
+    log.error("the supervisor (pid %d) is gone: stopping (SIGTERM to %s)", supervisor,
+              "my process group" if leader else "myself")
+    if not leader:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+    if not stop.wait(grace_s):  # still here: this process did not stop on SIGTERM, nor did its group
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def process_table() -> dict[int, tuple[str, int, int]]:

@@ -3,6 +3,10 @@
     supervisor (trio) ── learner process   python -m prorl_async.learner RUN_DIR
                      └─ generator i        python -m prorl_async.generator --config RUN_DIR/config.toml ...
 
+Where they run is the launcher's (``cluster.launcher``): children of this process (``local``, :class:`Child`), or
+children of Ray actors on a cluster's nodes (``ray``, :mod:`prorl_async.supervisor.ray_launcher`), supervised the
+same way.
+
 Invariants:
 - The learner binds every endpoint and writes ``RUN_DIR/endpoints.json``; generators start only after it
   exists and connect to what it names. Each process logs to ``RUN_DIR/logs/<name>.log``.
@@ -37,6 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -49,15 +54,20 @@ from prorl_async.supervisor.summary import closing_lines
 from prorl_async.utils.fs import write_atomic
 from prorl_async.utils.run_dir import latest_checkpoint
 
+if TYPE_CHECKING:
+    from prorl_async.supervisor.ray_launcher import RayLauncher
+
 _GRACE_S = 30.0  # how long children get to exit after Stop / SIGINT before they are killed
 _MAX_BACKOFF_S = 60.0
 
 
 def make_run_dir(cfg: Config) -> Path:
-    """Expand ``{timestamp}`` in ``run.run_dir`` and create it (a fresh directory per run)."""
+    """Expand ``{timestamp}`` in ``run.run_dir`` and create it (a fresh directory per run). A directory used before
+    loses its endpoints.json: the generators wait for the file the new learner writes, not the old one."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(cfg.run.run_dir.replace("{timestamp}", stamp))
     path.mkdir(parents=True, exist_ok=True)
+    (path / "endpoints.json").unlink(missing_ok=True)
     return path
 
 
@@ -67,18 +77,20 @@ class Child:
 
     name: str
     argv: list[str]
+    """The command line after ``python``."""
     log_path: Path
     process: trio.Process | None = None
     restarts: int = 0
+    host: str = ""
 
     async def start(self, env: dict[str, str], pids_file: Path) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops the children
             # in order (learner first: checkpoint, then Stop to the generators).
-            self.process = await trio.lowlevel.open_process(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                                            stdin=subprocess.DEVNULL, env=env,
-                                                            start_new_session=True)
+            self.process = await trio.lowlevel.open_process([sys.executable, *self.argv], stdout=log,
+                                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                            env=env, start_new_session=True)
         pids = json.loads(pids_file.read_text()) if pids_file.exists() else {}
         pids[self.name] = self.process.pid
         write_atomic(pids_file, json.dumps(pids, indent=2) + "\n")  # RUN_DIR/pids.json: who is who, for people
@@ -104,6 +116,9 @@ class Child:
                 if not _group_alive(pgid):
                     return
         print(f"prorl-async: processes left by {self.name} (group {pgid}) survived SIGKILL", flush=True)
+
+    def describe_exit(self, code: int) -> str:
+        return f"exited with {code}"
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -166,19 +181,27 @@ def run(cfg: Config, resume: str | None = None) -> int:
         print(f"run directory: {run_dir}", flush=True)
     write_resolved(cfg, run_dir)
     resolve_model(cfg.model.name)  # build/convert once here, not in every child at the same time
-    return trio.run(Supervisor(cfg, run_dir, checkpoint).main)
+    launcher = None
+    if cfg.cluster.launcher == "ray":
+        from prorl_async.supervisor.ray_launcher import RayLauncher
+
+        launcher = RayLauncher(cfg, run_dir)
+        launcher.connect()
+    return trio.run(Supervisor(cfg, run_dir, checkpoint, launcher).main)
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
+                 launcher: RayLauncher | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.launcher = launcher  # None: every process is a child of this one
         self.env = child_env(cfg, run_dir)
         self.pids_file = run_dir / "pids.json"
-        py = sys.executable
-        argv = [py, "-m", "prorl_async.learner", str(run_dir)]
+        where = run_dir.resolve() if launcher is not None else run_dir  # an actor's working directory is not ours
+        argv = ["-m", "prorl_async.learner", str(where)]
         if resume_from is not None:
-            argv += ["--resume", str(resume_from)]
-        self.learner = Child("learner", argv, run_dir / "logs" / "learner.log")
+            argv += ["--resume", str(resume_from.resolve() if launcher is not None else resume_from)]
+        self.learner = self._child("learner", argv, learner=True)
         self.generators: list[Child] = []
         self.stopping = False  # generators that exit from now on are not restarted
         self._interrupted = False
@@ -195,6 +218,8 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self._shutdown()
+                if self.launcher is not None:  # the actors and placement groups go with the run
+                    await trio.to_thread.run_sync(self.launcher.close, [self.learner, *self.generators])
         if self._ended or self._interrupted:  # every process stopped: the newest checkpoint is the last one
             self._summary()
         return code
@@ -208,8 +233,7 @@ class Supervisor:
                 return 130
             return self._learner_failed()
         for i in range(self.cfg.generator.num_generators):
-            log_path = self.run_dir / "logs" / f"generator-{i}.log"
-            child = Child(f"generator-{i}", self._generator_argv(i, endpoints), log_path)
+            child = self._child(f"generator-{i}", self._generator_argv(i, endpoints))
             self.generators.append(child)
             await child.start(self.env, self.pids_file)
             nursery.start_soon(self._watch_generator_loop, child, endpoints)
@@ -220,6 +244,12 @@ class Supervisor:
             return self._learner_failed()
         self._ended = True
         return 130 if self._interrupted else 0
+
+    def _child(self, name: str, argv: list[str], learner: bool = False) -> Child:
+        log_path = self.run_dir / "logs" / f"{name}.log"
+        if self.launcher is not None:
+            return self.launcher.child(name, argv, log_path, learner=learner)  # type: ignore[return-value]
+        return Child(name, argv, log_path)
 
     async def _signals_loop(self, cancel_scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -235,19 +265,28 @@ class Supervisor:
                     self.learner.process.send_signal(signal.SIGINT)
 
     async def _wait_for_endpoints(self) -> dict | None:
+        """What the learner bound (``RUN_DIR/endpoints.json``), or None when it ended before it listened."""
         path = self.run_dir / "endpoints.json"
-        assert self.learner.process is not None
-        while not path.exists():
-            if self.learner.process.poll() is not None:
-                return None
-            await trio.sleep(0.2)
-        return json.loads(path.read_text())
+        process = self.learner.process
+        assert process is not None
+        async with trio.open_nursery() as nursery:
+
+            async def learner_ended() -> None:
+                await process.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(learner_ended)
+            while not path.exists():
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        return json.loads(path.read_text()) if path.exists() else None
 
     def _generator_argv(self, i: int, endpoints: dict) -> list[str]:
         ws = endpoints["weight_sync"]
-        return [sys.executable, "-m", "prorl_async.generator", "--config", str(self.run_dir / "config.toml"),
+        run_dir = self.run_dir.resolve() if self.launcher is not None else self.run_dir
+        return ["-m", "prorl_async.generator", "--config", str(run_dir / "config.toml"),
                 "--generator-id", str(i), "--groups", endpoints["groups"], "--control", endpoints["control"],
-                "--weight-sync", f"{ws['host']}:{ws['port']}", "--run-dir", str(self.run_dir)]
+                "--weight-sync", f"{ws['host']}:{ws['port']}", "--run-dir", str(run_dir)]
 
     async def _watch_generator_loop(self, child: Child, endpoints: dict) -> None:
         backoff = 1.0
@@ -260,7 +299,7 @@ class Supervisor:
                 return
             if time.monotonic() - started > 5 * _MAX_BACKOFF_S:
                 backoff = 1.0
-            print(f"prorl-async: {child.name} exited with {code}; restarting in {backoff:.0f} s "
+            print(f"prorl-async: {child.name} {child.describe_exit(code)}; restarting in {backoff:.0f} s "
                   f"(log: {child.log_path})\n{child.tail(5)}", flush=True)
             await trio.sleep(backoff)
             backoff = min(2 * backoff, _MAX_BACKOFF_S)
@@ -284,12 +323,14 @@ class Supervisor:
             if child.process is not None:
                 code = child.process.returncode
                 state = "alive" if code is None else "exited" if self.stopping or code == 0 else "restarting"
-                view.set_process_state(child.name, state, pid=child.process.pid, restarts=child.restarts)
+                view.set_process_state(child.name, state, pid=child.process.pid, restarts=child.restarts,
+                                       host=child.host)
 
     def _learner_failed(self) -> int:
         code = self.learner.process.returncode if self.learner.process else None
         last = latest_checkpoint(self.run_dir) or "none"
-        print(f"prorl-async: the learner stopped with exit code {code}; last checkpoint: {last}; "
+        how = "stopped" if code is None else self.learner.describe_exit(code)
+        print(f"prorl-async: the learner {how}; last checkpoint: {last}; "
               f"log: {self.learner.log_path}\n{self.learner.tail()}", file=sys.stderr, flush=True)
         return 1
 

@@ -119,3 +119,47 @@ def test_a_child_stops_when_its_supervisor_is_killed(tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):  # the child is ours (our supervisor's): never leave it
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_what_a_child_started_stops_too_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """The child's own processes (vLLM's engine core, the scoring pool) live in its process group; when the
+    supervisor is gone they must stop with the child, even when the child's clean stop forgets them (they were
+    left running, re-parented to init, when a Ray node died or the supervisor was killed)."""
+    child = textwrap.dedent("""
+        import signal, subprocess, sys, time
+        from prorl_async.supervisor.lifecycle import exit_with_parent
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a clean stop that leaves the grandchild behind
+        assert exit_with_parent(interval_s=0.2) is not None
+        print(grandchild.pid, flush=True)
+        time.sleep(60)
+    """)
+    supervisor = textwrap.dedent(f"""
+        import os, subprocess, sys
+        from prorl_async.supervisor.lifecycle import supervisor_env
+        p = subprocess.Popen([sys.executable, "-c", {child!r}], env=supervisor_env(dict(os.environ)),
+                             start_new_session=True, stdout=subprocess.PIPE, text=True)
+        print(p.pid, p.stdout.readline().strip(), flush=True)
+        import time; time.sleep(60)
+    """)
+    sup = subprocess.Popen([sys.executable, "-c", supervisor], stdout=subprocess.PIPE, text=True)
+    child_pid, grandchild_pid = (int(x) for x in sup.stdout.readline().split())
+    try:
+        sup.send_signal(signal.SIGKILL)
+        sup.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _running(grandchild_pid):
+            time.sleep(0.2)
+        assert not _running(grandchild_pid), "the child's own process outlived the supervisor"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is ours (our supervisor's child's): never leave it
+            os.killpg(child_pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a re-parented zombie may never be reaped here)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import trio
 
 from prorl_async.config import Config
 from prorl_async.supervisor.summary import closing_lines
-from prorl_async.supervisor.supervisor import Supervisor
+from prorl_async.supervisor.supervisor import Supervisor, make_run_dir
 
 RUN = Path("runs/default-x")
 METRICS = RUN / "metrics.jsonl"
@@ -92,7 +91,7 @@ def test_ctrl_c_during_start_up_says_what_happens_and_where_the_checkpoint_is(
     cfg.run.tui = "off"
     supervisor = Supervisor(cfg, run)
     flag = tmp_path / "learner-up"
-    supervisor.learner.argv = [sys.executable, "-c", _FAKE_LEARNER, str(run), str(flag), str(int(checkpoint)),
+    supervisor.learner.argv = ["-c", _FAKE_LEARNER, str(run), str(flag), str(int(checkpoint)),
                                str(code)]
 
     async def main() -> int:
@@ -118,5 +117,15 @@ def test_ctrl_c_during_start_up_says_what_happens_and_where_the_checkpoint_is(
     assert lines[-2].startswith("stopped: 0 steps; policy reward n/a")
     assert lines[-1] == (f"checkpoint: {run / 'checkpoints' / 'step-000000'} (continue with: prorl-async run --resume "
                          f"{run})" if checkpoint else "checkpoint: none written (nothing to resume)")
-    assert "stopped with exit code" not in err  # an interrupt is not a failure, whatever the exit code
+    assert "the learner exited with" not in err  # an interrupt is not a failure, whatever the exit code
     assert json.loads((run / "pids.json").read_text())["learner"] > 0
+
+
+def test_a_run_directory_used_again_drops_the_last_runs_endpoints(tmp_path: Path) -> None:
+    """A fixed ``run.run_dir`` used by an earlier run: its endpoints.json would send the generators to a learner
+    that is gone (they waited for it until the handshake timed out, again and again)."""
+    cfg = Config()
+    cfg.run.run_dir = str(tmp_path / "fixed")
+    first = make_run_dir(cfg)
+    (first / "endpoints.json").write_text('{"groups": "tcp://127.0.0.1:1"}')
+    assert make_run_dir(cfg) == first and not (first / "endpoints.json").exists()

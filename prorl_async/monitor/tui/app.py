@@ -200,6 +200,7 @@ def _header(snap: Snapshot) -> Panel:
         "  learner ", NA if snap.version is None else f"v{snap.version}",
         " ", (learner.state, _STATE_STYLE.get(learner.state, "")),
         f" pid {learner.pid}" if learner.pid else "",
+        f" on {learner.host}" if learner.host else "",
         "  time budget ", _clock(snap.time_budget_s) if snap.time_budget_s else "none",
     )
     policy = snap.policy.get("all")
@@ -218,14 +219,15 @@ def _header(snap: Snapshot) -> Panel:
 
 
 # (header, shown on a narrow screen too); the order of _generator_row's cells
-_GEN_COLUMNS = [("generator", True), ("state", True), ("pid", False), ("restarts", False), ("tok/s", True),
-                ("version", True), ("sent", True), ("in flight", False), ("rwd err", True), ("aborted", False),
-                ("update", False), ("idle", True), ("age", False)]
+_GEN_COLUMNS = [("generator", True), ("state", True), ("host", True), ("pid", False), ("restarts", False),
+                ("tok/s", True), ("version", True), ("sent", True), ("in flight", False), ("rwd err", True),
+                ("aborted", False), ("update", False), ("idle", True), ("age", False)]
 
 
 def _generator_table(snap: Snapshot, wide: bool) -> Table:
     """One row per generator: groups sent, reward errors (score error + timeout + crash), stale groups aborted."""
-    keep = [wide or narrow for _, narrow in _GEN_COLUMNS]
+    on_cluster = any(gen.host for gen in snap.generators.values())  # the host column only when there are hosts
+    keep = [(wide or narrow) and (name != "host" or on_cluster) for name, narrow in _GEN_COLUMNS]
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold underline", title="generators",
                   title_justify="left", title_style="bold")
     for (name, _), shown in zip(_GEN_COLUMNS, keep, strict=True):
@@ -245,7 +247,7 @@ def _generator_row(gen: ProcessStatus, snap: Snapshot) -> list[str | Text]:
     age = None if reported is None or snap.now_s is None else max(0.0, snap.now_s - reported)
     version = _num(v, "policy_version")
     return [
-        gen.name, Text(gen.state, style=_STATE_STYLE.get(gen.state, "")),
+        gen.name, Text(gen.state, style=_STATE_STYLE.get(gen.state, "")), gen.host or NA,
         str(gen.pid) if gen.pid else NA, str(gen.restarts),
         _fmt(gen.recent_tokens_per_s, ".1f"), NA if version is None else f"v{version:.0f}",
         _fmt(_num(v, "groups_sent"), ".0f"), _fmt(_num(v, "groups_in_flight"), ".0f"),

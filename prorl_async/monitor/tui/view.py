@@ -53,6 +53,8 @@ class ProcessStatus:
     """``alive`` / ``restarting`` / ``exited`` from the supervisor; else ``ready``, ``running``, ``finished``."""
     pid: int | None = None
     restarts: int = 0
+    host: str = ""
+    """The node's host name on a cluster (``cluster.launcher = "ray"``); empty on this machine."""
     supervised: bool = False
     """True once the supervisor set the state; records then no longer change it."""
     values: dict[str, Any] = field(default_factory=dict)
@@ -135,7 +137,7 @@ class RunView:
         self._config = dict(config) if config is not None else None
         self._offset = 0
         self._inode: int | None = None
-        self._pending_states: dict[str, tuple[str, int | None, int]] = {}
+        self._pending_states: dict[str, tuple[str, int | None, int, str]] = {}
         self._since_s = since_s
         self._phase_counter = itertools.count(1)  # phase numbers stay increasing across fresh snapshots
         self.snapshot = self._fresh_snapshot()
@@ -211,11 +213,13 @@ class RunView:
             if not snap.first_validation and record.get("complete") is not False and pass_at_1(record) is not None:
                 snap.first_validation = record
 
-    def set_process_state(self, name: str, state: str, pid: int | None = None, restarts: int = 0) -> None:
-        """What the supervisor knows of a process: ``alive``, ``restarting``, ``exited`` (or any short word)."""
-        self._pending_states[name] = (state, pid, restarts)  # survives a fresh snapshot (file replaced)
+    def set_process_state(self, name: str, state: str, pid: int | None = None, restarts: int = 0,
+                          host: str = "") -> None:
+        """What the supervisor knows of a process: ``alive``, ``restarting``, ``exited`` (or any short word), and
+        the host it runs on (on a cluster; empty on this machine)."""
+        self._pending_states[name] = (state, pid, restarts, host)  # survives a fresh snapshot (file replaced)
         proc = self.snapshot.learner if name == "learner" else self._generator(name)
-        proc.state, proc.pid, proc.restarts, proc.supervised = state, pid, restarts, True
+        proc.state, proc.pid, proc.restarts, proc.host, proc.supervised = state, pid, restarts, host, True
         now = self.clock() if self.clock is not None else self.snapshot.now_s
         if now is not None:
             self.snapshot.phases.process(name, state, pid, now)
@@ -293,8 +297,8 @@ class RunView:
         self.snapshot = snap
         if self._config is not None:
             self._apply_config(self._config)
-        for name, (state, pid, restarts) in self._pending_states.items():
-            self.set_process_state(name, state, pid, restarts)
+        for name, (state, pid, restarts, host) in self._pending_states.items():
+            self.set_process_state(name, state, pid, restarts, host)
         return snap
 
     def _load_config(self) -> None:
