@@ -95,7 +95,8 @@ class ProcessHost:
         env = {**os.environ, **self.env, SUPERVISOR_ENV: str(os.getpid())}  # the child stops when this actor dies
         with log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, *self.argv], stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                            preexec_fn=_unblock_signals)
 
     def info(self) -> dict[str, Any]:
         """Where and what: host name, node address, pid, exit code (None while running), incarnation, error."""
@@ -142,6 +143,12 @@ class ProcessHost:
                 except (ProcessLookupError, PermissionError):
                     return
                 time.sleep(0.1)
+
+
+def _unblock_signals() -> None:
+    """In the child, before exec: an actor's threads block SIGINT, and a blocked signal stays blocked across exec,
+    so the learner would never see the Ctrl-C the supervisor forwards (its checkpoint-and-stop)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _node() -> tuple[str, str]:

@@ -163,3 +163,31 @@ def _running(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def test_what_a_child_started_stops_when_the_child_is_killed_outright(tmp_path: Path) -> None:
+    """SIGKILL to the child itself (Ray killing an actor's process tree, the OOM killer): nothing runs its clean
+    stop, yet what it started (vLLM's engine core) must not keep a core or a GPU: the group's guard stops it."""
+    child = textwrap.dedent("""
+        import subprocess, sys, time
+        from prorl_async.supervisor.lifecycle import exit_with_parent
+        assert exit_with_parent(interval_s=0.2) is not None
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(grandchild.pid, flush=True)
+        time.sleep(60)
+    """)
+    from prorl_async.supervisor.lifecycle import supervisor_env
+
+    proc = subprocess.Popen([sys.executable, "-c", child], env=supervisor_env(dict(os.environ)),
+                            start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild_pid = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _running(grandchild_pid):
+            time.sleep(0.2)
+        assert not _running(grandchild_pid), "the child's own process outlived it"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is ours: never leave it
+            os.killpg(proc.pid, signal.SIGKILL)
