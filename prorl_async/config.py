@@ -681,15 +681,37 @@ class Config(_Section):
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (or the embedded default, ``configs/default.toml``) and apply ``overrides``."""
     source = Path(path) if path is not None else CONFIGS_DIR / "default.toml"
-    try:
-        data = tomllib.loads(source.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such config file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    data = _read(source, ())
     for item in overrides or []:
         _apply_override(data, item, source)
     return _validate(data, source)
+
+
+def _read(source: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The TOML of ``source``; with a top-level ``extends = "base.toml"`` (relative to ``source``'s directory),
+    ``source``'s tables merged over the base's, key by key (an array, like ``tasks.mix``, replaces the base's)."""
+    try:
+        data = tomllib.loads(source.read_text())
+    except FileNotFoundError:
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise ConfigError(f"{source}: no such config file{where}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{source}: extends must be a file name (got {base!r})")
+    base_path = (source.parent / base).resolve()
+    if base_path in chain or base_path == source.resolve():
+        raise ConfigError(f"{source}: extends {base} goes round in a circle")
+    return _merge(_read(base_path, (*chain, source.resolve())), data)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    for key, value in top.items():
+        base[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
 
 
 def _apply_override(data: dict[str, Any], item: str, source: Path) -> None:

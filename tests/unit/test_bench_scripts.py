@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCH))
 import _runs  # noqa: E402
 import all as all_benches  # noqa: E402
 import chaos  # noqa: E402
+import launchers  # noqa: E402
 import learning  # noqa: E402
 import peers  # noqa: E402
 import speedup  # noqa: E402
@@ -283,3 +284,13 @@ def test_learning_plot_has_two_labelled_panels(tmp_path: Path, figures: list) ->
     for ax in fig.axes:
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sync (max_staleness 0)",
                                                                        "async (max_staleness 1)"]
+
+
+def test_launchers_compares_finished_arms_only() -> None:
+    arms = [{"config": "tiny", "launcher": "local", "returncode": 0, "samples_per_s": 10.0, "startup_s": 40.0},
+            {"config": "tiny", "launcher": "ray", "returncode": 0, "samples_per_s": 9.0, "startup_s": 50.0},
+            {"config": "tiny", "launcher": "ray", "returncode": 1, "samples_per_s": 1.0, "startup_s": 99.0}]
+    rows, summary = launchers.compare(arms, ["tiny"])
+    assert summary["tiny"]["samples_per_s_ratio_ray_over_local"] == pytest.approx(0.9)
+    assert (summary["tiny"]["local_startup_s"], summary["tiny"]["ray_startup_s"]) == (40.0, 50.0)
+    assert rows == [["tiny", 10.0, 9.0, pytest.approx(0.9), 40.0, 50.0]]

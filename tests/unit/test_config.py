@@ -147,3 +147,30 @@ def test_engine_max_num_seqs_fits_every_admitted_sample() -> None:
     assert engine_max_num_seqs(cfg, 128) == 128  # never below vLLM's default (validation requests use it)
     cfg = load_config(None, ["generator.max_num_seqs=48"])
     assert engine_max_num_seqs(cfg, 128) == 48
+
+
+def test_a_config_extends_another_table_by_table(tmp_path: Path) -> None:
+    (tmp_path / "base.toml").write_text('[run]\nmax_steps = 7\nseed = 3\n[[tasks.mix]]\nname = "chain_sum"\n')
+    (tmp_path / "top.toml").write_text('extends = "base.toml"\n[run]\nmax_steps = 9\n[cluster]\nlauncher = "ray"\n')
+    cfg = load_config(tmp_path / "top.toml")
+    assert (cfg.run.max_steps, cfg.run.seed, cfg.cluster.launcher) == (9, 3, "ray")  # merged key by key
+    assert [t.name for t in cfg.tasks.mix] == ["chain_sum"]
+    assert load_config(CONFIGS_DIR / "prorl-1.5b-ray-2x8.toml").sampling == load_config(
+        CONFIGS_DIR / "prorl-1.5b.toml").sampling
+
+
+def test_extends_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="circle"):
+        load_config(tmp_path / "a.toml")
+    with pytest.raises(ConfigError, match=r"missing\.toml: no such config file \(extended by"):
+        load_config(tmp_path / "c.toml")
+
+
+def test_a_learner_of_several_ranks_is_refused_with_what_to_use() -> None:
+    with pytest.raises(ConfigError, match="learner ranks"):
+        load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_nodes=2", "cluster.learner_gpus_per_node=8"])
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["cluster.launcher=ray", "cluster.learner_resources={learner_node=1}"])
+    assert cfg.cluster.learner_resources == {"learner_node": 1}

@@ -527,3 +527,17 @@ def test_a_stop_and_a_resumed_start_in_one_file_have_their_own_phases(tmp_path: 
         ("start-up", "learner ready (v3): model loaded, listening; generators start"),
     ]
     assert not view.snapshot.phases.started
+
+
+def test_on_a_cluster_the_screen_names_each_processs_host(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    assert "node-a" not in _screen(view)  # on one machine: no host column
+    view.set_process_state("learner", "alive", pid=111, host="node-a")
+    view.set_process_state("generator-0", "alive", pid=222, host="node-b")
+    view.set_process_state("generator-1", "alive", pid=333, host="node-c")
+    screen = _screen(view)
+    _has(screen, "alive", "pid", "111", "on", "node-a")
+    _has(screen, "generator-0", "alive", "node-b", "222")
+    _has(screen, "generator-1", "alive", "node-c", "333")
+    view.poll()  # a fresh snapshot keeps what the supervisor said
+    _has(_screen(view), "generator-0", "alive", "node-b")
