@@ -582,8 +582,8 @@ class ClusterConfig(_Section):
     """ZeroMQ CURVE with keys made for this run and handed to the processes through Ray: ``auto`` turns it on when the
     learner listens on anything but loopback. ``off`` across machines is refused."""
     generator_max_restarts: int = Field(-1, ge=-1)
-    """How often Ray restarts a generator's actor after its node dies (on another node when this one is gone);
-    -1: always."""
+    """How often Ray itself restarts a generator's actor after its node dies (on a node that can hold it); -1: always.
+    Past that, the supervisor places a new actor after its back-off: a generator is never given up."""
     placement_timeout_s: float = Field(300.0, gt=0)
     """How long to wait for the cluster to place a process (resources free up, nodes join) before giving up."""
     call_timeout_s: float = Field(60.0, gt=0)

@@ -93,6 +93,8 @@ class ProcessHost:
         log_path = self.run_dir / "logs" / f"{self.name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env, SUPERVISOR_ENV: str(os.getpid())}  # the child stops when this actor dies
+        if "OMP_NUM_THREADS" not in self.env:  # Ray's (1 per reserved CPU), not the run's: the processes size their
+            env.pop("OMP_NUM_THREADS", None)   # threads as on one machine (learner.num_threads, vLLM's binding)
         with log_path.open("ab") as log:
             self.process = subprocess.Popen([sys.executable, *self.argv], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True,
@@ -269,7 +271,7 @@ class RemoteChild:
         while True:
             try:
                 info = ray.get(self.actor.info.remote(), timeout=cfg.call_timeout_s)
-            except ray.exceptions.ActorDiedError as err:  # restarts used up (or a learner): a new actor
+            except ray.exceptions.ActorDiedError as err:  # Ray's restarts used up: a new actor, a new placement
                 print(f"prorl-async: {self.name}'s actor is gone ({_first_line(err)}); placing a new one",
                       flush=True)
                 self.launcher.release(self)
@@ -281,6 +283,8 @@ class RemoteChild:
                                     f"cluster.placement_timeout_s = {cfg.placement_timeout_s:g} s") from None
                 time.sleep(1.0)
                 continue
+            if info["error"]:  # restarted on a node that cannot run it (it does not see RUN_DIR): a setup error
+                raise UserError(info["error"])
             previous = self.process.incarnation if self.process is not None else None
             if info["incarnation"] != previous and info["returncode"] is None:
                 return info  # Ray restarted the actor: its process is new
