@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 TOKEN_FILE = "cluster-token"
 NODE_LOST = -1000
 """The exit code a :class:`RemoteProcess` reports when its actor (or its node) was lost, not the process."""
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _WAIT_SLICE_S = 2.0  # one remote wait() call returns after at most this long
 
 
