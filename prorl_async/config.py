@@ -564,11 +564,16 @@ class ClusterConfig(_Section):
     learner_nodes: int = Field(1, ge=1)
     """Nodes the learner's ranks span (one placement-group bundle per node)."""
     learner_gpus_per_node: int = Field(0, ge=0)
-    """GPUs per learner node (one rank each); 0: the learner runs on CPU (one rank)."""
+    """GPUs per learner node, one rank each; 0: the learner runs on CPU."""
+    learner_ranks_per_node: int = Field(0, ge=0)
+    """Learner ranks (processes) per node: 0 means one per GPU, or one on CPU. More than one CPU rank shards the
+    model over gloo (memory per rank, not speed: the ranks share the node's cores). With GPUs it must be 0 or equal
+    ``learner_gpus_per_node``. Several ranks in all: FSDP2 (``prorl_async.learner.ranks``)."""
     learner_cpus: float = Field(1.0, gt=0)
-    """Ray CPUs reserved per learner bundle (a scheduling unit, not a limit on threads)."""
+    """Ray CPUs reserved per learner rank (a scheduling unit, not a limit on threads)."""
     learner_resources: dict[str, float] = Field(default_factory=dict)
-    """Ray custom resources per learner bundle, e.g. ``{learner_node = 1}`` to pin it to nodes started with them."""
+    """Ray custom resources per learner node, e.g. ``{learner_node = 1}`` to pin the ranks to nodes started with
+    them (shared by the node's ranks)."""
     generator_cpus: float = Field(1.0, gt=0)
     """Ray CPUs reserved per generator engine."""
     generator_resources: dict[str, float] = Field(default_factory=dict)
@@ -588,6 +593,16 @@ class ClusterConfig(_Section):
     """How long to wait for the cluster to place a process (resources free up, nodes join) before giving up."""
     call_timeout_s: float = Field(60.0, gt=0)
     """Longest wait on any one call to a remote actor; past it the actor counts as lost."""
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Learner ranks on each learner node."""
+        return self.learner_ranks_per_node or max(1, self.learner_gpus_per_node)
+
+    @property
+    def learner_ranks(self) -> int:
+        """Learner ranks in all (the FSDP world size)."""
+        return self.learner_nodes * self.ranks_per_node
 
 
 class TrackingConfig(_Section):
@@ -660,13 +675,13 @@ class Config(_Section):
                 "transport.curve_secret_key_file is required when transport.curve_server_public_key_file or "
                 "transport.curve_authorized_keys_dir is set (CURVE needs this side's key pair)"
             )
-        ranks = self.cluster.learner_nodes * max(1, self.cluster.learner_gpus_per_node)
-        if ranks > 1:
-            raise ValueError(
-                f"cluster.learner_nodes x cluster.learner_gpus_per_node = {ranks} learner ranks: the learner service "
-                "runs one rank so far (the trainer itself shards with FSDP2, the service does not yet feed several "
-                "ranks); use one learner node with at most one GPU"
-            )
+        c = self.cluster
+        if c.learner_gpus_per_node and c.learner_ranks_per_node not in (0, c.learner_gpus_per_node):
+            raise ValueError(f"cluster.learner_ranks_per_node ({c.learner_ranks_per_node}) must be 0 or equal "
+                             f"cluster.learner_gpus_per_node ({c.learner_gpus_per_node}): one rank per GPU")
+        if c.launcher == "local" and c.learner_nodes > 1:
+            raise ValueError(f"cluster.learner_nodes = {c.learner_nodes} needs cluster.launcher = \"ray\": the local "
+                             "launcher starts every process on this machine")
         if self.model.max_model_len <= self.sampling.max_response_tokens:
             raise ValueError(
                 f"model.max_model_len ({self.model.max_model_len}) must exceed "

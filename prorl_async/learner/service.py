@@ -81,6 +81,7 @@ from prorl_async.utils.run_dir import begin, commit, load_run_state, save_run_st
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
+    from prorl_async.learner.ranks import LeadingLearner, RankSpec
     from prorl_async.learner.trainer import Learner
 
 log = logging.getLogger("prorl_async.learner.service")
@@ -92,6 +93,14 @@ def load_learner(cfg: Config, resume_from: Path | None) -> Learner:
     if resume_from is not None:
         return Learner.load_checkpoint(resume_from, cfg)
     return Learner(cfg)
+
+
+def load_leading_learner(cfg: Config, run_dir: Path, resume_from: Path | None, ranks: RankSpec) -> LeadingLearner:
+    """Rank 0 of several: join the ranks, load (or resume) this shard, lead the others (:mod:`..ranks`)."""
+    from prorl_async.learner.ranks import LeadingLearner, join_ranks
+
+    commands = join_ranks(cfg, run_dir, ranks)
+    return LeadingLearner(load_learner(cfg, resume_from), commands)
 
 
 class LearnerService:
@@ -106,10 +115,11 @@ class LearnerService:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, learner: Learner | None = None,
-                 resume_from: str | Path | None = None) -> None:
+                 resume_from: str | Path | None = None, ranks: RankSpec | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._learner = learner
+        self.ranks = ranks  # rank 0 of several: the learner leads the others (prorl_async.learner.ranks)
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.buffer = WaitingReplayBuffer(
             ReplayBuffer(cfg.learner.batch_groups, cfg.buffer.ceiling,
@@ -132,13 +142,13 @@ class LearnerService:
         self.intake = GroupIntake(self.buffer, dispatch, self.metrics, on_arrival=self.records.arrived)
         self.validation = ValidationCoordinator(
             cfg, self.metrics, weights_lock=self._weights_lock,
-            observe=lambda version, reward: self.learner.reset_policy.observe_validation(step=version, reward=reward),
+            observe=lambda version, reward: self.learner.observe_validation(reward, step=version),
             published_version=lambda: dispatch.published_version, republish=dispatch.republish,
             drain=self.intake.drain)  # a full buffer must not hold back the answers queued behind it
         self.handoff = WeightHandoff(cfg, self.metrics, self._weights_lock, dispatch.publish_weights)
 
     @property
-    def learner(self) -> Learner:
+    def learner(self) -> Learner | LeadingLearner:
         """The learner: passed to the constructor, or loaded by :meth:`serve`."""
         if self._learner is None:
             raise RuntimeError("no learner yet: serve() loads it")
@@ -158,7 +168,10 @@ class LearnerService:
         from prorl_async.transport.sockets import ControlPublisher, Transport, receive_loop
         from prorl_async.transport.weights.sender import WeightSender
 
-        if self._learner is None:
+        if self._learner is None and self.ranks is not None and self.ranks.world > 1:
+            self._learner = await trio.to_thread.run_sync(load_leading_learner, self.cfg, self.run_dir,
+                                                          self.resume_from, self.ranks)
+        elif self._learner is None:
             self._learner = await trio.to_thread.run_sync(load_learner, self.cfg, self.resume_from)
         learner = self.learner
         if self.resume_from is not None:
@@ -201,6 +214,8 @@ class LearnerService:
                     nursery.cancel_scope.cancel()
             finally:
                 sender.close()
+                if self.ranks is not None and hasattr(learner, "close"):
+                    learner.close()  # STOP to the other ranks
 
     async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:
         """Route each message: groups into the buffer (counted by outcome), the rest to a component or metrics.
@@ -335,13 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", default=None, metavar="CHECKPOINT_DIR")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="SECTION.KEY=VALUE",
                    help="on top of RUN_DIR/config.toml, for this process only (a launcher's bind address)")
+    p.add_argument("--rank", type=int, default=0, help="this process's rank among the learner's (0 runs the service)")
+    p.add_argument("--world", type=int, default=1, help="the learner's ranks in all")
+    p.add_argument("--rendezvous", default="", metavar="NONCE", help="this launch's nonce (several ranks)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     run_dir = Path(args.run_dir)
     resume = Path(args.resume) if args.resume else None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(levelname)s %(message)s")
+    tag = f"learner-{args.rank}" if args.rank else "learner"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tag} %(levelname)s %(message)s")
     exit_with_parent()
     cfg = load_config(run_dir / "config.toml", args.overrides)
-    service = LearnerService(cfg, run_dir, resume_from=resume)
+    ranks = None
+    if args.world > 1:
+        from prorl_async.learner.ranks import RankSpec, follow
+
+        ranks = RankSpec(args.rank, args.world, args.rendezvous)
+        if args.rank > 0:
+            return follow(cfg, run_dir, ranks, resume)
+    service = LearnerService(cfg, run_dir, resume_from=resume, ranks=ranks)
     try:
         trio.run(service.serve)
     except KeyboardInterrupt:  # SIGINT while signals_loop does not listen: mostly while the model loads

@@ -287,6 +287,9 @@ class Learner:
         """Hard reset: reference <- current policy, optimizer moments cleared (``reset_optimizer``)."""
         with torch.no_grad():
             if self.reference is not None:
+                if self.world > 1:  # FSDP2 leaves a root's parameters gathered after a forward: shard both alike
+                    _reshard(self.reference)
+                    _reshard(self.policy)
                 for ref_p, p in zip(self.reference.parameters(), self.policy.parameters(), strict=True):
                     ref_p.copy_(p)
         if self.cfg.reset.reset_optimizer:
@@ -304,9 +307,10 @@ class Learner:
             out.update(zip(mb.rows, self._unpadded(logp.cpu(), mb), strict=True))
         return [out[i] for i in range(batch.num_samples)]
 
-    def observe_validation(self, reward: float) -> None:
-        """Feed a validation reward measured with the current weights to the plateau trigger."""
-        self.reset_policy.observe_validation(self.policy_version, reward)
+    def observe_validation(self, reward: float, step: int | None = None) -> None:
+        """Feed a validation reward measured with the weights of version ``step`` (default: the current ones) to the
+        plateau trigger."""
+        self.reset_policy.observe_validation(self.policy_version if step is None else step, reward)
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) of every policy parameter, as vLLM's ``load_weights`` expects.
@@ -491,6 +495,15 @@ class _Prepared:
 
     def collate(self, units: list[Unit], weight: float = 1.0) -> MicroBatch:
         return collate(units, self.prompts, self.responses, self.device, weight)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Every FSDP2 module of ``model`` back to sharded parameters (DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _local_share(units: list[Unit], rank: int, world: int) -> list[Unit]:

@@ -8,8 +8,9 @@ Each process the local launcher starts as a child (the learner, each generator) 
 (``RUN_DIR/logs/<name>.log``) and the same supervision (:class:`~prorl_async.supervisor.supervisor.Supervisor`):
 the ZeroMQ data plane and the weight groups do not change. What Ray adds:
 
-- Placement: one placement group per process. The learner's has one bundle per learner node (``learner_cpus``,
-  ``learner_gpus_per_node`` GPUs, ``learner_resources``); a generator engine's has one bundle of
+- Placement: one placement group per process, and one for the learner's ranks. The learner's has one bundle per
+  learner node (its ranks' ``learner_cpus``, ``learner_gpus_per_node`` GPUs, ``learner_resources``; STRICT_SPREAD),
+  and one actor per rank in its node's bundle (one GPU each); a generator engine's has one bundle of
   ``generator.tensor_parallel_size`` GPUs (with ``generator_gpus``), so an engine is never split across nodes.
   A process the cluster cannot place within ``placement_timeout_s`` is a one-line error naming what it asked for.
 - Restarts: a generator's actor has Ray's restart policy (``generator_max_restarts``). When its node dies, Ray
@@ -237,15 +238,18 @@ class RemoteChild:
     log_path: Path
     launcher: RayLauncher
     learner: bool = False
+    rank: int = 0
+    """The learner rank (ranks > 0 share rank 0's placement group)."""
     process: RemoteProcess | None = None
     restarts: int = 0
     actor: Any = None
     pg: Any = None
     host: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     async def start(self, env: dict[str, str], pids_file: Path) -> None:
-        self.env = env
+        self.env = {**env, **self.extra_env}
         info = await trio.to_thread.run_sync(self._start_blocking, abandon_on_cancel=True)
         self.process = RemoteProcess(self.actor, info, self.launcher.cfg.call_timeout_s)
         self.host = info["host"]
@@ -331,6 +335,7 @@ class RayLauncher:
         self.learner_keys: CurveKeys | None = None
         self.generator_keys: CurveKeys | None = None
         self._host_cls: Any = None
+        self._learner_pg: Any = None  # the learner's placement group: every rank's actor is in it
 
     # ---------------------------------------------------------------------------------- start / stop
 
@@ -383,14 +388,14 @@ class RayLauncher:
         ray.shutdown()
 
     def _cpus_needed(self) -> int:
-        total = self.cfg.learner_cpus * self.cfg.learner_nodes
+        total = self.cfg.learner_cpus * self.cfg.learner_ranks
         total += self.cfg.generator_cpus * self.full.generator.num_generators
         return int(total + 0.999)
 
     # ---------------------------------------------------------------------------------- placement
 
-    def child(self, name: str, argv: list[str], log_path: Path, *, learner: bool = False) -> RemoteChild:
-        return RemoteChild(name, argv, log_path, self, learner=learner)
+    def child(self, name: str, argv: list[str], log_path: Path, *, learner: bool = False, rank: int = 0) -> RemoteChild:
+        return RemoteChild(name, argv, log_path, self, learner=learner, rank=rank)
 
     def place(self, child: RemoteChild) -> tuple[Any, Any]:
         """A placement group for ``child`` and its actor in it (blocking; waits ``placement_timeout_s``)."""
@@ -399,38 +404,50 @@ class RayLauncher:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         cfg = self.cfg
-        if child.learner:
-            bundle = {"CPU": cfg.learner_cpus, **cfg.learner_resources}
+        index, owned = 0, True
+        if child.learner:  # one bundle per learner node, holding its ranks; an actor per rank
+            per_node = cfg.ranks_per_node
+            actor = {"CPU": cfg.learner_cpus, **{k: v / per_node for k, v in cfg.learner_resources.items()}}
             if cfg.learner_gpus_per_node:
-                bundle["GPU"] = cfg.learner_gpus_per_node
+                actor["GPU"] = 1
+            bundle = {k: v * per_node for k, v in actor.items()}
             bundles, strategy = [bundle] * cfg.learner_nodes, "STRICT_SPREAD" if cfg.learner_nodes > 1 else "PACK"
+            index, owned = child.rank // per_node, child.rank == 0
         else:
             bundle = {"CPU": cfg.generator_cpus, **cfg.generator_resources}
             if cfg.generator_gpus:
                 bundle["GPU"] = self.full.generator.tensor_parallel_size
-            bundles, strategy = [bundle], "STRICT_PACK"  # one bundle: an engine's GPUs are on one node
-        pg = placement_group(bundles, strategy=strategy, name=f"{child.name}-{self.token[:8]}")
-        try:
-            ray.get(pg.ready(), timeout=cfg.placement_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(pg)
-            raise UserError(
-                f"the cluster could not place {child.name} within {cfg.placement_timeout_s:g} s: it asks for "
-                f"{len(bundles)} x {bundle} ({strategy}); free now: {_free(ray.available_resources())}"
-            ) from None
+            bundles, strategy, actor = [bundle], "STRICT_PACK", bundle  # one bundle: an engine's GPUs on one node
+        if owned:
+            pg = placement_group(bundles, strategy=strategy, name=f"{child.name}-{self.token[:8]}")
+            try:
+                ray.get(pg.ready(), timeout=cfg.placement_timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                ray.util.remove_placement_group(pg)
+                raise UserError(
+                    f"the cluster could not place {child.name} within {cfg.placement_timeout_s:g} s: it asks for "
+                    f"{len(bundles)} x {bundle} ({strategy}); free now: {_free(ray.available_resources())}"
+                ) from None
+            if child.learner:
+                self._learner_pg = pg
+        elif self._learner_pg is None:
+            raise RuntimeError(f"{child.name} is placed with learner rank 0, which was not placed")
+        else:
+            pg = self._learner_pg
         env = self._env(child)
-        options = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0),
-                   "resources": {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
+        options = {"num_cpus": actor["CPU"], "num_gpus": actor.get("GPU", 0),
+                   "resources": {k: v for k, v in actor.items() if k not in ("CPU", "GPU")},
                    "max_restarts": 0 if child.learner else cfg.generator_max_restarts,
                    "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                           placement_group_bundle_index=0),
+                                                                           placement_group_bundle_index=index),
                    "name": f"{child.name}-{self.token[:8]}-{secrets.token_hex(2)}"}
-        bind = (cfg.interface if self.spans_machines else None) if child.learner else None
-        if child.learner and self.spans_machines and bind is None:
+        listens = child.learner and child.rank == 0  # the service, the weight group and the ranks' store
+        bind = (cfg.interface if self.spans_machines else None) if listens else None
+        if listens and self.spans_machines and bind is None:
             bind = ""  # the actor's node address
-        actor = self._host_cls.options(**options).remote(child.name, child.argv, env, str(self.run_dir), self.token,
-                                                         bind)
-        return actor, pg
+        handle = self._host_cls.options(**options).remote(child.name, child.argv, env, str(self.run_dir), self.token,
+                                                          bind)
+        return handle, pg if owned else None
 
     def release(self, child: RemoteChild) -> None:
         import ray

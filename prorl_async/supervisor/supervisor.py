@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,11 @@ class Child:
     process: trio.Process | None = None
     restarts: int = 0
     host: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Added to the environment it starts with (a learner rank's ``LOCAL_RANK``)."""
 
     async def start(self, env: dict[str, str], pids_file: Path) -> None:
+        env = {**env, **self.extra_env}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which stops the children
@@ -202,6 +206,19 @@ class Supervisor:
         if resume_from is not None:
             argv += ["--resume", str(resume_from.resolve() if launcher is not None else resume_from)]
         self.learner = self._child("learner", argv, learner=True)
+        self.learner_ranks: list[Child] = []  # ranks 1.. of a learner of several (prorl_async.learner.ranks)
+        world = cfg.cluster.learner_ranks
+        if world > 1:
+            nonce = secrets.token_hex(8)
+            for rank in range(world):
+                child = self.learner if rank == 0 else self._child(f"learner-{rank}", list(argv), learner=True, rank=rank)
+                child.argv += ["--rank", str(rank), "--world", str(world), "--rendezvous", nonce]
+                # On one machine a rank's device is its LOCAL_RANK; a Ray actor sees only the GPU it was given.
+                local = rank % cfg.cluster.ranks_per_node if launcher is None else 0
+                child.extra_env["LOCAL_RANK"] = str(local)
+                if rank:
+                    self.learner_ranks.append(child)
+        self._failed_rank: Child | None = None  # a rank > 0 that died, which ended the run
         self.generators: list[Child] = []
         self.stopping = False  # generators that exit from now on are not restarted
         self._interrupted = False
@@ -219,7 +236,8 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await self._shutdown()
                 if self.launcher is not None:  # the actors and placement groups go with the run
-                    await trio.to_thread.run_sync(self.launcher.close, [self.learner, *self.generators])
+                    await trio.to_thread.run_sync(self.launcher.close,
+                                                  [*self.learner_ranks, self.learner, *self.generators])
         if self._ended or self._interrupted:  # every process stopped: the newest checkpoint is the last one
             self._summary()
         return code
@@ -227,6 +245,9 @@ class Supervisor:
     async def _run(self, nursery: trio.Nursery) -> int:
         nursery.start_soon(self._report_loop)  # the screen is up while the learner starts
         await self.learner.start(self.env, self.pids_file)
+        for child in self.learner_ranks:  # they wait for rank 0's rendezvous file
+            await child.start(self.env, self.pids_file)
+            nursery.start_soon(self._watch_rank_loop, child)
         endpoints = await self._wait_for_endpoints()
         if endpoints is None:  # the learner ended before it listened
             if self._interrupted:
@@ -245,10 +266,23 @@ class Supervisor:
         self._ended = True
         return 130 if self._interrupted else 0
 
-    def _child(self, name: str, argv: list[str], learner: bool = False) -> Child:
+    async def _watch_rank_loop(self, child: Child) -> None:
+        """A learner rank > 0 that dies ends the run: the others cannot step without its shard."""
+        assert child.process is not None
+        code = await child.process.wait()
+        if self.stopping or code == 0:
+            return
+        self._failed_rank = child
+        print(f"prorl-async: {child.name} {child.describe_exit(code)}: the learner cannot go on without this rank; "
+              f"stopping the run (log: {child.log_path})\n{child.tail(5)}", flush=True)
+        learner = self.learner.process
+        if learner is not None and learner.returncode is None:
+            learner.kill()  # it cannot checkpoint without the rank: the last complete checkpoint stands
+
+    def _child(self, name: str, argv: list[str], learner: bool = False, rank: int = 0) -> Child:
         log_path = self.run_dir / "logs" / f"{name}.log"
         if self.launcher is not None:
-            return self.launcher.child(name, argv, log_path, learner=learner)  # type: ignore[return-value]
+            return self.launcher.child(name, argv, log_path, learner=learner, rank=rank)  # type: ignore[return-value]
         return Child(name, argv, log_path)
 
     async def _signals_loop(self, cancel_scope: trio.CancelScope) -> None:
@@ -319,7 +353,7 @@ class Supervisor:
             await plain_loop(view, every_s=self.cfg.run.log_every_s, before_refresh=self._process_states)
 
     def _process_states(self, view: RunView) -> None:
-        for child in [self.learner, *self.generators]:
+        for child in [self.learner, *self.learner_ranks, *self.generators]:
             if child.process is not None:
                 code = child.process.returncode
                 state = "alive" if code is None else "exited" if self.stopping or code == 0 else "restarting"
@@ -330,6 +364,8 @@ class Supervisor:
         code = self.learner.process.returncode if self.learner.process else None
         last = latest_checkpoint(self.run_dir) or "none"
         how = "stopped" if code is None else self.learner.describe_exit(code)
+        if (rank := self._failed_rank) is not None and rank.process is not None:
+            how = f"was stopped: {rank.name} {rank.describe_exit(rank.process.returncode or 0)} (log: {rank.log_path})"
         print(f"prorl-async: the learner {how}; last checkpoint: {last}; "
               f"log: {self.learner.log_path}\n{self.learner.tail()}", file=sys.stderr, flush=True)
         return 1
@@ -345,7 +381,7 @@ class Supervisor:
         """Learner first (it checkpoints, then publishes Stop); generators get Stop, then SIGTERM, then SIGKILL."""
         self.stopping = True
         deadline = trio.current_time() + _GRACE_S
-        for child in [self.learner, *self.generators]:
+        for child in [self.learner, *self.learner_ranks, *self.generators]:
             if child.process is None:
                 continue
             if self._interrupted and child.process.returncode is None:

@@ -169,8 +169,16 @@ def test_extends_errors_are_one_line(tmp_path: Path) -> None:
         load_config(tmp_path / "c.toml")
 
 
-def test_a_learner_of_several_ranks_is_refused_with_what_to_use() -> None:
-    with pytest.raises(ConfigError, match="learner ranks"):
-        load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_nodes=2", "cluster.learner_gpus_per_node=8"])
+def test_learner_ranks_come_from_nodes_and_gpus_and_impossible_layouts_are_refused() -> None:
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["cluster.launcher=ray", "cluster.learner_nodes=2",
+                                                  "cluster.learner_gpus_per_node=8"])
+    assert (cfg.cluster.ranks_per_node, cfg.cluster.learner_ranks) == (8, 16)
+    cfg = load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_ranks_per_node=2"])
+    assert cfg.cluster.learner_ranks == 2  # CPU ranks on this machine
+    assert load_config(CONFIGS_DIR / "tiny.toml").cluster.learner_ranks == 1
+    with pytest.raises(ConfigError, match="needs cluster.launcher"):
+        load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_nodes=2"])
+    with pytest.raises(ConfigError, match="one rank per GPU"):
+        load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_gpus_per_node=4", "cluster.learner_ranks_per_node=2"])
     cfg = load_config(CONFIGS_DIR / "tiny.toml", ["cluster.launcher=ray", "cluster.learner_resources={learner_node=1}"])
     assert cfg.cluster.learner_resources == {"learner_node": 1}

@@ -541,3 +541,14 @@ def test_on_a_cluster_the_screen_names_each_processs_host(tmp_path: Path) -> Non
     _has(screen, "generator-1", "alive", "node-c", "333")
     view.poll()  # a fresh snapshot keeps what the supervisor said
     _has(_screen(view), "generator-0", "alive", "node-b")
+
+
+def test_a_learner_of_several_ranks_shows_how_many_are_alive_and_where(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    view.set_process_state("learner", "alive", pid=111, host="node-a")
+    view.set_process_state("learner-1", "alive", pid=112, host="node-b")
+    screen = _screen(view)
+    _has(screen, "on", "node-a", "ranks", "2/2", "alive", "+node-b")
+    assert "learner-1" not in screen  # a rank is not a generator row
+    view.set_process_state("learner-1", "exited", pid=112, host="node-b")
+    _has(_screen(view), "ranks", "1/2", "alive")

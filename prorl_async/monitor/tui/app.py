@@ -191,6 +191,17 @@ def render(view: RunView, width: int = 120) -> RenderableType:
     return Group(_header(snap), _generator_table(snap, wide), body, _footer(snap))
 
 
+def _ranks_text(snap: Snapshot) -> Text:
+    """`` ranks 2/2 alive +node-b`` (the hosts of ranks > 0 besides rank 0's) for several ranks; nothing for one."""
+    if not snap.learner_ranks:
+        return Text("")
+    ranks = [snap.learner, *snap.learner_ranks.values()]
+    alive = sum(r.state == "alive" for r in ranks)
+    hosts = sorted({r.host for r in ranks if r.host} - {snap.learner.host})  # rank 0's is shown already
+    style = "" if alive == len(ranks) else _STATE_STYLE.get("restarting", "")
+    return Text.assemble(" ranks ", (f"{alive}/{len(ranks)} alive", style), f" +{','.join(hosts)}" if hosts else "")
+
+
 def _header(snap: Snapshot) -> Panel:
     learner = snap.learner
     line = Text.assemble(
@@ -201,6 +212,7 @@ def _header(snap: Snapshot) -> Panel:
         " ", (learner.state, _STATE_STYLE.get(learner.state, "")),
         f" pid {learner.pid}" if learner.pid else "",
         f" on {learner.host}" if learner.host else "",
+        _ranks_text(snap),
         "  time budget ", _clock(snap.time_budget_s) if snap.time_budget_s else "none",
     )
     policy = snap.policy.get("all")

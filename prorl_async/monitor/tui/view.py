@@ -94,6 +94,8 @@ class Snapshot:
     step: dict[str, Any] = field(default_factory=dict)
     """The last ``step`` record."""
     learner: ProcessStatus = field(default_factory=lambda: ProcessStatus("learner"))
+    learner_ranks: dict[str, ProcessStatus] = field(default_factory=dict)
+    """Ranks 1.. of a learner of several (``learner-1``, ...); rank 0 is ``learner``."""
     generators: dict[str, ProcessStatus] = field(default_factory=dict)
     reward_trend: dict[str, deque[float]] = field(default_factory=dict)
     """Batch reward (filtered): ``"all"`` (reward_mean) and each domain, the last :data:`TREND_STEPS` step values."""
@@ -218,7 +220,12 @@ class RunView:
         """What the supervisor knows of a process: ``alive``, ``restarting``, ``exited`` (or any short word), and
         the host it runs on (on a cluster; empty on this machine)."""
         self._pending_states[name] = (state, pid, restarts, host)  # survives a fresh snapshot (file replaced)
-        proc = self.snapshot.learner if name == "learner" else self._generator(name)
+        if name == "learner":
+            proc = self.snapshot.learner
+        elif name.startswith("learner-"):
+            proc = self.snapshot.learner_ranks.setdefault(name, ProcessStatus(name))
+        else:
+            proc = self._generator(name)
         proc.state, proc.pid, proc.restarts, proc.host, proc.supervised = state, pid, restarts, host, True
         now = self.clock() if self.clock is not None else self.snapshot.now_s
         if now is not None:
