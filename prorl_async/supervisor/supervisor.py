@@ -211,7 +211,8 @@ class Supervisor:
         if world > 1:
             nonce = secrets.token_hex(8)
             for rank in range(world):
-                child = self.learner if rank == 0 else self._child(f"learner-{rank}", list(argv), learner=True, rank=rank)
+                name = f"learner-{rank}"
+                child = self.learner if rank == 0 else self._child(name, list(argv), learner=True, rank=rank)
                 child.argv += ["--rank", str(rank), "--world", str(world), "--rendezvous", nonce]
                 # On one machine a rank's device is its LOCAL_RANK; a Ray actor sees only the GPU it was given.
                 local = rank % cfg.cluster.ranks_per_node if launcher is None else 0

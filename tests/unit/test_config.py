@@ -176,7 +176,7 @@ def test_learner_ranks_come_from_nodes_and_gpus_and_impossible_layouts_are_refus
     cfg = load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_ranks_per_node=2"])
     assert cfg.cluster.learner_ranks == 2  # CPU ranks on this machine
     assert load_config(CONFIGS_DIR / "tiny.toml").cluster.learner_ranks == 1
-    with pytest.raises(ConfigError, match="needs cluster.launcher"):
+    with pytest.raises(ConfigError, match=r"needs cluster\.launcher"):
         load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_nodes=2"])
     with pytest.raises(ConfigError, match="one rank per GPU"):
         load_config(CONFIGS_DIR / "tiny.toml", ["cluster.learner_gpus_per_node=4", "cluster.learner_ranks_per_node=2"])
