@@ -1,11 +1,12 @@
-"""``cluster.launcher = "ray"`` on a real three-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
+"""``cluster.launcher = "ray"`` on a real four-node Ray cluster on this machine (``ray.cluster_utils.Cluster``).
 
-Custom resources pin the learner to the head node and the generator to either of two generator nodes. One run:
-the tiny model trains with CURVE on (keys made for the run, handed over through Ray) and a client without the
-run's keys is refused; the generator's node is killed mid-run, Ray restarts its actor on the other node and the
-new generator contributes groups; Ctrl-C on the driver stops every process with a checkpoint; ``--resume``
-continues the run on the cluster. Every process is on loopback: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray's
-own addresses on 127.0.0.1 (Ray otherwise turns a loopback address into the machine's).
+Custom resources pin the learner's two ranks to two learner nodes (the head and one more: FSDP2 over gloo across
+nodes) and the generator to either of two generator nodes. One run: the tiny model trains with CURVE on (keys made
+for the run, handed over through Ray) and a client without the run's keys is refused; the generator's node is
+killed mid-run, Ray restarts its actor on the other node and the new generator contributes groups; Ctrl-C on the
+driver stops every process with a checkpoint; ``--resume`` continues the run on the cluster, on both learner nodes.
+Every process is on loopback: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray's own addresses on 127.0.0.1 (Ray
+otherwise turns a loopback address into the machine's).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def cluster(monkeypatch: pytest.MonkeyPatch):
     made = ray_cluster_utils.Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"learner_node": 1}, "node_ip_address": "127.0.0.1",
         "include_dashboard": False, "_system_config": FAST_HEALTH_CHECKS})
+    learner_node = made.add_node(num_cpus=1, resources={"learner_node": 1}, node_ip_address="127.0.0.1")
     nodes = [made.add_node(num_cpus=1, resources={"generator_node": 1}, node_ip_address="127.0.0.1")
              for _ in range(2)]
     try:
-        yield made, nodes
+        yield made, learner_node, nodes
     finally:
         made.shutdown()
 
@@ -57,6 +59,7 @@ def _config(tmp_path: Path, address: str) -> Path:
 launcher = "ray"
 address = "{address}"
 curve = "on"
+learner_nodes = 2
 learner_resources = {{learner_node = 1}}
 generator_resources = {{generator_node = 1}}
 """)
@@ -97,8 +100,8 @@ def _group_gone(pgid: int, timeout_s: float) -> bool:
     return False
 
 
-def test_ray_cluster_trains_survives_a_node_and_resumes(cluster, tmp_path: Path) -> None:
-    made, generator_nodes = cluster
+def test_ray_cluster_trains_on_two_learner_nodes_survives_a_generator_node_and_resumes(cluster, tmp_path) -> None:
+    made, learner_node, generator_nodes = cluster
     run_dir = tmp_path / "run"
     config = _config(tmp_path, made.address)
     argv = [str(EXE), "run", str(config), "--set", f"run.run_dir={run_dir}", "--set", "run.tui=off",
@@ -109,7 +112,8 @@ def test_ray_cluster_trains_survives_a_node_and_resumes(cluster, tmp_path: Path)
     try:
         _until("the first steps", lambda: len(_steps(run_dir)) >= 3, driver, run_dir)
         hosts = json.loads((run_dir / "hosts.json").read_text())
-        assert hosts["learner"]["node"] == made.head_node.node_id  # pinned by learner_resources
+        assert {hosts["learner"]["node"], hosts["learner-1"]["node"]} == {made.head_node.node_id,
+                                                                          learner_node.node_id}  # one rank a node
         first = hosts["generator-0"]["node"]
         assert first in {n.node_id for n in generator_nodes}
 
@@ -121,7 +125,7 @@ def test_ray_cluster_trains_survives_a_node_and_resumes(cluster, tmp_path: Path)
 
         # The generator's node dies: its processes stop, Ray restarts the actor on the other node.
         pids = json.loads((run_dir / "pids.json").read_text())
-        started += [pids["learner"], pids["generator-0"]]
+        started += [pids["learner"], pids["learner-1"], pids["generator-0"]]
         victim = next(n for n in generator_nodes if n.node_id == first)
         made.remove_node(victim, allow_graceful=False)
         assert _group_gone(pids["generator-0"], 60.0), "the lost node's generator outlived its actor"
@@ -153,3 +157,4 @@ def test_ray_cluster_trains_survives_a_node_and_resumes(cluster, tmp_path: Path)
                               "--set", "run.tui=off"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:] + _logs(run_dir)
     assert [s["version"] for s in _steps(run_dir)][-2:] == [last + 1, last + 2]
+    assert (run_dir / "logs" / "learner-1.log").read_text().count("stopped by rank 0") == 2  # both runs, both ranks
