@@ -37,7 +37,9 @@ get callables and objects. Invariants of the whole:
   that still arrive: the checkpoint, taken before, re-queues their prompts on resume), then ``Stop`` goes out.
 
 Run as a process: ``python -m prorl_async.learner RUN_DIR [--resume CHECKPOINT_DIR]`` (reads
-``RUN_DIR/config.toml``).
+``RUN_DIR/config.toml``). With ``--world W > 1`` it is one rank of a learner of several
+(:mod:`~prorl_async.learner.ranks`): rank 0 runs this service with a ``LeadingLearner`` (every collective it makes,
+the other ranks make too), ranks >= 1 only follow.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``prorl-async run``: the supervisor. Starts the learner and N generator processes, watches them, stops them.
 
-    supervisor (trio) ── learner process   python -m prorl_async.learner RUN_DIR
+    supervisor (trio) ── learner process   python -m prorl_async.learner RUN_DIR [--rank 0 --world W ...]
+                     ├─ learner-r (r >= 1) python -m prorl_async.learner RUN_DIR --rank r --world W ...
                      └─ generator i        python -m prorl_async.generator --config RUN_DIR/config.toml ...
 
 Where they run is the launcher's (``cluster.launcher``): children of this process (``local``, :class:`Child`), or
@@ -15,6 +16,10 @@ Invariants:
   no state, the learner hands the requests the dead process held out again when the new one says Ready; it
   rejoins the weight group and the learner catches it up to the current weights. A learner
   that dies ends the run with its exit code, the last lines of its log and the last checkpoint named.
+- A learner of several ranks (``cluster.learner_ranks``, :mod:`prorl_async.learner.ranks`): rank 0 is ``learner``
+  (the service; what the rest of this says of the learner), ranks r >= 1 are ``learner-r``, started with it and
+  stopped by it (``STOP``). A rank >= 1 that dies ends the run: rank 0 is killed (it cannot checkpoint without the
+  rank's shard) and the last complete checkpoint is named.
 - Ctrl-C / SIGTERM: SIGINT to the learner (it checkpoints and publishes ``Stop``), then every child is
   waited for and, past a grace period, killed — by the pids this supervisor started, never by name. Children
   watch this process (``lifecycle``): if the supervisor is killed outright they stop themselves. A stop says what
