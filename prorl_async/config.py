@@ -78,8 +78,12 @@ class DataSourceConfig(_Section):
     path: str
     """A local file (``.jsonl``/``.json``, ``.parquet``, ``.csv``) or directory: a Hugging Face data set saved with
     ``save_to_disk``, or a local data set repository holding data files. Relative to the working directory."""
-    format: Literal["auto", "json", "parquet", "csv", "hf"] = "auto"
-    """How to read ``path``; ``auto`` goes by its suffix (a directory: ``hf``)."""
+    format: Literal["auto", "json", "parquet", "csv", "hf", "verifiers"] = "auto"
+    """How to read ``path``; ``auto`` goes by its suffix (a directory: ``hf``). ``verifiers``: ``path`` is the id of an
+    installed `verifiers` taskset, its tasks the rows and its rewards the reward (``prorl_async.envs.verifiers_source``;
+    single-turn tasks)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """``format = "verifiers"``: the taskset's config fields (what ``--env.taskset.*`` sets in verifiers)."""
     split: str = "train"
     """The split to read where ``path`` holds several (a DatasetDict, a repository with split files)."""
     prompt: str = "auto"
@@ -151,6 +155,11 @@ class TaskSpec(_Section):
         source = data["source"]
         path = source.get("path") if isinstance(source, dict) else getattr(source, "path", None)
         defaults = {"domain": "math", "name": _source_label(path) if isinstance(path, str) else "data"}
+        fmt = source.get("format") if isinstance(source, dict) else getattr(source, "format", None)
+        if fmt == "verifiers":  # the taskset scores its own tasks, and its id is its name
+            from prorl_async.envs.verifiers_source import REWARD
+
+            defaults |= {"reward": REWARD, "name": str(path)}
         return {**defaults, **data}
 
     @model_validator(mode="after")

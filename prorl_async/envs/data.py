@@ -34,7 +34,9 @@ domain           a row needs
 ``math``         an answer (compared by value, :mod:`prorl_async.envs.domains.math`)
 ``stem``         an answer: a letter (``B``, ``(b)``) or a 0-based choice index; ``choices`` (at most 4,
                  a list or ``{text: [...]}``) if the prompt does not list them
-``code``         a string ``prompt`` (the stub), ``test`` (defines ``check(candidate)``), ``entry_point``
+``code``         a string ``prompt`` (the stub), ``test`` (defines ``check(candidate)``), ``entry_point``;
+                 or, without ``entry_point``, input/output tests as the answer (verl's competitive
+                 programming rows: ``{inputs, outputs[, fn_name]}``, :mod:`.domains.code_io`)
 ``instruction``  ``instruction_id_list`` and ``kwargs`` (IFEval's schema)
 ``logic``        cannot: reasoning-gym's verifier needs its generator's metadata; set ``reward``
 ===============  ===================================================================================
@@ -164,6 +166,11 @@ def open_source(spec: TaskSpec, *, validation: bool = False) -> DataSource:
         raise ValueError(f"task spec {spec.domain}/{spec.name} has no data source")
     path = source.validation_path if validation and source.validation_path else source.path
     split = (source.validation_split or source.split) if validation else source.split
+    if source.format == "verifiers":  # a taskset's id, not a path: its tasks, as rows
+        from prorl_async.envs.verifiers_source import load_rows
+
+        return DataSource(Path(path), "verifiers", split, load_rows(path, source.options, source.max_rows), "prompt",
+                          "")
     return _open(Path(path), source.format, split, source.prompt, source.answer)
 
 
@@ -174,6 +181,8 @@ def separate_validation(spec: TaskSpec) -> bool:
     assert source is not None
     if source.validation_path:
         return True
+    if source.format == "verifiers":
+        return False
     return bool(source.validation_split) and source.validation_split != source.split and Path(source.path).is_dir()
 
 
@@ -309,7 +318,7 @@ def _prompt_kind(kind: pa.DataType) -> str | None:
 
 
 def _check_params(spec: TaskSpec) -> None:
-    allowed = {"timeout_s", "memory_mb"} if spec.domain == "code" and not spec.reward else set()
+    allowed = {"timeout_s", "memory_mb", "max_tests"} if spec.domain == "code" and not spec.reward else set()
     unknown = sorted(set(spec.params) - allowed)
     if unknown:
         takes = f"takes only {', '.join(sorted(allowed))}" if allowed else "takes none"
@@ -331,6 +340,15 @@ def _check_domain(spec: TaskSpec, source: DataSource) -> None:
                         "the spec's reward")
     if domain == "stem":
         _check_stem(source)
+    elif domain == "code" and io_tests(source):
+        from prorl_async.envs.domains.code_io import parse_tests
+
+        first = next((i for i in range(min(source.num_rows, 64)) if lookup(source.row(i), source.answer)), None)
+        try:
+            parse_tests(lookup(source.row(first), source.answer) if first is not None else None)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"{path}: code rows without HumanEval's entry_point need input/output tests in "
+                            f"{source.answer!r} (JSON: inputs, outputs, optional fn_name): {err}") from None
     elif domain == "code":
         if source.chat:
             raise UserError(f"{path}: code rows need a string prompt (the function's stub, HumanEval's schema), "
@@ -388,8 +406,14 @@ def needs(source: DataSource, spec: TaskSpec) -> list[str]:
     """The columns a row of ``source`` must have a value in for ``spec``'s verifier (the prompt aside)."""
     if spec.reward:
         return []
-    names = [source.answer if name == "answer" else name for name in _NEEDS[spec.domain]]
+    wanted = ("answer",) if spec.domain == "code" and io_tests(source) else _NEEDS[spec.domain]
+    names = [source.answer if name == "answer" else name for name in wanted]
     return [name for name in names if name]
+
+
+def io_tests(source: DataSource) -> bool:
+    """Whether ``source``'s code rows carry input/output tests in their answer (no HumanEval ``entry_point``)."""
+    return "entry_point" not in source.types and source.answer is not None
 
 
 

