@@ -8,8 +8,9 @@ prorl-async[verifiers]``): its tasks become rows, its rewards our reward.
     path = "my-taskset"            # an installed taskset package (verifiers' plugin id, as `vf-eval` takes it)
     options = {count = 500}        # the taskset's config fields (`--env.taskset.*`)
 
-- **Rows.** The taskset's ``load()`` is iterated once per process that builds the mix (the learner, each
-  generator; at most ``source.max_rows`` tasks, which an infinite taskset must set) into an in-memory table: the
+- **Rows.** The taskset's ``load()`` is iterated in a child process (its code never runs in the trainer's), once per
+  process that opens the source (the supervisor's check, the learner, each generator; at most ``source.max_rows``
+  tasks, which an infinite taskset must set), into an in-memory table: the
   task's prompt as chat messages (its ``system_prompt`` first), and ``vf_taskset``, ``vf_options``, ``vf_index``
   (its position in ``load()``), ``vf_key`` (verifiers' stable task identity). Held-out rows come from
   ``tasks.validation_size`` of them (or from ``validation_path``, another taskset id) like any data source's.
@@ -27,20 +28,50 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from prorl_async.errors import UserError
 
 REWARD = "prorl_async.envs.verifiers_source:reward"
 """The reward function a ``format = "verifiers"`` source's spec gets unless it names one."""
+LOAD_TIMEOUT_S = 300.0
+"""How long loading a taskset's tasks (in a child process) may take."""
 _INSTALL = "format = \"verifiers\" needs the verifiers package: pip install 'prorl-async[verifiers]'"
 
 
 def load_rows(taskset_id: str, options: dict[str, Any], max_rows: int = 0) -> Any:
-    """The taskset's tasks as a ``datasets.Dataset`` of rows (module docstring); UserError (one line) when the
-    taskset cannot be loaded, is infinite without ``max_rows``, or is not single-turn."""
+    """The taskset's tasks as a ``datasets.Dataset`` of rows (module docstring), made in a child process under
+    :data:`LOAD_TIMEOUT_S` (the taskset's code never runs in the trainer's processes); UserError (one line) when the
+    taskset cannot be loaded, is infinite without ``max_rows``, is not single-turn, or its loading fails or hangs."""
     import datasets
 
+    with tempfile.TemporaryDirectory(prefix="prorl-verifiers-") as tmp:
+        out = Path(tmp) / "rows.jsonl"
+        cmd = [sys.executable, "-m", "prorl_async.envs.verifiers_source", taskset_id, json.dumps(options),
+               str(max_rows), str(out)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=LOAD_TIMEOUT_S,
+                                  stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"verifiers taskset {taskset_id!r}: loading its tasks took over {LOAD_TIMEOUT_S:g} s "
+                            "(set source.max_rows to draw fewer)") from None
+        if done.returncode != 0:
+            lines = done.stdout.strip().splitlines()
+            error = json.loads(lines[-1]).get("error") if lines and lines[-1].startswith("{") else None
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise UserError(error or f"verifiers taskset {taskset_id!r}: loading it exited with {done.returncode}: "
+                            f"{last}")
+        with out.open() as f:
+            rows = [json.loads(line) for line in f]
+    return datasets.Dataset.from_list(rows)
+
+
+def task_rows(taskset_id: str, options: dict[str, Any], max_rows: int = 0) -> list[dict[str, Any]]:
+    """The rows of :func:`load_rows`, made in this process (the child's work)."""
     taskset = _taskset(taskset_id, json.dumps(options, sort_keys=True))
     if not taskset.bounded and not max_rows:
         raise UserError(f"verifiers taskset {taskset_id!r} is infinite: set source.max_rows (tasks to draw from it)")
@@ -54,7 +85,7 @@ def load_rows(taskset_id: str, options: dict[str, Any], max_rows: int = 0) -> An
                      "vf_options": json.dumps(options, sort_keys=True), "vf_index": index, "vf_key": task.key})
     if not rows:
         raise UserError(f"verifiers taskset {taskset_id!r} yields no tasks (options: {options})")
-    return datasets.Dataset.from_list(rows)
+    return rows
 
 
 async def reward(completion: str, vf_taskset: str, vf_options: str, vf_index: int) -> dict[str, Any]:
@@ -151,3 +182,22 @@ def _check_single_turn(taskset_id: str, task: Any) -> None:
     if why:
         raise UserError(f"verifiers taskset {taskset_id!r}: its task {kind.__name__} {why}; prorl-async trains "
                         "single-turn tasks scored from the reply alone")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m prorl_async.envs.verifiers_source TASKSET OPTIONS_JSON MAX_ROWS OUT``: write the rows as JSON
+    lines to OUT; on a UserError, print ``{"error": ...}`` and exit with 2."""
+    taskset_id, options, max_rows, out = sys.argv[1:] if argv is None else argv
+    try:
+        rows = task_rows(taskset_id, json.loads(options), int(max_rows))
+    except UserError as err:
+        print(json.dumps({"error": str(err)}))
+        return 2
+    with open(out, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -275,11 +275,11 @@ class LeadingLearner:
 
 def follow(cfg: Config, run_dir: Path, spec: RankSpec, resume_from: Path | None = None) -> int:
     """A follower rank's whole life: join, load (or resume) its shard, run rank 0's commands until ``STOP``."""
-    from prorl_async.learner.service import load_learner
+    from prorl_async.learner.trainer import Learner
 
     commands = join_ranks(cfg, run_dir, spec)
     try:
-        learner = load_learner(cfg, resume_from)
+        learner = Learner.resume_or_new(cfg, resume_from)
         channel = CommandChannel(commands)
         log.info("rank %d of %d: following rank 0", spec.rank, spec.world)
         while True:

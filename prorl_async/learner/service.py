@@ -92,17 +92,16 @@ def load_learner(cfg: Config, resume_from: Path | None) -> Learner:
     """A new learner, or the one checkpointed in ``resume_from``."""
     from prorl_async.learner.trainer import Learner
 
-    if resume_from is not None:
-        return Learner.load_checkpoint(resume_from, cfg)
-    return Learner(cfg)
+    return Learner.resume_or_new(cfg, resume_from)
 
 
 def load_leading_learner(cfg: Config, run_dir: Path, resume_from: Path | None, ranks: RankSpec) -> LeadingLearner:
     """Rank 0 of several: join the ranks, load (or resume) this shard, lead the others (:mod:`..ranks`)."""
     from prorl_async.learner.ranks import LeadingLearner, join_ranks
+    from prorl_async.learner.trainer import Learner
 
     commands = join_ranks(cfg, run_dir, ranks)
-    return LeadingLearner(load_learner(cfg, resume_from), commands)
+    return LeadingLearner(Learner.resume_or_new(cfg, resume_from), commands)
 
 
 class LearnerService:

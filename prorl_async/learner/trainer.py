@@ -344,6 +344,11 @@ class Learner:
         restore_learner_state(learner, directory)
         return learner
 
+    @classmethod
+    def resume_or_new(cls, cfg: Config, resume_from: str | Path | None) -> Learner:
+        """The learner checkpointed in ``resume_from``, or a new one when it is None."""
+        return cls(cfg) if resume_from is None else cls.load_checkpoint(resume_from, cfg)
+
     # --------------------------------------------------------------------------------------- internals
 
     def _load(self, path: Path) -> LogprobModel:

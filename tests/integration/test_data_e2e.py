@@ -3,8 +3,9 @@
 One tiny run trains on three sources at once: a JSONL file scored by a reward function in a file (some of its rows
 make the function raise), a parquet file in verl's schema (chat prompts, ``reward_model.ground_truth``) read with
 nothing but its path and scored by the built-in math verifier, and a saved Hugging Face data set scored by a
-function named by module. Real vLLM (CPU), real scoring worker processes, real sockets. Then ``prorl-async eval``
-scores the run's checkpoint on the same sources' held-out rows.
+function named by module, and a verifiers taskset (``format = "verifiers"``: its tasks as rows, scored by its own
+rewards). Real vLLM (CPU), real scoring worker processes, real sockets. Then ``prorl-async eval`` scores the run's
+checkpoint on the same sources' held-out rows.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _data(tmp_path: Path) -> dict[str, Path]:
                        "solution": [str(a - b) for a, b in sums]}).save_to_disk(str(saved))
     (tmp_path / "user_rewards.py").write_text(REWARDS)
     (tmp_path / "user_module.py").write_text(MODULE)
+    (tmp_path / "vf_tiny_sums.py").write_text((ROOT / "tests" / "unit" / "vf_tiny_sums.py").read_text())
     return {"jsonl": jsonl, "verl": verl, "saved": saved}
 
 
@@ -70,6 +72,7 @@ def _config(tmp_path: Path, data: dict[str, Path]) -> Path:
          "source": {"path": data["jsonl"].name, "prompt": "q", "answer": "a"}},
         {"source": {"path": str(data["verl"])}},  # verl's schema: nothing else needed
         {"name": "differences", "reward": "user_module:score", "source": {"path": str(data["saved"])}},
+        {"source": {"format": "verifiers", "path": "vf-tiny-sums", "options": {"count": 40}}},
     ]
     path = tmp_path / "config.toml"
     path.write_text(tomli_w.dumps(cfg))
@@ -98,12 +101,14 @@ def test_own_data_sources_and_reward_functions_train_and_evaluate(tmp_path: Path
     steps = [r for r in records if r["kind"] == "step"]
     assert [s["version"] for s in steps] == [1, 2, 3], _logs(run_dir)
     trained = {pid.split("/")[1] for s in steps for pid in s["prompt_ids"]}
-    assert trained == {"sums", "verl", "differences"}, trained  # every source reached the learner
+    assert trained == {"sums", "verl", "differences", "vf-tiny-sums"}, trained  # every source reached the learner
     last = [r for r in records if r["kind"] == "generator"][-1]
     assert last["reward_raised"] > 0  # the poisoned rows: scored 0, counted, and the run went on
     assert last["score_ok"] > 0 and last["score_crash"] == 0
     extras = [r for r in records if r["kind"] == "generator" and "reward_extras/tagged" in r]
     assert extras and all(0.0 <= r["reward_extras/tagged"] <= 1.0 for r in extras)
+    lengths = [r["reward_extras/length"] for r in records if r["kind"] == "generator" and "reward_extras/length" in r]
+    assert lengths and max(lengths) > 0  # the taskset's own metric: its scoring ran on the samples
 
     out = tmp_path / "eval"
     proc = subprocess.run([str(EXE), "eval", str(run_dir), "--samples", "2", "--k", "1,2", "--prompts", "2", "--out",
@@ -111,7 +116,8 @@ def test_own_data_sources_and_reward_functions_train_and_evaluate(tmp_path: Path
     logs = "\n".join(p.read_text()[-3000:] for p in (out / "logs").glob("*.log")) if (out / "logs").is_dir() else ""
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
     report = json.loads((out / "eval.json").read_text())
-    assert [t["label"] for t in report["tasks"]] == ["math/sums", "math/verl", "math/differences"]
+    assert [t["label"] for t in report["tasks"]] == ["math/sums", "math/verl", "math/differences", "math/vf-tiny-sums"]
     assert [t["reward"] for t in report["tasks"]][1] == "built-in math verifier"
     results = next(iter(report["results"].values()))
-    assert all(results[label]["prompts"] == 2 for label in ("math/sums", "math/verl", "math/differences"))
+    assert all(results[label]["prompts"] == 2 for label in ("math/sums", "math/verl", "math/differences",
+                                                            "math/vf-tiny-sums"))

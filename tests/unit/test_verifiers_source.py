@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from prorl_async.envs.verifiers_source import REWARD, reward
 from prorl_async.errors import UserError
 
 pytest.importorskip("verifiers.v1", reason="needs verifiers: pip install 'prorl-async[verifiers]'")
+HERE = Path(__file__).resolve().parent
 
 TOOLS = '''
 from collections.abc import Iterable
@@ -64,6 +66,13 @@ def _spec(taskset: str, **options) -> TaskSpec:
     return TaskSpec.model_validate({"source": {"format": "verifiers", "path": taskset, "options": options}})
 
 
+@pytest.fixture(autouse=True)
+def importable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The tasksets import in the child process that loads them (as installed packages would)."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))  # and here, where the reward runs in these tests
+
+
 def test_a_tasksets_tasks_are_rows_and_its_own_scoring_is_the_reward() -> None:
     spec = _spec("vf-tiny-sums", count=5)
     assert (spec.name, spec.reward) == ("vf-tiny-sums", REWARD)  # named by the taskset, scored by it
@@ -80,11 +89,9 @@ def test_a_tasksets_tasks_are_rows_and_its_own_scoring_is_the_reward() -> None:
     assert wrong["reward"] == 0.0
 
 
-def test_what_a_single_turn_trainer_cannot_run_is_refused_in_one_line(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_what_a_single_turn_trainer_cannot_run_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "vf_boxed.py").write_text(TOOLS)
     (tmp_path / "vf_endless.py").write_text(ENDLESS)
-    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError, match="BoxedTask needs a container; prorl-async trains single-turn tasks"):
         data.check(_spec("vf-boxed"))
     with pytest.raises(UserError, match=r"is infinite: set source\.max_rows"):
