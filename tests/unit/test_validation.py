@@ -274,6 +274,9 @@ class FakeLearner:
         self.vocab_size = 1 << 20
         self.reset_policy = ResetPolicy(cfg.reset)  # type: ignore[attr-defined]
 
+    def observe_validation(self, reward: float, step: int | None = None) -> None:
+        self.reset_policy.observe_validation(self.policy_version if step is None else step, reward)
+
 
 def _service(tmp_path: Path, every: int = 2) -> tuple[LearnerService, FakeLearner]:
     cfg = load_config(ROOT / "configs" / "tiny.toml", ["generator.num_generators=2", f"eval.every_steps={every}"])
