@@ -65,7 +65,7 @@ def _data(tmp_path: Path) -> dict[str, Path]:
 
 def _config(tmp_path: Path, data: dict[str, Path]) -> Path:
     cfg = tomllib.loads((ROOT / "configs" / "tiny.toml").read_text())
-    cfg["run"].update(run_dir=str(tmp_path / "run"), max_steps=3, checkpoint_every_steps=0)
+    cfg["run"].update(run_dir=str(tmp_path / "run"), max_steps=6, checkpoint_every_steps=0)
     cfg["tasks"]["validation_size"] = 4
     cfg["tasks"]["mix"] = [
         {"name": "sums", "reward": "user_rewards.py:reward",  # a file, relative to the working directory
@@ -99,7 +99,7 @@ def test_own_data_sources_and_reward_functions_train_and_evaluate(tmp_path: Path
 
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "step"]
-    assert [s["version"] for s in steps] == [1, 2, 3], _logs(run_dir)
+    assert [s["version"] for s in steps] == [1, 2, 3, 4, 5, 6], _logs(run_dir)
     trained = {pid.split("/")[1] for s in steps for pid in s["prompt_ids"]}
     assert trained == {"sums", "verl", "differences", "vf-tiny-sums"}, trained  # every source reached the learner
     last = [r for r in records if r["kind"] == "generator"][-1]
