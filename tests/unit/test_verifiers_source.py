@@ -16,7 +16,7 @@ import pytest
 
 from prorl_async.config import TaskSpec
 from prorl_async.envs import data
-from prorl_async.envs.verifiers_source import REWARD, reward
+from prorl_async.envs.verifiers_source import REWARD, reward, task_rows
 from prorl_async.errors import UserError
 
 pytest.importorskip("verifiers.v1", reason="needs verifiers: pip install 'prorl-async[verifiers]'")
@@ -92,13 +92,13 @@ def test_a_tasksets_tasks_are_rows_and_its_own_scoring_is_the_reward() -> None:
 def test_what_a_single_turn_trainer_cannot_run_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "vf_boxed.py").write_text(TOOLS)
     (tmp_path / "vf_endless.py").write_text(ENDLESS)
+    # in this process (task_rows: what the loading child runs), then through the child once (data.check)
     with pytest.raises(UserError, match="BoxedTask needs a container; prorl-async trains single-turn tasks"):
-        data.check(_spec("vf-boxed"))
+        task_rows("vf-boxed", {})
     with pytest.raises(UserError, match=r"is infinite: set source\.max_rows"):
-        data.check(_spec("vf-endless"))
-    endless = _spec("vf-endless")
-    endless.source.max_rows = 3
-    assert data.check(endless).num_rows == 3
+        task_rows("vf-endless", {})
+    assert [row["prompt"][0]["content"] for row in task_rows("vf-endless", {}, max_rows=3)] == ["say 0", "say 1",
+                                                                                               "say 2"]
     assert asyncio.run(reward("say 7", "vf-endless", "{}", 7))["reward"] == 1.0  # drawn as far as asked
     with pytest.raises(UserError, match="verifiers taskset 'no-such-taskset': taskset 'no-such-taskset' not found"):
         data.check(_spec("no-such-taskset"))
