@@ -215,9 +215,10 @@ class Supervisor:
         world = cfg.cluster.learner_ranks
         if world > 1:
             nonce = secrets.token_hex(8)
+            base = list(argv)  # rank 0's argv is extended in place below
             for rank in range(world):
                 name = f"learner-{rank}"
-                child = self.learner if rank == 0 else self._child(name, list(argv), learner=True, rank=rank)
+                child = self.learner if rank == 0 else self._child(name, list(base), learner=True, rank=rank)
                 child.argv += ["--rank", str(rank), "--world", str(world), "--rendezvous", nonce]
                 # On one machine a rank's device is its LOCAL_RANK; a Ray actor sees only the GPU it was given.
                 local = rank % cfg.cluster.ranks_per_node if launcher is None else 0

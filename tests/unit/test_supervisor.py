@@ -129,3 +129,18 @@ def test_a_run_directory_used_again_drops_the_last_runs_endpoints(tmp_path: Path
     first = make_run_dir(cfg)
     (first / "endpoints.json").write_text('{"groups": "tcp://127.0.0.1:1"}')
     assert make_run_dir(cfg) == first and not (first / "endpoints.json").exists()
+
+
+def test_a_learner_of_several_ranks_starts_each_rank_once_with_its_own_rank_and_device(tmp_path: Path) -> None:
+    cfg = Config()
+    cfg.cluster.learner_ranks_per_node = 3
+    supervisor = Supervisor(cfg, tmp_path)
+    ranks = [supervisor.learner, *supervisor.learner_ranks]
+    assert [c.name for c in ranks] == ["learner", "learner-1", "learner-2"]
+    nonces = set()
+    for rank, child in enumerate(ranks):
+        assert child.argv.count("--rank") == 1 and child.argv[child.argv.index("--rank") + 1] == str(rank)
+        assert child.argv[child.argv.index("--world") + 1] == "3"
+        nonces.add(child.argv[child.argv.index("--rendezvous") + 1])
+        assert child.extra_env == {"LOCAL_RANK": str(rank)}
+    assert len(nonces) == 1  # one launch: the ranks meet each other, never an earlier launch's
