@@ -88,17 +88,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prorl_async.learner.service")
 
-def load_learner(cfg: Config, resume_from: Path | None) -> Learner:
-    """A new learner, or the one checkpointed in ``resume_from``."""
+def load_learner(cfg: Config, run_dir: Path, resume_from: Path | None,
+                 ranks: RankSpec | None = None) -> Learner | LeadingLearner:
+    """A new learner, or the one checkpointed in ``resume_from``; as rank 0 of several, joined to the other ranks and
+    leading them (:mod:`~prorl_async.learner.ranks`)."""
     from prorl_async.learner.trainer import Learner
 
-    return Learner.resume_or_new(cfg, resume_from)
-
-
-def load_leading_learner(cfg: Config, run_dir: Path, resume_from: Path | None, ranks: RankSpec) -> LeadingLearner:
-    """Rank 0 of several: join the ranks, load (or resume) this shard, lead the others (:mod:`..ranks`)."""
+    if ranks is None or ranks.world == 1:
+        return Learner.resume_or_new(cfg, resume_from)
     from prorl_async.learner.ranks import LeadingLearner, join_ranks
-    from prorl_async.learner.trainer import Learner
 
     commands = join_ranks(cfg, run_dir, ranks)
     return LeadingLearner(Learner.resume_or_new(cfg, resume_from), commands)
@@ -166,14 +164,13 @@ class LearnerService:
                            buffer_held=len(self.buffer.buffer), groups_arrived=self.intake.arrived)
 
     async def serve(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED) -> None:
+        from prorl_async.learner.ranks import LeadingLearner
         from prorl_async.transport.sockets import ControlPublisher, Transport, receive_loop
         from prorl_async.transport.weights.sender import WeightSender
 
-        if self._learner is None and self.ranks is not None and self.ranks.world > 1:
-            self._learner = await trio.to_thread.run_sync(load_leading_learner, self.cfg, self.run_dir,
-                                                          self.resume_from, self.ranks)
-        elif self._learner is None:
-            self._learner = await trio.to_thread.run_sync(load_learner, self.cfg, self.resume_from)
+        if self._learner is None:
+            self._learner = await trio.to_thread.run_sync(load_learner, self.cfg, self.run_dir, self.resume_from,
+                                                          self.ranks)
         learner = self.learner
         if self.resume_from is not None:
             self.restore(self.resume_from)
@@ -215,7 +212,7 @@ class LearnerService:
                     nursery.cancel_scope.cancel()
             finally:
                 sender.close()
-                if self.ranks is not None and hasattr(learner, "close"):
+                if isinstance(learner, LeadingLearner):
                     learner.close()  # STOP to the other ranks
 
     async def ingest_loop(self, receive_channel: trio.MemoryReceiveChannel) -> None:

@@ -51,7 +51,7 @@ import trio
 from prorl_async.errors import UserError
 from prorl_async.supervisor.lifecycle import ENV as SUPERVISOR_ENV
 from prorl_async.transport.sockets import CURVE_KEYS_ENV, CurveKeys, run_keys
-from prorl_async.utils.fs import write_atomic
+from prorl_async.utils.fs import read_tail, write_atomic
 
 if TYPE_CHECKING:
     from prorl_async.config import Config
@@ -317,10 +317,7 @@ class RemoteChild:
         return f"exited with {code} on {self.host}"
 
     def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return read_tail(self.log_path, lines)
 
 
 class RayLauncher:

@@ -57,7 +57,7 @@ from prorl_async.monitor.metrics import read_metrics
 from prorl_async.monitor.tui.view import RunView
 from prorl_async.supervisor.lifecycle import process_table, supervisor_env
 from prorl_async.supervisor.summary import closing_lines
-from prorl_async.utils.fs import write_atomic
+from prorl_async.utils.fs import read_tail, write_atomic
 from prorl_async.utils.run_dir import latest_checkpoint
 
 if TYPE_CHECKING:
@@ -130,10 +130,7 @@ class Child:
         return f"exited with {code}"
 
     def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return read_tail(self.log_path, lines)
 
 
 def _group_alive(pgid: int) -> bool:

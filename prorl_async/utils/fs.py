@@ -12,3 +12,11 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of the text file at ``path`` (a process's log), or ``(no log)``."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"

@@ -147,13 +147,18 @@ def test_what_a_child_started_stops_too_when_the_supervisor_is_killed(tmp_path: 
     try:
         sup.send_signal(signal.SIGKILL)
         sup.wait(10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _running(grandchild_pid):
-            time.sleep(0.2)
-        assert not _running(grandchild_pid), "the child's own process outlived the supervisor"
+        assert _gone(grandchild_pid), "the child's own process outlived the supervisor"
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group is ours (our supervisor's child's): never leave it
             os.killpg(child_pid, signal.SIGKILL)
+
+
+def _gone(pid: int, timeout_s: float = 15.0) -> bool:
+    """Whether ``pid`` stops running within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.2)
+    return not _running(pid)
 
 
 def _running(pid: int) -> bool:
@@ -184,10 +189,7 @@ def test_what_a_child_started_stops_when_the_child_is_killed_outright(tmp_path: 
         grandchild_pid = int(proc.stdout.readline())
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and _running(grandchild_pid):
-            time.sleep(0.2)
-        assert not _running(grandchild_pid), "the child's own process outlived it"
+        assert _gone(grandchild_pid), "the child's own process outlived it"
     finally:
         with contextlib.suppress(ProcessLookupError):  # the group is ours: never leave it
             os.killpg(proc.pid, signal.SIGKILL)

@@ -164,13 +164,11 @@ def score(text: str, tests_value: Any, limits: Mapping[str, Any], partial_credit
 
 def _matches(got: Any, want: Any, call: bool) -> bool:
     if call:
-        want = _plain(want)
         return got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
     if not isinstance(got, str):
         return False
     want = want if isinstance(want, str) else "\n".join(map(str, want)) if isinstance(want, list) else str(want)
-    lines = lambda s: [line.rstrip() for line in s.strip().splitlines()]  # noqa: E731
-    if lines(got) == lines(want):
+    if _lines(got) == _lines(want):
         return True
     a, b = got.split(), want.split()
     return len(a) == len(b) and all(x == y or _close(x, y) for x, y in zip(a, b, strict=True))
@@ -184,9 +182,5 @@ def _close(x: str, y: str) -> bool:
     return math.isclose(u, v, rel_tol=_TOLERANCE, abs_tol=_TOLERANCE)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip().splitlines()]
