@@ -65,7 +65,9 @@ class ShardPart:
     part: int
     parts: int
     weights_version: int
-    """Weights the generator held when it started the shard (>= ``version``)."""
+    """Lowest weight version a token of the shard was sampled under (>= ``version``)."""
+    weights_version_last: int
+    """Highest: weights loaded while the shard was sampled (the learner trains on meanwhile) widen the span."""
     seconds: float
     """Time the generator spent on the whole shard."""
     failed: int
@@ -78,18 +80,22 @@ class ShardPart:
 # ------------------------------------------------------------------------------------------ generator side
 
 
-def encode_shard(*, source: str, version: int, round: int, generator: int, generators: int, weights_version: int,
-                 seconds: float, failed: int, skipped: int, prompts: Sequence[PromptRewards],
+def encode_shard(*, source: str, version: int, round: int, generator: int, generators: int,
+                 weights_version: int | tuple[int, int], seconds: float, failed: int, skipped: int,
+                 prompts: Sequence[PromptRewards],
                  max_prompts: int = MAX_PART_PROMPTS) -> list[ValidationAnswer]:
     """The messages of one shard's answer, prompts in order, at most ``max_prompts`` each; always at least one.
 
-    Raises ``ValueError`` when the shard needs more than :data:`MAX_PARTS` parts."""
+    ``weights_version``: the versions the shard's tokens were sampled under, ``(lowest, highest)`` (one number:
+    both). Raises ``ValueError`` when the shard needs more than :data:`MAX_PARTS` parts."""
+    first, last = weights_version if isinstance(weights_version, tuple) else (weights_version, weights_version)
     chunks = [list(prompts[i:i + max_prompts]) for i in range(0, len(prompts), max_prompts)] or [[]]
     if len(chunks) > MAX_PARTS:
         raise ValueError(f"a shard of {len(prompts)} prompts needs {len(chunks)} parts (limit {MAX_PARTS})")
     seconds = round_seconds(max(seconds, 0.0))
     return [ValidationAnswer(source=source, version=version, round=round, generator=generator, generators=generators,
-                             part=i, parts=len(chunks), weights_version=weights_version, seconds=seconds,
+                             part=i, parts=len(chunks), weights_version=first, weights_version_last=last,
+                             seconds=seconds,
                              failed=failed, skipped=skipped, prompt_ids=[p.id for p in chunk],
                              tasks=[p.task for p in chunk],
                              counts=np.array([len(p.rewards) for p in chunk], dtype=np.int32),
@@ -111,12 +117,16 @@ def shard_part(msg: ValidationAnswer) -> ShardPart:
         raise ValueError(f"part {msg.part} of {msg.parts} (at most {MAX_PARTS} parts)")
     if not msg.generator < msg.generators:
         raise ValueError(f"generator {msg.generator} of {msg.generators}")
+    if not msg.version <= msg.weights_version <= msg.weights_version_last:
+        raise ValueError(f"weights versions {msg.weights_version}..{msg.weights_version_last} for a validation of "
+                         f"version {msg.version}")
     ends = np.cumsum(msg.counts, dtype=np.int64)
     starts = ends - msg.counts
     prompts = tuple(PromptRewards(pid, task, tuple(float(r) for r in msg.rewards[a:b]))
                     for pid, task, a, b in zip(msg.prompt_ids, msg.tasks, starts, ends, strict=True))
     return ShardPart(version=msg.version, round=msg.round, generator=msg.generator, generators=msg.generators,
-                     part=msg.part, parts=msg.parts, weights_version=msg.weights_version, seconds=msg.seconds,
+                     part=msg.part, parts=msg.parts, weights_version=msg.weights_version,
+                     weights_version_last=msg.weights_version_last, seconds=msg.seconds,
                      failed=msg.failed, skipped=msg.skipped, prompts=prompts)
 
 
@@ -215,10 +225,11 @@ def validation_record(r: ValidationRound, ks: Iterable[int], threshold: float, n
 
     Keys: ``version``, ``step``, ``round``, ``complete``, ``reason``, ``generators`` (answered / expected),
     ``missing`` (generator ids without a whole shard), ``prompts``, ``samples``, ``failed``, ``skipped``,
-    ``seconds`` (request to record), ``generator_seconds`` (slowest shard), ``weights_versions`` ([min, max]),
-    then the statistics of :func:`validation_metrics` with ``@`` spelled ``_at_`` (``pass_at_1``,
-    ``pass_at_4``, ``mean_reward``, ``dang_bound_at_4``...) and the same per task under ``by_task``. Parts of
-    a shard that did not arrive whole still count: the record says what it is made of.
+    ``seconds`` (request to record), ``generator_seconds`` (slowest shard), ``weights_versions`` (the lowest and
+    highest version any of the round's tokens was sampled under), then the statistics of
+    :func:`validation_metrics` with ``@`` spelled ``_at_`` (``pass_at_1``, ``pass_at_4``, ``mean_reward``,
+    ``dang_bound_at_4``...) and the same per task under ``by_task``. Parts of a shard that did not arrive whole
+    still count: the record says what it is made of.
     """
     parts = [p for shard in r.parts.values() for p in shard.values()]
     scored: dict[str, tuple[float, ...]] = {}
@@ -235,7 +246,7 @@ def validation_record(r: ValidationRound, ks: Iterable[int], threshold: float, n
         "failed": sum(p.failed for p in parts if p.part == 0), "skipped": sum(p.skipped for p in parts if p.part == 0),
         "seconds": round_seconds(now - r.requested_s),
         "generator_seconds": max((p.seconds for p in parts), default=0.0),
-        "weights_versions": [min(p.weights_version for p in parts), max(p.weights_version for p in parts)]
+        "weights_versions": [min(p.weights_version for p in parts), max(p.weights_version_last for p in parts)]
         if parts else [],
     }
     stats = validation_metrics(scored, sorted(set(ks)), threshold=threshold, groups=labels)

@@ -4,7 +4,8 @@ On ``Validate(v, round)``, once the loaded weights are version ``>= v``, one tas
 (prompt ``i`` of ``TaskMix.validation_tasks()`` when ``i % num_generators == generator_id``; ``eval.samples``
 samples at ``eval.temperature`` / ``eval.top_p``) through the same engine as the training groups
 (:func:`prorl_async.generator.rollout.sample`), scores it in the same pool and sends the rewards as
-``ValidationAnswer`` messages (:func:`prorl_async.eval.validation.encode_shard`).
+``ValidationAnswer`` messages (:func:`prorl_async.eval.validation.encode_shard`) with the lowest and highest
+weight version its tokens were sampled under: the learner trains on meanwhile, so a shard can span versions.
 
 Invariants: one validation runs at a time (a newer request waits, replacing an older waiting one); each
 ``(version, round)`` is answered once (control messages may repeat); a prompt that fails is counted and the shard
@@ -95,7 +96,9 @@ class Validator:
             slots = asyncio.Semaphore(max(1, self.cfg.generator.max_inflight_groups))
             outcomes = await asyncio.gather(*(self._prompt(req, i, label, task, slots)
                                               for i, (label, task) in enumerate(shard)), return_exceptions=True)
-            prompts = [out for out in outcomes if isinstance(out, PromptRewards)]
+            drawn = [out for out in outcomes if isinstance(out, tuple)]
+            prompts = [rewards for rewards, _ in drawn]
+            versions = [v for _, span in drawn for v in span] or [weights]
             errors = [out for out in outcomes if isinstance(out, BaseException)]
             skipped = sum(out is None for out in outcomes)
             if errors:
@@ -103,7 +106,8 @@ class Validator:
                 log.error("%s: validation of version %d: %d of %d prompts failed (first: %r)", self.source,
                           req.version, len(errors), len(shard), errors[0])
             answers = encode_shard(source=self.source, version=req.version, round=req.round, generator=self.gid,
-                                   generators=self.cfg.generator.num_generators, weights_version=weights,
+                                   generators=self.cfg.generator.num_generators,
+                                   weights_version=(min(versions), max(versions)),
                                    seconds=time.perf_counter() - start, failed=len(errors), skipped=skipped,
                                    prompts=prompts)
         except Exception:
@@ -117,12 +121,15 @@ class Validator:
                      time.perf_counter() - start)
 
     async def _prompt(self, req: Validate, i: int, label: str, task: Task,
-                      slots: asyncio.Semaphore) -> PromptRewards | None:
-        """``eval.samples`` scored samples of one held-out prompt; None when the prompt is too long."""
+                      slots: asyncio.Semaphore) -> tuple[PromptRewards, tuple[int, ...]] | None:
+        """``eval.samples`` scored samples of one held-out prompt and the lowest and highest weight version their
+        tokens were sampled under; None when the prompt is too long."""
         async with slots:  # the engine holds at most max_inflight_groups validation requests of ours
             prompt_ids = rollout.render(self.engine.tokenizer, task, self.cfg, self.sampling.max_tokens)
             if prompt_ids is None:
                 return None
             done = await rollout.sample(self.engine, self.pool, self.cfg, task, prompt_ids, self.sampling,
                                         f"g{self.gid}.val{req.round}.v{req.version}.{i}")
-        return PromptRewards(task.id, label, tuple(r.reward for r in done.scores))
+        versions = [c.versions for c in done.completions if len(c.versions)]
+        span = (min(int(v.min()) for v in versions), max(int(v.max()) for v in versions)) if versions else ()
+        return PromptRewards(task.id, label, tuple(r.reward for r in done.scores)), span

@@ -304,6 +304,9 @@ class ValidationAnswer:
     part: int
     parts: int
     weights_version: int
+    """Lowest weight version any sampled token of the shard was drawn under."""
+    weights_version_last: int
+    """Highest: the learner keeps training while a shard is sampled, so a shard can span versions."""
     seconds: float
     failed: int
     skipped: int
@@ -593,13 +596,13 @@ def _decode_status(b: _Body) -> Status:
 
 
 _ANSWER_KEYS = frozenset({"v", "source", "version", "round", "generator", "generators", "part", "parts",
-                          "weights_version", "seconds", "failed", "skipped", "prompt_ids", "tasks", "counts",
-                          "rewards"})
+                          "weights_version", "weights_version_last", "seconds", "failed", "skipped", "prompt_ids",
+                          "tasks", "counts", "rewards"})
 
 
 def _decode_answer(b: _Body) -> ValidationAnswer:
     ints = {k: b.integer(k) for k in ("version", "round", "generator", "generators", "part", "parts",
-                                      "weights_version", "failed", "skipped")}
+                                      "weights_version", "weights_version_last", "failed", "skipped")}
     counts = b.array("counts", _I32, b.limits.max_metrics)
     n = len(counts)
     if n and int(counts.min()) < 1:

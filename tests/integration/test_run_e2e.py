@@ -70,6 +70,8 @@ def test_run_tiny_two_generators_then_resume(tmp_path: Path) -> None:
     # periodic validation: both generators' shards of the 16 held-out prompts, 4 samples each
     [val] = [v for v in read_metrics(run_dir / "metrics.jsonl", kind="validation") if v["version"] == 2]
     assert val["complete"] and val["prompts"] == 16 and val["samples"] == 64 and 0 <= val["pass_at_1"] <= 1
+    low, high = val["weights_versions"]  # what its sampled tokens were drawn under: version 2 or newer
+    assert 2 <= low <= high, val["weights_versions"]
     checkpoint = [e for e in read_metrics(run_dir / "metrics.jsonl", kind="event") if e["event"] == "checkpoint"][-1]
     saved = json.loads((run_dir / "checkpoints" / "step-000002" / "service.json").read_text())
     assert saved["groups_arrived"] >= steps[-1]["groups_arrived"]

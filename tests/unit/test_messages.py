@@ -78,7 +78,7 @@ def groups(draw: st.DrawFn) -> TrajectoryGroup:
 def answers(draw: st.DrawFn) -> ValidationAnswer:
     counts = draw(st.lists(st.integers(1, 8), max_size=6))
     ints = {k: draw(st.integers(0, 2**31)) for k in ("version", "round", "part", "parts", "weights_version",
-                                                      "failed", "skipped")}
+                                                      "weights_version_last", "failed", "skipped")}
     generators = draw(st.integers(1, 8))
     return ValidationAnswer(source=draw(texts), generator=draw(st.integers(0, generators - 1)),
                             generators=generators, seconds=draw(st.floats(0, 1e6)),
