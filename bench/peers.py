@@ -121,7 +121,13 @@ def serve_scores() -> int:
 
 
 def trl_child(spec: dict[str, Any]) -> int:
-    """``--trl-child SPEC``: runs in the TRL environment; prints one ``@@result`` JSON line."""
+    """``--trl-child SPEC``: runs in the TRL environment; prints one ``@@result`` JSON line.
+
+    With ``time_budget_s`` the run stops at the first step end past that many training seconds, and with
+    ``save_every_s`` the policy is saved (Hugging Face format, the base model's tokenizer beside it) under
+    ``save_dir`` at the first step end past each multiple: ``saves`` lists them with ``process_s`` (since this
+    process started, the time spent saving left out) and ``step``. ``bench/peers_learning.py`` uses both."""
+    process_start = time.monotonic()
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -157,17 +163,50 @@ def trl_child(spec: dict[str, Any]) -> int:
             if logs and "reward" in logs:
                 self.rewards.append(float(logs["reward"]))
 
+    class Clock(TrainerCallback):
+        """Stops at the time budget and saves the policy every ``save_every_s`` of training, saves not counted."""
+
+        def __init__(self, budget_s: float, every_s: float, save_dir: str) -> None:
+            self.budget_s, self.every_s, self.save_dir = budget_s, every_s, Path(save_dir) if save_dir else None
+            self.start, self.saving_s, self.next_save = 0.0, 0.0, every_s
+            self.saves: list[dict[str, Any]] = []
+            self.tokenizer: Any = None
+
+        def on_train_begin(self, *_: Any, **__: Any) -> None:
+            self.start = time.monotonic()
+
+        def on_step_end(self, _args: Any, state: Any, control: Any, model: Any = None, **__: Any) -> None:
+            trained = time.monotonic() - self.start - self.saving_s
+            if self.every_s and self.save_dir is not None and trained >= self.next_save:
+                began = time.monotonic()
+                path = self.save_dir / f"step-{state.global_step}"
+                model.save_pretrained(path)
+                self.tokenizer.save_pretrained(path)
+                self.saving_s += time.monotonic() - began
+                self.saves.append({"path": str(path), "step": state.global_step, "train_s": trained,
+                                   "process_s": time.monotonic() - process_start - self.saving_s})
+                while self.next_save <= trained:
+                    self.next_save += self.every_s
+            if self.budget_s and trained >= self.budget_s:
+                control.should_training_stop = True
+
     timer = Timer()
+    clock = Clock(spec.get("time_budget_s", 0.0), spec.get("save_every_s", 0.0), spec.get("save_dir", ""))
+    if clock.every_s:
+        from transformers import AutoTokenizer
+
+        clock.tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     started = time.monotonic()
     trainer = GRPOTrainer(model=spec["model_dir"], reward_funcs=reward_fn, args=args, train_dataset=dataset,
-                          callbacks=[timer])
+                          callbacks=[timer, clock])
     loaded = time.monotonic()
     trainer.train()
     ended = time.monotonic()
     scorer.stdin.close()  # type: ignore[union-attr]
     scorer.wait(timeout=30)
     result = {"load_s": loaded - started, "train_s": ended - loaded, "step_ends": [t - loaded for t in timer.step_ends],
-              "rewards": timer.rewards, "trl": __import__("trl").__version__,
+              "rewards": timer.rewards, "saves": clock.saves, "saving_s": clock.saving_s,
+              "process_load_s": loaded - process_start, "trl": __import__("trl").__version__,
               "transformers": __import__("transformers").__version__, "torch": torch.__version__}
     print("@@result " + json.dumps(result), flush=True)
     return 0
@@ -199,9 +238,12 @@ def trl_settings(cfg: Any, micro_batch: int | None = None) -> dict[str, Any]:
 
 
 def run_trl(python: Path, settings: dict[str, Any], prefill: str, model_dir: Path, dataset: Path, steps: int,
-            work: Path) -> dict[str, Any]:
+            work: Path, **timing: float | str) -> dict[str, Any]:
+    """TRL's run in its own process; ``timing``: ``time_budget_s``, ``save_every_s``, ``save_dir`` (see
+    :func:`trl_child`)."""
     spec = {"model_dir": str(model_dir), "dataset": str(dataset), "steps": steps, "prefill": prefill,
-            "output_dir": str(work / "trl-out"), "scorer_python": sys.executable, "trl_settings": settings}
+            "output_dir": str(work / "trl-out"), "scorer_python": sys.executable, "trl_settings": settings,
+            **timing}
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", HF_HOME=str(work / "hf-home"))
