@@ -1,10 +1,11 @@
 """Shared parts of the end-to-end benches: launch a real ``prorl-async run``, pin its processes, read its metrics.
 
-Used by ``speedup.py``, ``staleness.py``, ``learning.py`` and ``peers.py``; not a script of its own.
+Used by the end-to-end benches (``speedup.py``, ``staleness.py``, ``learning.py``, ``peers.py``, ``peers_learning.py``,
+``informative.py``, ``launchers.py``, ``boundary.py``); not a script of its own.
 
-- :func:`launch` runs ``prorl-async run CONFIG --set ...`` (the console script's entry point) in a session of its
-  own (so that it and everything it starts can be stopped by its process group, never by name) with
-  ``run.run_dir`` under /tmp.
+- :func:`launch` runs ``prorl-async run CONFIG --set ...`` (or ``--resume=RUN_DIR``: continue a run; the console
+  script's entry point) in a session of its own (so that it and everything it starts can be stopped by its process
+  group, never by name) with ``run.run_dir`` under /tmp.
 - Pinning (``pin={"learner": {1}, "generator": {0}}``): the supervisor starts its children with plain
   ``subprocess``, each leading a process group of its own, so a thread here re-applies ``sched_setaffinity`` to
   every thread of every process in the learner's and the generators' groups while the run lasts (threads and
@@ -247,10 +248,19 @@ def pin_overrides(pin: dict[str, set[int]] | None) -> list[str]:
 
 
 def launch(config: str | None, overrides: list[str], run_dir: Path, *, pin: dict[str, set[int]] | None = None,
-           timeout_s: float = 3600.0, quiet: bool = True) -> Run:
-    """Run ``prorl-async run`` to completion (or ``timeout_s``, then SIGINT and wait) and return its records."""
+           timeout_s: float = 3600.0, quiet: bool = True, resume: Path | None = None) -> Run:
+    """Run ``prorl-async run`` to completion (or ``timeout_s``, then SIGINT and wait) and return its records.
+
+    With ``resume`` (a run directory; then no ``config``): ``prorl-async run --resume=DIR``, which continues that run
+    from its newest checkpoint with its own config.toml and ``overrides`` on top. The supervisor's log
+    (``RUN_DIR.supervisor.log`` beside the run directory) is appended to, so a resumed run keeps the earlier log.
+    """
+    if config and resume is not None:
+        raise ValueError("launch: a resumed run uses its own config.toml: give config=None with resume")
     run_dir = Path(run_dir)
     argv = [sys.executable, "-c", _ENTRY, "run"] + ([config] if config else [])
+    if resume is not None:
+        argv.append(f"--resume={resume}")
     for item in [*overrides, *pin_overrides(pin), f"run.run_dir={json.dumps(str(run_dir))}", "run.tui=\"off\""]:
         argv += ["--set", item]
     env = dict(os.environ)
@@ -259,7 +269,7 @@ def launch(config: str | None, overrides: list[str], run_dir: Path, *, pin: dict
     log = (run_dir.parent / f"{run_dir.name}.supervisor.log")
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     stop = threading.Event()
@@ -381,8 +391,13 @@ def lines_figure(panels: list[dict[str, Any]], title: str | None = None) -> Figu
 
 def plot_lines(path: Path, panels: list[dict[str, Any]], title: str | None = None) -> None:
     """Write :func:`lines_figure` as a PNG at ``path`` (its folder is made)."""
+    save_figure(lines_figure(panels, title), path)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` (its folder is made), on white."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines_figure(panels, title).savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, dpi=DPI, facecolor="white")
     print(f"wrote {path}")
 
 

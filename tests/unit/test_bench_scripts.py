@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from matplotlib.image import imread
@@ -238,6 +239,35 @@ def test_plot_lines_writes_a_png(tmp_path: Path) -> None:
     _runs.plot_lines(path, [_panel(series=[[(0.0, 0.1), (1.0, 0.3)]]), _panel(series=[[(0.0, 0.2), (1.0, 0.4)]])])
     height, width = _png_pixels(path).shape[:2]
     assert 800 <= width <= 2500 and 300 <= height <= 1000 and width > height  # two panels side by side
+
+
+def test_launch_resume_passes_the_flag_and_appends_to_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    class FakePopen:  # records the command and writes a line to its log: no process is started
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            calls.append(list(argv))
+            kwargs["stdout"].write(f"attempt {len(calls) + 1}\n".encode())
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr(_runs.subprocess, "Popen", FakePopen)
+    run_dir = tmp_path / "runs" / "resets"
+    log = run_dir.parent / "resets.supervisor.log"
+    log.parent.mkdir(parents=True)
+    log.write_bytes(b"attempt 1\n")
+    run = _runs.launch(None, ["run.max_steps=8"], run_dir, resume=run_dir, timeout_s=5.0)
+    assert run.returncode == 0 and run.records == []
+    after_run = calls[0][calls[0].index("run") + 1:]
+    assert after_run[0] == f"--resume={run_dir}" and after_run[1:3] == ["--set", "run.max_steps=8"]
+    assert log.read_bytes() == b"attempt 1\nattempt 2\n"  # the interrupted attempt's log is kept
+    _runs.launch("configs/tiny.toml", [], run_dir, timeout_s=5.0)
+    assert calls[1][calls[1].index("run") + 1] == "configs/tiny.toml"
+    assert not any(a.startswith("--resume") for a in calls[1])
+    with pytest.raises(ValueError, match="config=None"):
+        _runs.launch("configs/tiny.toml", [], run_dir, resume=run_dir)
+    assert len(calls) == 2
 
 
 @pytest.fixture
