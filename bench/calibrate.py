@@ -54,15 +54,18 @@ def main() -> None:
         t0 = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
-        per_prompt, tokens = [], 0
+        per_prompt, tokens, samples = [], 0, 0
         for task, out in zip(tasks, outputs, strict=True):
             rewards = [score(cfg.tasks.prefill + c.text, task)[0] for c in out.outputs]
             per_prompt.append(sum(rewards) / len(rewards))
             tokens += sum(len(c.token_ids) for c in out.outputs)
+            samples += len(out.outputs)
         rows.append({
             "task": f"{spec.domain}/{spec.name}", "params": spec.params, "prompts": len(tasks),
             "pass_at_1": sum(per_prompt) / len(per_prompt),
             "groups_with_signal": sum(0 < p < 1 for p in per_prompt) / len(per_prompt),
+            "never_solved": sum(p == 0 for p in per_prompt) / len(per_prompt),
+            "response_tokens_mean": tokens / samples,
             "prompt_tokens_mean": sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts),
             "tokens_per_s": tokens / seconds,
         })
@@ -71,10 +74,11 @@ def main() -> None:
     info = machine_info()
     print(f"machine: {describe(info)}; model {cfg.model.name}; T={s.temperature}, n={s.group_size}, "
           f"few_shot={cfg.tasks.few_shot}, prefill={cfg.tasks.prefill!r}")
-    print(f"{'task':28s} {'pass@1':>7s} {'mixed groups':>13s} {'prompt tok':>10s} {'tok/s':>7s}")
+    print(f"{'task':28s} {'pass@1':>7s} {'mixed groups':>13s} {f'0 of {s.group_size}':>8s} {'prompt tok':>10s} "
+          f"{'resp tok':>8s} {'tok/s':>7s}")
     for r in rows:
-        print(f"{r['task']:28s} {r['pass_at_1']:7.3f} {r['groups_with_signal']:13.2f} "
-              f"{r['prompt_tokens_mean']:10.0f} {r['tokens_per_s']:7.0f}")
+        print(f"{r['task']:28s} {r['pass_at_1']:7.3f} {r['groups_with_signal']:13.2f} {r['never_solved']:8.2f} "
+              f"{r['prompt_tokens_mean']:10.0f} {r['response_tokens_mean']:8.1f} {r['tokens_per_s']:7.0f}")
     print(f"{'mix (by weight)':28s} {mean:7.3f}")
     if args.json_path:
         with open(args.json_path, "w") as f:
