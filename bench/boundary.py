@@ -1,6 +1,6 @@
 """Does prolonged RL expand the reasoning boundary here? The ProRL paper's five claims, measured at small scale.
 
-    python bench/boundary.py                                  # configs/boundary.toml: 2 arms x 64 steps, 5 evals
+    python bench/boundary.py                                  # configs/boundary.toml: 2 arms x 24 steps, 5 evals
     python bench/boundary.py --work /tmp/prorl-bench/boundary/DIR            # continue an interrupted job
     python bench/boundary.py --work /tmp/prorl-bench/boundary/DIR --stage report   # analysis and figures only
     python bench/boundary.py --arms resets,no-resets,no-kl                  # the third arm as well
@@ -70,14 +70,11 @@ sampling noise); for a validation round, the binomial one of its samples with a 
 
 With 135M parameters and a few dozen prompts per task most differences are small: they read as inconclusive.
 
-How long (2 cores, nothing else running; estimates until bench/README.md has measured ones): a step of the embedded
-default (8 groups x 8 samples, <= 16 tokens) takes 50-60 s; boundary.toml's longer responses (<= 40 tokens) may make
-it 1.5x that, and each in-run validation round (48 prompts x 3 tasks x 4 samples) costs about a minute of generator
-time, so one arm of 64 steps takes about 1.3-1.8 h, two arms 2.5-3.5 h. An evaluation generates 3 x 32 x 64 = 6,144
-samples; at 100-200 tokens/s (vLLM with SmolLM2 here: 43-176 tokens/s in bench/README.md, more when 64 samples share
-a prompt) and ~20 tokens a sample that is 10-20 minutes plus a minute of start-up, so the five evaluations (the base,
-steps 32 and 64 of each arm) take 1-2 h. In all 3.5-5.5 h. Checkpoints take about 2 GB each (policy, reference,
-optimizer): 8 with the defaults.
+How long (measured 2026-12-04 on 2 cores, nothing else running; bench/README.md has the run): one arm of 24 steps
+took 43-45 min (engine start-up, 24 steps of 8 groups x 8 samples with <= 40 tokens, 7 in-run validation rounds,
+4 checkpoints); an evaluation of 3 tasks x 32 prompts x 64 samples (6,144 completions of ~8 tokens) took 10.6-11.4
+min including start-up, so the five evaluations (the base, steps 12 and 24 of each arm) take ~55 min. In all about
+2.5 h. Checkpoints take about 2 GB each (policy, reference, optimizer): 8 with the defaults.
 """
 
 from __future__ import annotations
@@ -98,8 +95,8 @@ from _boundary_stats import Z, analyse, outcomes_from_rows, training_series, ver
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("resets", "no-resets", "no-kl")
-FULL: dict[str, Any] = {"config": "configs/boundary.toml", "overrides": [], "quick": False, "steps": 64,
-                        "reset_every": 16, "checkpoint_every": 16, "eval_every": 32, "val_every": 5, "prompts": 32,
+FULL: dict[str, Any] = {"config": "configs/boundary.toml", "overrides": [], "quick": False, "steps": 24,
+                        "reset_every": 6, "checkpoint_every": 6, "eval_every": 12, "val_every": 4, "prompts": 32,
                         "samples": 64, "ks": [1, 2, 4, 8, 16, 32, 64]}
 QUICK: dict[str, Any] = {"config": "configs/tiny.toml", "overrides": [], "quick": True, "steps": 4, "reset_every": 2,
                          "checkpoint_every": 2, "eval_every": 4, "val_every": 2, "prompts": 4, "samples": 4,
@@ -112,9 +109,9 @@ PLAN_KEYS = ("config", "overrides", "quick", "steps", "reset_every", "checkpoint
 
 def derived(steps: int) -> dict[str, int]:
     """Intervals that follow ``--steps`` when not given: 4 resets and 4 checkpoints, evaluations at half and end,
-    12 validation rounds (plus the one at start)."""
+    6 validation rounds (plus the one at start)."""
     every = max(1, steps // 4)
-    return {"reset_every": every, "checkpoint_every": every, "eval_every": 2 * every, "val_every": max(1, steps // 12)}
+    return {"reset_every": every, "checkpoint_every": every, "eval_every": 2 * every, "val_every": max(1, steps // 6)}
 
 
 def make_plan(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -355,11 +352,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="configs/tiny.toml, 4 steps, 4 prompts x 4 samples")
     p.add_argument("--config", help="TOML config shared by the arms (default configs/boundary.toml)")
     p.add_argument("--set", dest="overrides", action="append", help="config override for every arm (repeatable)")
-    p.add_argument("--steps", type=int, help="run.max_steps of each arm (default 64)")
+    p.add_argument("--steps", type=int, help="run.max_steps of each arm (default 24)")
     p.add_argument("--reset-every", type=int, help="reset.interval_steps of the resets arm (default steps / 4)")
     p.add_argument("--checkpoint-every", type=int, help="run.checkpoint_every_steps (default steps / 4)")
     p.add_argument("--eval-every", type=int, help="evaluate checkpoints at multiples of this (default steps / 2)")
-    p.add_argument("--val-every", type=int, help="in-run validation every this many steps (default steps / 12)")
+    p.add_argument("--val-every", type=int, help="in-run validation every this many steps (default steps / 6)")
     p.add_argument("--prompts", type=int, help="held-out prompts per task per evaluation (default 32)")
     p.add_argument("--samples", type=int, help="samples per prompt per evaluation (default 64)")
     p.add_argument("--k", type=_ks, dest="ks", help="pass@k values (default 1,2,4,8,16,32,64)")

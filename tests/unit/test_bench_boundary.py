@@ -36,7 +36,7 @@ def prompts(*rows: str) -> dict[str, tuple[bool, ...]]:
 
 def test_plan_derives_intervals_from_steps_and_keeps_given_ones() -> None:
     plan = boundary.make_plan({"steps": 40, "reset_every": 7})
-    assert (plan["reset_every"], plan["checkpoint_every"], plan["eval_every"], plan["val_every"]) == (7, 10, 20, 3)
+    assert (plan["reset_every"], plan["checkpoint_every"], plan["eval_every"], plan["val_every"]) == (7, 10, 20, 6)
     assert plan["config"] == "configs/boundary.toml" and plan["samples"] == 64 and max(plan["ks"]) == 64
     quick = boundary.make_plan({"quick": True})
     assert quick["config"] == "configs/tiny.toml" and quick["ks"] == [1, 2, 4] and quick["steps"] == 4
@@ -46,10 +46,10 @@ def test_default_plan_follows_its_own_rule_and_the_config() -> None:
     from prorl_async.config import load_config
 
     plan = boundary.make_plan({})
-    assert {k: plan[k] for k in boundary.derived(64)} == boundary.derived(64) == {
-        "reset_every": 16, "checkpoint_every": 16, "eval_every": 32, "val_every": 5}
+    assert {k: plan[k] for k in boundary.derived(24)} == boundary.derived(24) == {
+        "reset_every": 6, "checkpoint_every": 6, "eval_every": 12, "val_every": 4}
     cfg = load_config(boundary.config_path(plan), boundary.run_overrides(plan, "resets"))
-    assert (cfg.run.max_steps, cfg.run.time_budget_s, cfg.reset.interval_steps, cfg.eval.every_steps) == (64, 0, 16, 5)
+    assert (cfg.run.max_steps, cfg.run.time_budget_s, cfg.reset.interval_steps, cfg.eval.every_steps) == (24, 0, 6, 4)
     assert cfg.tasks.validation_size >= plan["prompts"] and cfg.model.name == "smollm2-135m-instruct"
     assert load_config(boundary.config_path(plan), boundary.run_overrides(plan, "no-kl")).loss.kl_beta == 0
 
@@ -58,7 +58,7 @@ def test_plan_refuses_samples_below_k_and_evals_between_checkpoints() -> None:
     with pytest.raises(SystemExit, match="below the largest --k 64"):
         boundary.make_plan({"samples": 32})
     with pytest.raises(SystemExit, match="multiple of --checkpoint-every"):
-        boundary.make_plan({"eval_every": 30})
+        boundary.make_plan({"eval_every": 9})
 
 
 def test_stored_plan_wins_and_only_eval_every_may_change() -> None:
@@ -78,7 +78,7 @@ def test_arms_differ_only_in_reset_interval_and_kl_weight() -> None:
     assert resets - plain == {"reset.interval_steps=24"}
     assert plain - resets == {"reset.interval_steps=0"}
     assert no_kl - plain == {"loss.kl_beta=0"}
-    assert {"run.max_steps=96", "run.time_budget_s=0", "run.checkpoint_every_steps=24", "eval.every_steps=8",
+    assert {"run.max_steps=96", "run.time_budget_s=0", "run.checkpoint_every_steps=24", "eval.every_steps=16",
             "eval.at_start=true", "reset.kl_share_threshold=0", "learner.lr=1e-5"} <= plain
     assert boundary.run_overrides(plan, "resets")[0] == "learner.lr=1e-5"  # the user's first: the bench's knobs win
     with pytest.raises(SystemExit, match="unknown arm"):
