@@ -43,6 +43,25 @@ def outcomes_from_rows(rows: Sequence[Mapping[str, Any]], threshold: float) -> d
     return out
 
 
+def distinct_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per task, per prompt id: how many different completions (text, outer whitespace stripped) its samples hold."""
+    out: dict[str, dict[str, int]] = {}
+    for row in rows:
+        samples = row.get("samples")
+        if samples:
+            out.setdefault(row["task"], {})[row["id"]] = len({str(s.get("text", "")).strip() for s in samples})
+    return out
+
+
+def diversity(distinct: Mapping[str, int]) -> dict[str, Any]:
+    """Mean different completions per prompt and the share of prompts answered one way every time."""
+    counts = list(distinct.values())
+    if not counts:
+        return {"prompts": 0, "mean_distinct": None, "frac_single": None}
+    return {"prompts": len(counts), "mean_distinct": float(np.mean(counts)),
+            "frac_single": sum(c == 1 for c in counts) / len(counts)}
+
+
 def scopes(outcomes: Mapping[str, Mapping[str, tuple[bool, ...]]]) -> dict[str, dict[str, tuple[bool, ...]]]:
     """Each task, then ``all`` (every prompt once: ids are unique across tasks)."""
     out = {task: dict(prompts) for task, prompts in outcomes.items()}
@@ -418,6 +437,10 @@ def analyse(base: Mapping[str, Any] | None, evals: Mapping[str, Mapping[int, Map
         "pass_at_k": {label: {s: {str(k): v for k, v in pass_curve(p, ks).items()} for s, p in sc.items()}
                       for label, (_, _, sc) in models.items()},
         "pass1": {label: {s: pass1_profile(p) for s, p in sc.items()} for label, (_, _, sc) in models.items()},
+        "diversity": {label: {s: diversity(d) for s, d in scopes(ev["distinct"]).items()}
+                      for label, ev in ([("base", base)] if base is not None else [])
+                      + [(f"{arm} step {step}", e) for arm, by in evals.items() for step, e in sorted(by.items())]
+                      if "distinct" in ev},
         "training": {arm: {"series": s, "summary": arm_summary(s, steps)} for arm, s in training.items()},
         "solved": {}, "regimes": {},
         "main_arm": MAIN_ARM if MAIN_ARM in evals else next(iter(evals), MAIN_ARM)}  # another when resets is not run
@@ -469,4 +492,18 @@ def verdict_table(verdicts: Mapping[str, Mapping[str, Any]], figures: Mapping[st
     for cid, v in verdicts.items():
         figure = (figures or {}).get(v["figure"], v["figure"])
         lines += [f"{cid:6s} {v['verdict']:13s} {v['claim']} [{figure}]", f"{'':20s} {v['why']}"]
+    return "\n".join(lines)
+
+
+def diversity_table(div: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """Per model and task: mean different completions per prompt, and the share of prompts answered one way."""
+    scope_names = list(next(iter(div.values())))
+    lines = ["different completions per prompt (mean; share of prompts always answered the same way)",
+             f"{'model':22s} " + " ".join(f"{s:>24s}" for s in scope_names)]
+    for label, by_scope in div.items():
+        cells = []
+        for s in scope_names:
+            v = by_scope.get(s) or {}
+            cells.append(f"{v['mean_distinct']:.1f} ({v['frac_single']:.2f})" if v.get("prompts") else "-")
+        lines.append(f"{label:22s} " + " ".join(f"{c:>24s}" for c in cells))
     return "\n".join(lines)

@@ -33,7 +33,9 @@ an interruption and can span sessions: rerunning with the same ``--work`` contin
   (the paper's Fig. 7: per-prompt pass@1 of the base and of the main arm's checkpoints), ``-training`` (entropy, KL,
   KL share of the update, response length and validation pass@1 against steps, per arm, resets as dotted lines),
   ``-solved`` (prompts newly solved and lost at k = n against the base, per checkpoint) and ``-regimes`` (pass@1 and
-  pass@k_max per task against steps). It prints the verdict table. Default paths:
+  pass@k_max per task against steps). It prints the verdict table, then how far each model narrowed: different
+  completions per prompt among its samples and the share of prompts answered the same way every time
+  (``diversity`` in the JSON). Default paths:
   ``bench/results/boundary-DATE.json`` and ``bench/results/boundary-DATE-NAME.png`` (``--quick``: under
   ``WORK/results/``).
 
@@ -91,7 +93,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from _boundary_stats import Z, analyse, outcomes_from_rows, training_series, verdict_table
+from _boundary_stats import (
+    Z,
+    analyse,
+    distinct_from_rows,
+    diversity_table,
+    outcomes_from_rows,
+    training_series,
+    verdict_table,
+)
 
 HERE = Path(__file__).resolve().parent
 ARMS = ("resets", "no-resets", "no-kl")
@@ -309,7 +319,8 @@ def load_eval(out: Path) -> dict[str, Any] | None:
     rows = [json.loads(line) for line in (out / data["models"][label]["samples_file"]).read_text().splitlines()
             if line.strip()]
     return {"dir": str(out), "seconds": data.get("seconds"),
-            "outcomes": outcomes_from_rows(rows, float(data["settings"]["correct_threshold"]))}
+            "outcomes": outcomes_from_rows(rows, float(data["settings"]["correct_threshold"])),
+            "distinct": distinct_from_rows(rows)}
 
 
 def load_work(arms: Sequence[str], work: Path) -> tuple[dict[str, Any] | None, dict[str, dict[int, Any]],
@@ -423,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             **analysis})
         print(f"end = the {analysis['main_arm']} arm at step {plan['steps']}; a difference counts beyond {Z:g} SE")
         print(verdict_table(analysis["verdicts"], figures))
+        if analysis["diversity"]:
+            print(diversity_table(analysis["diversity"]))
     return 0 if ok else 1
 
 

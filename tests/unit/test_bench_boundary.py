@@ -100,6 +100,12 @@ def test_outcomes_from_rows_apply_the_threshold_and_skip_skipped_prompts() -> No
             {"id": "c", "task": "logic/y", "samples": [{"reward": 0.5}]}]
     assert stats.outcomes_from_rows(rows, 1.0) == {"logic/x": {"a": (T, F, T)}, "logic/y": {"c": (F,)}}
     assert stats.outcomes_from_rows(rows, 0.5)["logic/y"] == {"c": (T,)}
+    rows[0]["samples"] = [{"reward": 1.0, "text": "<answer>7"}, {"reward": 0.0, "text": " <answer>7\n"},
+                          {"reward": 0.0, "text": "<answer>8"}]
+    assert stats.distinct_from_rows(rows) == {"logic/x": {"a": 2}, "logic/y": {"c": 1}}
+    assert stats.diversity({"a": 2, "b": 1, "c": 1, "d": 4}) == {"prompts": 4, "mean_distinct": 2.0,
+                                                                 "frac_single": 0.5}
+    assert stats.diversity({})["mean_distinct"] is None
     both = stats.scopes({"x": {"a": (T,)}, "y": {"b": (F,)}})
     assert both["all"] == {"a": (T,), "b": (F,)}
 
@@ -318,7 +324,9 @@ def test_regimes() -> None:
 def synthetic_eval(patterns: dict[str, list[str]]) -> dict[str, Any]:
     return {"dir": "/x", "seconds": 1.0, "outcomes": {task: {f"{task}/{i}": tuple(ch == "1" for ch in row)
                                                               for i, row in enumerate(rows)}
-                                                       for task, rows in patterns.items()}}
+                                                       for task, rows in patterns.items()},
+            "distinct": {task: {f"{task}/{i}": len(set(row)) for i, row in enumerate(rows)}
+                         for task, rows in patterns.items()}}
 
 
 BASE = {"logic/a": ["0000"] * 6 + ["1100"] * 6, "logic/b": ["1000"] * 6 + ["1111"] * 6}
@@ -343,6 +351,9 @@ def test_analyse_end_to_end_and_figures(tmp_path: Path) -> None:
     assert [(p["step"], p["logic/a"]["newly_solved"]) for p in a["solved"]["resets"]] == [(6, 0), (12, 6)]
     assert a["regimes"]["logic/a"]["last_segment_pass@k"]["delta"] == pytest.approx(0.5)  # step 6 -> 12
     assert a["training"]["resets"]["series"]["resets"] == [3, 6, 9, 12]
+    assert a["diversity"]["base"]["logic/a"] == {"prompts": 12, "mean_distinct": 1.5, "frac_single": 0.5}
+    assert a["diversity"]["resets step 12"]["all"]["frac_single"] == pytest.approx(12 / 24)
+    assert "resets step 12" in stats.diversity_table(a["diversity"])
     table = stats.verdict_table(a["verdicts"])
     assert "1a" in table and "held" in table and "sustained" in table
 
