@@ -12,7 +12,9 @@ rendered prompts, scored by the same verifiers. Both sides run with ``sampling.s
 stop on a string), and this side without in-run validation (TRL has none either). ``--ours-set`` changes this side
 only: ``--ours-set 'sampling.stop=["</answer>"]'`` lets it stop at its answer tag as the default does, the measure
 unchanged (every policy is evaluated with the shared config); with ``--trl-from EARLIER.json`` TRL's side, the base
-and the evaluation config come from an earlier run of this script, so only this side trains again.
+and the evaluation config come from an earlier run of this script, so only this side trains again; with
+``--ours-from EARLIER.json`` as well this side's checkpoints and their times come from it too, and only the
+evaluations run again (after they failed, or to measure them otherwise).
 
 Along the way TRL saves its policy every ``--trl-save-every-s`` of training (the seconds spent saving are left out
 of its clock) and this side writes a checkpoint every ``--checkpoint-every`` steps (the time spent writing counts
@@ -103,6 +105,31 @@ def evaluate(model: str, config: Path, out: Path, plan: dict[str, Any], **point:
     return {**point, "pass_at_1": score, "by_task": tasks}
 
 
+def eval_config_text(earlier: dict[str, Any]) -> str:
+    """The config an earlier run of this script (``--trl-from``) evaluated every policy with: its JSON's copy
+    (``eval_config_toml``) or, in a JSON without one, rebuilt as that run built it, from its config and shared
+    overrides (the file it names may be gone with the run's directory)."""
+    if earlier.get("eval_config_toml"):
+        return str(earlier["eval_config_toml"])
+    from prorl_async.config import config_to_toml, load_config
+
+    return config_to_toml(load_config(earlier["config"], list(earlier["overrides"])))
+
+
+def earlier_checkpoints(earlier: dict[str, Any]) -> list[dict[str, Any]]:
+    """This side's checkpoints in an earlier run of this script (``--ours-from``) with their seconds since its
+    launch; each must still exist."""
+    run_dir = Path(earlier["run_dir"])
+    out = []
+    for p in earlier["sides"]["prorl-async"][1:]:  # the base first
+        path = p.get("path") or str(run_dir / "checkpoints" / f"step-{int(p['step']):06d}")
+        if not Path(path).is_dir():
+            raise SystemExit(f"peers_learning: --ours-from: the checkpoint of step {p['step']} ({path}) is gone; "
+                             "train this side again (without --ours-from)")
+        out.append({"path": path, "step": p["step"], "seconds": p["seconds"]})
+    return out
+
+
 def our_checkpoints(records: list[dict[str, Any]], launched_epoch: float) -> list[dict[str, Any]]:
     """This side's checkpoints with their seconds since the run was launched."""
     return [{"path": r["path"], "step": r.get("version"), "seconds": r["time_s"] - launched_epoch}
@@ -127,6 +154,9 @@ def main() -> int:
                         help="overrides for this side only, e.g. 'sampling.stop=[\"</answer>\"]' (its own stop)")
     parser.add_argument("--trl-from", metavar="JSON", help="take TRL's side, the base and the evaluation config "
                         "from an earlier run of this script (its --json) instead of training TRL again")
+    parser.add_argument("--ours-from", metavar="JSON", help="take this side's run (its checkpoints and their "
+                        "times) from an earlier run of this script and only evaluate them again, e.g. after its "
+                        "evaluations failed; needs --trl-from (it may name the same file)")
     parser.add_argument("--venv", default=str(Path.home() / ".cache" / "prorl-async" / "bench" / "trl-venv"),
                         help="TRL's own virtual environment (created when missing)")
     parser.add_argument("--out-dir", default="/tmp/prorl-bench/peers-learning", help="runs and evaluations go here")
@@ -137,7 +167,10 @@ def main() -> int:
     for key in ("config", "budget_s", "trl_save_every_s", "checkpoint_every", "prompts", "samples"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
+    if args.ours_from and not args.trl_from:
+        parser.error("--ours-from needs --trl-from (the same file will do)")
     earlier = json.loads(Path(args.trl_from).read_text()) if args.trl_from else None
+    ours_from = json.loads(Path(args.ours_from).read_text()) if args.ours_from else None
     if earlier is not None:  # the same measure as the earlier run, or the two sides do not compare
         plan.update({k: earlier["plan"][k] for k in ("config", "budget_s", "prompts", "samples")})
     config, budget = plan["config"], float(plan["budget_s"])
@@ -155,21 +188,35 @@ def main() -> int:
         trl = trl_side(cfg, plan, Path(args.venv), work)
     else:
         trl = {k: earlier[k] for k in TRL_KEYS if k != "points"}
+        eval_config = work / "eval-config.toml"
+        eval_config.parent.mkdir(parents=True, exist_ok=True)
+        eval_config.write_text(eval_config_text(earlier))
+        load_config(str(eval_config))  # before training: a config that does not load fails here, not in 30 minutes
         trl.update(points=earlier["sides"]["trl"], returncode=earlier["trl_raw"].get("returncode", 0),
-                   eval_config=earlier.get("eval_config") or str(Path(earlier["run_dir"]) / "config.toml"))
+                   eval_config=str(eval_config))
         print(f"TRL's side from {args.trl_from}: {trl['trl_steps']} steps, {len(trl['points']) - 1} saves", flush=True)
 
-    print("prorl-async run...", flush=True)
-    launched = time.time()
-    run = _runs.launch(config, [*overrides, *args.ours_overrides], work / "prorl-async", timeout_s=budget + 900.0,
-                       quiet=False)
-    checkpoints = our_checkpoints(run.records, launched)
-    steps = sum(r.get("kind") == "step" for r in run.records)
-    print(f"  prorl-async: exit {run.returncode} in {run.seconds:.0f} s, {steps} steps, {len(checkpoints)} "
-          "checkpoints", flush=True)
+    if ours_from is None:
+        print("prorl-async run...", flush=True)
+        launched = time.time()
+        ours_overrides = list(args.ours_overrides)
+        run = _runs.launch(config, [*overrides, *ours_overrides], work / "prorl-async", timeout_s=budget + 900.0,
+                           quiet=False)
+        checkpoints = our_checkpoints(run.records, launched)
+        steps = sum(r.get("kind") == "step" for r in run.records)
+        run_dir, run_code = work / "prorl-async", run.returncode
+        print(f"  prorl-async: exit {run_code} in {run.seconds:.0f} s, {steps} steps, {len(checkpoints)} "
+              "checkpoints", flush=True)
+    else:
+        checkpoints, steps = earlier_checkpoints(ours_from), ours_from["ours_steps"]
+        run_dir, run_code = Path(ours_from["run_dir"]), ours_from.get("ours_returncode", 0)
+        ours_overrides = list(ours_from.get("ours_overrides") or [])
+        print(f"this side's run from {args.ours_from}: {steps} steps, {len(checkpoints)} checkpoints in {run_dir}",
+              flush=True)
     print(f"evaluating {len(checkpoints)} checkpoints on the held-out prompts...", flush=True)
     ours = [evaluate(c["path"], Path(trl["eval_config"]), work / "evals" / f"ours-step-{c['step']}", plan,
-                     label=f"step {c['step']}", seconds=c["seconds"], step=c["step"]) for c in checkpoints]
+                     label=f"step {c['step']}", seconds=c["seconds"], step=c["step"], path=c["path"])
+            for c in checkpoints]
     sides: dict[str, list[dict[str, Any]]] = {"trl": trl["points"], "prorl-async": [dict(trl["points"][0]), *ours]}
     base = trl["points"][0]["pass_at_1"]
     for name, points in sides.items():
@@ -189,10 +236,12 @@ def main() -> int:
                        for name in ("trl", "prorl-async")]}])
     _runs.write_json(args.json, {
         **result, "sides": sides, "budget_s": budget, "plan": plan, "machine": machine, "config": config,
-        "overrides": overrides, "ours_overrides": args.ours_overrides, "trl_from": args.trl_from,
-        "eval_config": trl["eval_config"], "model": cfg.model.name, "samples_per_step": samples_per_step,
-        "ours_steps": steps, "run_dir": str(work / "prorl-async"), **{k: trl[k] for k in TRL_KEYS if k != "points"}})
-    return 0 if trl["returncode"] == 0 and run.returncode == 0 and base is not None else 1
+        "overrides": overrides, "ours_overrides": ours_overrides, "trl_from": args.trl_from,
+        "ours_from": args.ours_from, "eval_config": trl["eval_config"],
+        "eval_config_toml": Path(trl["eval_config"]).read_text(), "model": cfg.model.name,
+        "samples_per_step": samples_per_step, "ours_steps": steps, "ours_returncode": run_code, "run_dir": str(run_dir),
+        **{k: trl[k] for k in TRL_KEYS if k != "points"}})
+    return 0 if trl["returncode"] == 0 and run_code == 0 and base is not None else 1
 
 
 def trl_side(cfg: Any, plan: dict[str, Any], venv: Path, work: Path) -> dict[str, Any]:
