@@ -8,7 +8,7 @@ claims and their tests are described in ``boundary.py``'s docstring); :func:`ver
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,24 +33,24 @@ CLAIMS = {
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def outcomes_from_rows(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, dict[str, tuple[bool, ...]]]:
-    """Per task, per prompt id: each sample correct or not, from ``samples-LABEL.jsonl`` rows (skipped ones out)."""
-    out: dict[str, dict[str, tuple[bool, ...]]] = {}
+def _per_prompt(rows: Sequence[Mapping[str, Any]], of_samples: Callable[[Sequence[Mapping[str, Any]]], Any],
+                ) -> dict[str, dict[str, Any]]:
+    """Per task, per prompt id: ``of_samples`` of its samples, from ``samples-LABEL.jsonl`` rows (skipped ones out)."""
+    out: dict[str, dict[str, Any]] = {}
     for row in rows:
-        samples = row.get("samples")
-        if samples:
-            out.setdefault(row["task"], {})[row["id"]] = tuple(s["reward"] >= threshold - CORRECT_EPS for s in samples)
+        if samples := row.get("samples"):
+            out.setdefault(row["task"], {})[row["id"]] = of_samples(samples)
     return out
+
+
+def outcomes_from_rows(rows: Sequence[Mapping[str, Any]], threshold: float) -> dict[str, dict[str, tuple[bool, ...]]]:
+    """Per task, per prompt id: each sample correct or not."""
+    return _per_prompt(rows, lambda samples: tuple(s["reward"] >= threshold - CORRECT_EPS for s in samples))
 
 
 def distinct_from_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     """Per task, per prompt id: how many different completions (text, outer whitespace stripped) its samples hold."""
-    out: dict[str, dict[str, int]] = {}
-    for row in rows:
-        samples = row.get("samples")
-        if samples:
-            out.setdefault(row["task"], {})[row["id"]] = len({str(s.get("text", "")).strip() for s in samples})
-    return out
+    return _per_prompt(rows, lambda samples: len({str(s.get("text", "")).strip() for s in samples}))
 
 
 def diversity(distinct: Mapping[str, int]) -> dict[str, Any]:
@@ -426,21 +426,16 @@ def analyse(base: Mapping[str, Any] | None, evals: Mapping[str, Mapping[int, Map
     ``outcomes``) and each arm's :func:`training_series`."""
     ks, steps = sorted(plan["ks"]), plan["steps"]
     k_max = ks[-1]
-    models: dict[str, Any] = {}
-    if base is not None:
-        models["base"] = (0, None, scopes(base["outcomes"]))
-    for arm, by_step in evals.items():
-        for step, ev in sorted(by_step.items()):
-            models[f"{arm} step {step}"] = (step, arm, scopes(ev["outcomes"]))
+    labelled = ([("base", 0, None, base)] if base is not None else []) + [
+        (f"{arm} step {step}", step, arm, ev) for arm, by_step in evals.items() for step, ev in sorted(by_step.items())]
+    models = {label: (step, arm, scopes(ev["outcomes"])) for label, step, arm, ev in labelled}
     out: dict[str, Any] = {
         "models": {label: {"arm": arm, "step": step} for label, (step, arm, _) in models.items()},
         "pass_at_k": {label: {s: {str(k): v for k, v in pass_curve(p, ks).items()} for s, p in sc.items()}
                       for label, (_, _, sc) in models.items()},
         "pass1": {label: {s: pass1_profile(p) for s, p in sc.items()} for label, (_, _, sc) in models.items()},
         "diversity": {label: {s: diversity(d) for s, d in scopes(ev["distinct"]).items()}
-                      for label, ev in ([("base", base)] if base is not None else [])
-                      + [(f"{arm} step {step}", e) for arm, by in evals.items() for step, e in sorted(by.items())]
-                      if "distinct" in ev},
+                      for label, _, _, ev in labelled if "distinct" in ev},
         "training": {arm: {"series": s, "summary": arm_summary(s, steps)} for arm, s in training.items()},
         "solved": {}, "regimes": {},
         "main_arm": MAIN_ARM if MAIN_ARM in evals else next(iter(evals), MAIN_ARM)}  # another when resets is not run

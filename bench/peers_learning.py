@@ -139,7 +139,7 @@ def our_checkpoints(records: list[dict[str, Any]], launched_epoch: float) -> lis
 def main() -> int:
     import _runs
 
-    from prorl_async.config import load_config
+    from prorl_async.config import config_to_toml, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny-random model (configs/tiny.toml), minutes")
@@ -184,16 +184,17 @@ def main() -> int:
     samples_per_step = cfg.learner.batch_groups * cfg.sampling.group_size
     print(f"model {cfg.model.name}; {budget:.0f} s per side; {samples_per_step} samples per step (group "
           f"{cfg.sampling.group_size}), <= {cfg.sampling.max_response_tokens} response tokens", flush=True)
+    # Every policy of both sides is evaluated with this: the shared config (without --ours-set), or the earlier
+    # run's. Written and loaded before any training: a config that does not load fails here, not in 30 minutes.
+    eval_config = work / "eval-config.toml"
+    eval_config.parent.mkdir(parents=True, exist_ok=True)
+    eval_config.write_text(config_to_toml(cfg) if earlier is None else eval_config_text(earlier))
+    load_config(str(eval_config))
     if earlier is None:
-        trl = trl_side(cfg, plan, Path(args.venv), work)
+        trl = trl_side(cfg, plan, Path(args.venv), work, eval_config)
     else:
         trl = {k: earlier[k] for k in TRL_KEYS if k != "points"}
-        eval_config = work / "eval-config.toml"
-        eval_config.parent.mkdir(parents=True, exist_ok=True)
-        eval_config.write_text(eval_config_text(earlier))
-        load_config(str(eval_config))  # before training: a config that does not load fails here, not in 30 minutes
-        trl.update(points=earlier["sides"]["trl"], returncode=earlier["trl_raw"].get("returncode", 0),
-                   eval_config=str(eval_config))
+        trl.update(points=earlier["sides"]["trl"], returncode=earlier["trl_raw"].get("returncode", 0))
         print(f"TRL's side from {args.trl_from}: {trl['trl_steps']} steps, {len(trl['points']) - 1} saves", flush=True)
 
     if ours_from is None:
@@ -214,7 +215,7 @@ def main() -> int:
         print(f"this side's run from {args.ours_from}: {steps} steps, {len(checkpoints)} checkpoints in {run_dir}",
               flush=True)
     print(f"evaluating {len(checkpoints)} checkpoints on the held-out prompts...", flush=True)
-    ours = [evaluate(c["path"], Path(trl["eval_config"]), work / "evals" / f"ours-step-{c['step']}", plan,
+    ours = [evaluate(c["path"], eval_config, work / "evals" / f"ours-step-{c['step']}", plan,
                      label=f"step {c['step']}", seconds=c["seconds"], step=c["step"], path=c["path"])
             for c in checkpoints]
     sides: dict[str, list[dict[str, Any]]] = {"trl": trl["points"], "prorl-async": [dict(trl["points"][0]), *ours]}
@@ -237,20 +238,18 @@ def main() -> int:
     _runs.write_json(args.json, {
         **result, "sides": sides, "budget_s": budget, "plan": plan, "machine": machine, "config": config,
         "overrides": overrides, "ours_overrides": ours_overrides, "trl_from": args.trl_from,
-        "ours_from": args.ours_from, "eval_config": trl["eval_config"],
-        "eval_config_toml": Path(trl["eval_config"]).read_text(), "model": cfg.model.name,
+        "ours_from": args.ours_from, "eval_config": str(eval_config), "eval_config_toml": eval_config.read_text(),
+        "model": cfg.model.name,
         "samples_per_step": samples_per_step, "ours_steps": steps, "ours_returncode": run_code, "run_dir": str(run_dir),
         **{k: trl[k] for k in TRL_KEYS if k != "points"}})
     return 0 if trl["returncode"] == 0 and run_code == 0 and base is not None else 1
 
 
-def trl_side(cfg: Any, plan: dict[str, Any], venv: Path, work: Path) -> dict[str, Any]:
+def trl_side(cfg: Any, plan: dict[str, Any], venv: Path, work: Path, eval_config: Path) -> dict[str, Any]:
     """TRL's time-boxed run (installing its environment when missing), then the evaluation of the base and of each
-    save: ``points`` (the base first), ``eval_config`` (the config every policy of both sides is evaluated with:
-    ``cfg`` without ``--ours-set``) and the ``TRL_KEYS`` written to the JSON, which ``--trl-from`` reads back."""
+    save on ``eval_config``: ``points`` (the base first) and the ``TRL_KEYS`` written to the JSON, which
+    ``--trl-from`` reads back."""
     import peers
-
-    from prorl_async.config import config_to_toml
 
     python, install_s = peers.ensure_trl_venv(venv)
     dataset = work / "prompts.jsonl"
@@ -264,13 +263,11 @@ def trl_side(cfg: Any, plan: dict[str, Any], venv: Path, work: Path) -> dict[str
     saves = trl.get("saves", [])
     print(f"  TRL: exit {trl['returncode']} in {trl['wall_s']:.0f} s, {len(trl.get('step_ends', []))} steps, "
           f"{len(saves)} saves; evaluating them and the base on the held-out prompts...", flush=True)
-    eval_config = work / "eval-config.toml"
-    eval_config.write_text(config_to_toml(cfg))
     evals = work / "evals"
     points = [evaluate(str(model_dir), eval_config, evals / "base", plan, label="base", seconds=0.0)]
     points += [evaluate(s["path"], eval_config, evals / f"trl-step-{s['step']}", plan, label=f"trl step {s['step']}",
                         seconds=s["process_s"], step=s["step"]) for s in saves]
-    return {"points": points, "eval_config": str(eval_config), "trl_steps": len(trl.get("step_ends", [])),
+    return {"points": points, "trl_steps": len(trl.get("step_ends", [])),
             "trl_settings": settings, "trl_install_s": install_s,
             "trl_versions": {k: trl.get(k) for k in ("trl", "transformers", "torch")},
             "trl_raw": {k: v for k, v in trl.items() if k != "settings"}, "returncode": trl["returncode"]}
