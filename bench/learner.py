@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 PRECISIONS = {
     "fp32": {"model": {"dtype": "float32"}, "learner": {"autocast": "off"}},
     "bf16-autocast": {"model": {"dtype": "float32"}, "learner": {"autocast": "bfloat16"}},
-    "bf16": {"model": {"dtype": "bfloat16"}, "learner": {"autocast": "off"}},
+    "bf16": {"model": {"dtype": "bfloat16"}, "learner": {"autocast": "off", "master_dtype": "bfloat16"}},
 }
 # (groups, group size, mean prompt tokens, mean response tokens) per model: a step of a few seconds.
 BATCHES = {"tiny-random": (8, 8, 48, 160), "smollm2-135m-instruct": (1, 8, 48, 128)}

@@ -318,13 +318,15 @@ class Learner:
         A tied head appears under both names (``model.embed_tokens.weight`` and ``lm_head.weight``): vLLM's
         CPU build keeps a repacked copy of the head that ``reload_weights`` refreshes only when the head's
         own name is in the stream (without it, log-probs after a reload were off by ~0.2). The tensors are
-        the live parameters, detached (gathered in full under FSDP, a collective every rank must join):
+        the live parameters, detached (gathered in full under FSDP, a collective every rank must join), or
+        their copies in ``model.dtype`` when the master weights (``learner.master_dtype``) differ from it:
         copy them, don't modify them.
         """
+        dtype = getattr(torch, self.cfg.model.dtype)
         gathered: dict[int, torch.Tensor] = {}
         for name, p in self.policy.lm.named_parameters(remove_duplicate=False):
             if id(p) not in gathered:
-                gathered[id(p)] = _full(p.detach())
+                gathered[id(p)] = _full(p.detach()).to(dtype)
             yield name, gathered[id(p)]
 
     def save_checkpoint(self, directory: str | Path) -> Path:
@@ -356,7 +358,7 @@ class Learner:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.model.dtype))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.learner.master_dtype))
         for module in lm.modules():  # RL needs the same log-probs in every pass: no dropout anywhere
             if isinstance(module, nn.Dropout):
                 module.p = 0.0

@@ -187,6 +187,28 @@ def test_weights_are_the_hf_checkpoint_names(learner, tiny_model_dir):
     assert all(weights[n].data_ptr() == params[n].data_ptr() for n in names)  # no copies
 
 
+def test_bf16_models_train_fp32_master_weights_so_small_updates_land(tiny_model_dir):
+    """configs/prorl-1.5b.toml samples in bfloat16 at lr 2e-6. An AdamW update of ~lr is far below bf16's resolution
+    for weights of ~0.02 (spacing ~1e-4): bf16 parameters never moved. The learner trains float32 master weights
+    (``learner.master_dtype``) and sends the generators ``model.dtype`` copies."""
+    learner = Learner(tiny_config(model={"dtype": "bfloat16"}, optim={"lr": 2e-6}))
+    batch = on_policy(learner, random_batch(seed=4))
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    assert learner.train_step(batch).grad_norm > 0
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(learner.policy.parameters(), before, strict=True))
+    assert changed / sum(b.numel() for b in before) > 0.5
+    weights = dict(learner.weights())
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]  # a tied head is still one tensor
+    if learner.reference is not None:
+        assert {p.dtype for p in learner.reference.parameters()} == {torch.float32}  # a reset copies exactly
+
+
+def test_master_dtype_bfloat16_is_the_old_memory_saving_choice(tiny_model_dir):
+    learner = Learner(tiny_config(learner={"master_dtype": "bfloat16"}))
+    assert {p.dtype for p in learner.policy.parameters()} == {torch.bfloat16}
+
+
 def test_warmup_then_constant_learning_rate(tiny_model_dir):
     learner = Learner(tiny_config(optim={"lr": 1e-3, "warmup_steps": 2}))
     batch = random_batch(seed=6)
