@@ -45,6 +45,7 @@ import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ from prorl_async.algo.loss import (
 )
 from prorl_async.learner.checkpoint import full_tensor as _full
 from prorl_async.learner.packing import MicroBatch, Unit, additive_mask, collate, packing_supported, plan_units
+from prorl_async.learner.phases import PhaseTimes
 from prorl_async.learner.reset import ResetPolicy
 from prorl_async.learner.staleness import token_staleness
 
@@ -230,6 +232,8 @@ class Learner:
             self.policy.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
         )
         self.reset_policy = ResetPolicy(cfg.reset)
+        self.phases = PhaseTimes(self.device)
+        """Seconds per phase of ``train_step``, when a bench turns it on (:mod:`prorl_async.learner.phases`)."""
         self.policy_version = 0  # trainer steps: +1 per train_step (see the module docstring)
         self.optimizer_step = 0  # AdamW updates: +mini_batches per train_step
         self._reset_since_last_step = ""
@@ -245,11 +249,15 @@ class Learner:
         """Train on ``batch`` (whole groups): ``learner.mini_batches`` optimizer steps, then maybe a reset."""
         start = time.perf_counter()
         version_before = self.policy_version
-        data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
+        with self.phases("prepare"):
+            data = _Prepared(batch, self.cfg, self.device, self.share_prompt, self.phases)
         groups, n = batch.num_groups, batch.group_size
         splits = [g.tolist() for g in torch.arange(groups).tensor_split(min(self.cfg.learner.mini_batches, groups))]
         minis = [[g * n + j for g in gs for j in range(n)] for gs in splits]
-        old = self._proximal_logprobs(data, minis) if len(minis) > 1 else None
+        old = None
+        if len(minis) > 1:
+            with self.phases("proximal"):
+                old = self._proximal_logprobs(data, minis)
         parts: list[dict[str, float]] = []
         grad_norms: list[float] = []
         for indices in minis:
@@ -422,29 +430,35 @@ class Learner:
         else:
             denominator = float(len(indices))
         self.optimizer.zero_grad(set_to_none=True)
-        for mb in self._micro_batches(data, indices):
+        with self.phases("collate"):
+            micro = self._micro_batches(data, indices)
+        for mb in micro:
             ref_logp = None
             if self.reference is not None:
-                with torch.no_grad():
+                with torch.no_grad(), self.phases("reference"):
                     ref_logp, _ = self._forward(self.reference, mb)
-            logp, entropy = self._forward(self.policy, mb, with_entropy=True)
+            with self.phases("policy_forward"):
+                logp, entropy = self._forward(self.policy, mb, with_entropy=True)
             if old is None or not mb.weight:  # one mini-batch: the proximal policy is these very weights
                 old_logp = logp.detach()
             else:
                 old_logp = self._padded(torch.cat([old[i] for i in mb.rows]), mb)
-            behav = self._padded(torch.cat([data.behav[i] for i in mb.rows]), mb)
-            loss, stats = prorl_loss(
-                logp, old_logp, behav, ref_logp, data.advantages[mb.rows], mb.resp_mask, cfg.loss,
-                entropy=entropy, denominator=denominator,
-            )
+            with self.phases("loss"):
+                behav = self._padded(torch.cat([data.behav[i] for i in mb.rows]), mb)
+                loss, stats = prorl_loss(
+                    logp, old_logp, behav, ref_logp, data.advantages[mb.rows], mb.resp_mask, cfg.loss,
+                    entropy=entropy, denominator=denominator,
+                )
             # FSDP averages gradients over ranks; the loss is already normalised by the global count.
-            (loss * (mb.weight * self.world)).backward()
+            with self.phases("backward"):
+                (loss * (mb.weight * self.world)).backward()
             if mb.weight:
                 parts.append(stats)
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip))
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(self.optimizer_step)
-        self.optimizer.step()
+        with self.phases("optimizer"):
+            grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(self.optimizer_step)
+            self.optimizer.step()
         self.optimizer_step += 1
         return float(grad_norm)
 
@@ -483,7 +497,8 @@ class _Prepared:
     group's prompt with its responses when ``share_prompt``, else one sample each.
     """
 
-    def __init__(self, batch: GroupBatch, cfg: Config, device: torch.device, share_prompt: bool) -> None:
+    def __init__(self, batch: GroupBatch, cfg: Config, device: torch.device, share_prompt: bool,
+                 phases: PhaseTimes | None = None) -> None:
         self.device = device
         n = batch.group_size
         group_prompts = batch.prompts()
@@ -495,8 +510,9 @@ class _Prepared:
         # (G * n,) float32, the advantages' input the loss tests pin (group_advantage computes in float64 anyway)
         self.rewards = batch.rewards.reshape(-1).to(torch.float32)
         loss = cfg.loss
-        adv = group_advantage(self.rewards, n, loss.advantage_eps, loss.advantage_std_normalize)
-        self.advantages = adv.to(device)
+        with phases("advantage") if phases is not None else nullcontext():
+            adv = group_advantage(self.rewards, n, loss.advantage_eps, loss.advantage_std_normalize)
+            self.advantages = adv.to(device)
         self.units = plan_units(batch.prompt_lens.tolist(), self.resp_lens, share=share_prompt,
                                 budget_tokens=cfg.learner.micro_batch_tokens)
 

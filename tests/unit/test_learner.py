@@ -209,6 +209,22 @@ def test_master_dtype_bfloat16_is_the_old_memory_saving_choice(tiny_model_dir):
     assert {p.dtype for p in learner.policy.parameters()} == {torch.bfloat16}
 
 
+def test_phase_times_split_a_step_when_asked(tiny_model_dir):
+    from prorl_async.learner.phases import PHASES
+
+    learner = Learner(tiny_config(learner={"mini_batches": 2}))
+    batch = random_batch(seed=5)
+    learner.train_step(batch)
+    assert learner.phases.take() == {}  # off by default: no syncs, nothing recorded
+    learner.phases.enabled = True
+    step = learner.train_step(batch).step_time_s
+    seconds = learner.phases.take()
+    assert set(seconds) == set(PHASES)  # two mini-batches: the proximal pass runs; kl_beta > 0: the reference
+    assert all(t > 0 for t in seconds.values())
+    assert sum(t for k, t in seconds.items() if k != "advantage") <= step  # advantage is inside prepare
+    assert learner.phases.take() == {}
+
+
 def test_warmup_then_constant_learning_rate(tiny_model_dir):
     learner = Learner(tiny_config(optim={"lr": 1e-3, "warmup_steps": 2}))
     batch = random_batch(seed=6)
