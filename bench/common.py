@@ -50,3 +50,26 @@ def checkpoint_weights(folder: Path, dtype: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return {k: v.to(dtype) for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def grouped_batch(groups: int, group_size: int, prompt_tokens: int, response_range: tuple[int, int], vocab: int,
+                  seed: int = 0):
+    """Random token ids, one prompt per group as in real batches; response lengths uniform in ``response_range``."""
+    import torch
+
+    from prorl_async.learner.batch import build_batch
+    from prorl_async.transport.messages import Sample, TrajectoryGroup
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(groups):
+        prompt = torch.randint(4, vocab, (prompt_tokens,), generator=g).numpy()
+        samples = []
+        for j in range(group_size):
+            n_resp = int(torch.randint(response_range[0], response_range[1] + 1, (1,), generator=g))
+            resp = torch.randint(4, vocab, (n_resp,), generator=g).numpy()
+            behav = (-torch.rand(n_resp, generator=g) * 3).numpy()
+            samples.append(Sample(resp, behav, [0] * n_resp, "stop", float(j % 2)))
+        out.append(TrajectoryGroup(prompt_id=f"bench-{k}", task="bench", domain="bench", prompt_token_ids=prompt,
+                                   samples=samples, generator_id=0, seq=k))
+    return build_batch(out)

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe, machine_info
+from common import describe, grouped_batch, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,30 +71,57 @@ def _batch(model: str, vocab: int, seed: int = 0):
     return grouped_batch(groups, group_size, prompt_mean, (response_mean // 2, response_mean * 3 // 2), vocab, seed)
 
 
-def grouped_batch(groups: int, group_size: int, prompt_tokens: int, response_range: tuple[int, int], vocab: int,
-                  seed: int = 0):
-    """Random token ids, one prompt per group as in real batches; response lengths uniform in ``response_range``."""
-    import torch
-
-    from prorl_async.learner.batch import build_batch
-    from prorl_async.transport.messages import Sample, TrajectoryGroup
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(groups):
-        prompt = torch.randint(4, vocab, (prompt_tokens,), generator=g).numpy()
-        samples = []
-        for j in range(group_size):
-            n_resp = int(torch.randint(response_range[0], response_range[1] + 1, (1,), generator=g))
-            resp = torch.randint(4, vocab, (n_resp,), generator=g).numpy()
-            behav = (-torch.rand(n_resp, generator=g) * 3).numpy()
-            samples.append(Sample(resp, behav, [0] * n_resp, "stop", float(j % 2)))
-        out.append(TrajectoryGroup(prompt_id=f"bench-{k}", task="bench", domain="bench", prompt_token_ids=prompt,
-                                   samples=samples, generator_id=0, seq=k))
-    return build_batch(out)
-
-
 SHARING_PATHS = ("shared", "shared-per-group", "unshared")
+
+
+def scale_main(args: argparse.Namespace, machine: dict) -> int:
+    """``--scale``: the GPU-scale matrix (``bench/_learner_scale.py``), one process per case; table and --json."""
+    import _learner_scale as scale
+
+    cases = [c for c in scale.CASES if _wanted(c.arch, args.archs) and _wanted(str(c.seq), args.seqs)
+             and _wanted(c.layout, args.layouts) and _wanted(c.setup, args.setups)]
+    fits = [int(r) for r in args.paper_fit.split(",") if r] if args.paper_fit else []
+    common = ["--steps", str(args.steps), "--models-dir", args.models_dir, *(["--shrink"] if args.shrink else []),
+              *(["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []),
+              *[a for s in args.set for a in ("--set", s)]]
+    print(scale.HEADER)
+    results = []
+    jobs = [["--one-scale", c.arch, c.layout, c.setup, str(c.seq), str(c.groups), str(c.group_size)] for c in cases]
+    jobs += [["--one-paper-fit", str(r)] for r in fits]
+    for job in jobs:
+        r = _child([*job, *common])
+        if isinstance(r, str):
+            print(f"{' '.join(job[1:]):60s} FAILED: {r}", flush=True)
+            continue
+        results.append(r)
+        print(scale.format_row(r), flush=True)
+        print(scale.format_phases(r), flush=True)
+    machine["load_avg_1m_end"] = os.getloadavg()[0]
+    if args.json:
+        scale.dump(args.json, {"machine": machine, "overrides": args.set, "shrunk": args.shrink, "results": results})
+    return 0 if len(results) == len(jobs) else 1
+
+
+def _wanted(value: str, chosen: str | None) -> bool:
+    return chosen is None or value in chosen.split(",")
+
+
+def _one_scale(args: argparse.Namespace) -> dict:
+    """Child process of --scale: write the architecture's random model once, then measure one case."""
+    import _learner_scale as scale
+
+    shrink = scale.SHRINK_FACTOR if args.shrink else 1  # rows and budgets this many times shorter
+    if args.one_scale:
+        arch, layout, setup, seq, groups, group_size = args.one_scale
+        case = scale.Case(arch, layout, setup, int(seq) // shrink, int(groups), int(group_size))
+    else:
+        arch = "r1-distill-qwen-1.5b"
+    model_dir = Path(args.models_dir) / (arch + ("-shrunk" if args.shrink else ""))
+    scale.write_random_model(arch, model_dir, args.shrink)
+    if args.one_scale:
+        return scale.run_case(model_dir, case, args.steps, args.set, args.peak_tflops, args.shrink)
+    return scale.run_paper_fit(model_dir, int(args.one_paper_fit) // shrink, args.steps, args.set, args.peak_tflops,
+                               args.shrink)
 
 
 def run_sharing(model: str, path: str, steps: int, threads: int, prompt_tokens: int) -> dict:
@@ -250,11 +277,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=165, help="--sharing: prompt length of every group")
     parser.add_argument("--paths", default=",".join(SHARING_PATHS), help="--sharing: which of " + ", ".join(
         SHARING_PATHS))
+    scale = parser.add_argument_group("--scale: real architectures at long sequences, MFU (bench/_learner_scale.py)")
+    scale.add_argument("--scale", action="store_true", help="time the GPU-scale matrix instead")
+    scale.add_argument("--archs", help="only these architectures (qwen3-0.6b, r1-distill-qwen-1.5b)")
+    scale.add_argument("--seqs", help="only these row lengths (16384, 65536)")
+    scale.add_argument("--layouts", help="only these layouts (sequence, packed)")
+    scale.add_argument("--setups", help="only these loss setups (bare, prorl)")
+    scale.add_argument("--paper-fit", default="8192,16384", metavar="TOKENS",
+                       help="configs/prorl-1.5b.toml's learner at these response lengths ('' for none)")
+    scale.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a config override for every case (repeatable), e.g. learner.gradient_checkpointing=false")
+    scale.add_argument("--shrink", action="store_true",
+                       help="tiny versions of the architectures, rows 16x shorter: checks every path on a CPU")
+    scale.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, when it is not an H100/H200")
+    scale.add_argument("--models-dir", default="/tmp/prorl-scale-models", help="where the random models are kept")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--one-scale", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--one-paper-fit", help=argparse.SUPPRESS)
     parser.add_argument("--one-sharing", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = 1 if args.sharing or args.one_sharing else 2
+        args.steps = 1 if args.sharing or args.one_sharing or args.scale or args.one_scale or args.one_paper_fit else 2
     if args.one:  # child process: one measurement, as JSON on the last stdout line
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.device, args.threads)))
         return 0
@@ -262,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         model, path = args.one_sharing
         print(json.dumps(run_sharing(model, path, args.steps, args.threads, args.prompt_tokens)))
         return 0
+    if args.one_scale or args.one_paper_fit:
+        print(json.dumps(_one_scale(args)))
+        return 0
 
     machine = _machine()
     print(f"# {describe(machine)}, torch {machine.get('torch')}")
     if args.sharing:
         return sharing_main(args, machine)
+    if args.scale:
+        return scale_main(args, machine)
     header = f"{'model':24s} {'precision':14s} {'tok/step':>8s} {'step s':>7s} {'train tok/s':>11s} " \
              f"{'resp tok/s':>10s} {'peak MB':>8s}"
     print(header)
