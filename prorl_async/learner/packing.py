@@ -143,7 +143,8 @@ def collate(
             offset += n
     resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
     if any(len(u.samples) > 1 for u in units):
-        attention: torch.Tensor | None = block_attention_mask(segment)
+        # Built where it is used: (U, L, L) is 0.6 GB at a 25k-token row, 3 s of two CPU cores and a host copy.
+        attention: torch.Tensor | None = block_attention_mask(segment.to(device))
         position_ids: torch.Tensor | None = positions.to(device)
     else:  # one sequence per row: the plain causal path, with a padding mask only when some row is short
         attention = None if min(u.length for u in units) == width else (segment >= 0).long()
@@ -169,7 +170,7 @@ def block_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     NaN in softmax); nothing but padding attends to padding.
     """
     length = segment.shape[1]
-    idx = torch.arange(length)
+    idx = torch.arange(length, device=segment.device)
     causal = idx[None, :] <= idx[:, None]  # (L, L): [q, k]
     seg_q, seg_k = segment[:, :, None], segment[:, None, :]
     return (causal & ((seg_q == seg_k) | (seg_k == 0)))[:, None]
