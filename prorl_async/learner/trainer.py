@@ -228,8 +228,9 @@ class Learner:
         if self.world > 1:
             self._fully_shard()
         o = cfg.optim
+        fused = o.fused == "on" or (o.fused == "auto" and self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay
+            self.policy.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=fused or None
         )
         self.reset_policy = ResetPolicy(cfg.reset)
         self.phases = PhaseTimes(self.device)

@@ -225,6 +225,17 @@ def test_phase_times_split_a_step_when_asked(tiny_model_dir):
     assert learner.phases.take() == {}
 
 
+def test_fused_adamw_makes_the_same_update(tiny_model_dir):
+    batch = random_batch(seed=6)
+    plain, fused = (Learner(tiny_config(optim={"fused": f})) for f in ("off", "on"))
+    assert not plain.optimizer.defaults["fused"] and fused.optimizer.defaults["fused"]
+    for learner in (plain, fused):
+        learner.train_step(batch)
+        learner.train_step(batch)  # the second step reads AdamW's moments
+    for a, b in zip(plain.policy.parameters(), fused.policy.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_warmup_then_constant_learning_rate(tiny_model_dir):
     learner = Learner(tiny_config(optim={"lr": 1e-3, "warmup_steps": 2}))
     batch = random_batch(seed=6)
