@@ -436,6 +436,12 @@ class LearnerConfig(_Section):
     Attention inside a row is dense (scores between sibling responses are computed, then masked): worth it
     when prompts are long next to responses (few-shot prompts, short answers); with long responses it saves
     little and costs attention, so turn it off there."""
+    attention: Literal["sdpa", "flex_attention", "eager"] = "sdpa"
+    """The models' attention kernels. ``sdpa``: PyTorch's scaled-dot-product attention (flash kernels on CUDA for
+    rows without a mask); each micro-batch is rows padded to the longest, a shared prompt's row takes a dense mask.
+    ``flex_attention``: a micro-batch is one packed row of whole units, no padding, under a block-sparse mask that
+    skips the tiles no token may see (:mod:`prorl_async.learner.packing`); compiled by ``torch.compile`` on first
+    use (seconds; on a CPU tens of seconds). ``eager``: the reference implementation, for tests."""
     logprob_chunk_tokens: int = Field(1024, ge=16)
     """Tokens per chunk of the vocabulary projection when computing log-probs."""
     device: str = "auto"

@@ -31,17 +31,31 @@ Invariants:
 - ``share=False`` (or a group of one) gives one unit per sample: rows of one sequence each, collated exactly
   as the unshared learner always did (2-D padding mask, no ``position_ids``);
 - ``MicroBatch.rows`` lists the samples in the order of the gathered tokens and of ``resp_mask`` rows.
+
+Packed rows (``learner.attention = "flex_attention"``, :func:`collate_packed`): a micro-batch is one row of
+its units back to back, no padding at all, each unit's positions starting at 0::
+
+    tokens     p0 p1 | a0 a1 | q0 q1 q2 | c0
+    unit        0  0 |  0  0 |  1  1  1 |  1
+    segment     0  0 |  1  1 |  2  2  2 |  3      (a unit's prompt and each response: a segment of their own)
+    prompt      0  0 |  0  0 |  2  2  2 |  2      (the segment of the prompt each token may see)
+
+A token sees the earlier tokens of its segment and of its unit's prompt: the same pairs as the rows above,
+so the same log-probs and gradients. FlexAttention's block mask skips every 128 x 128 tile no pair in it
+may see, so attention costs the allowed pairs (plus partly filled tiles), not the row's square: the dense
+mask of a 25k-token row (three 8k responses) spends 5.5x the allowed pairs, and its mask alone is 0.6 GB.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-PACKABLE_ATTENTION = ("sdpa", "eager")
-"""Attention implementations that take an arbitrary 4-D mask (flash/flex kernels do not)."""
+PACKABLE_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Attention implementations that take an arbitrary mask: a 4-D tensor (sdpa, eager) or a block mask (flex)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,7 @@ class MicroBatch:
 
     rows: list[int]  # sample indices, in the order of gather/targets and of resp_mask's rows
     input_ids: torch.Tensor  # (U, L)
-    attention_mask: torch.Tensor | None  # (U, L) padding mask, (U, 1, L, L) bool block mask, or None (no padding)
+    attention_mask: Any  # (U, L) padding mask, (U, 1, L, L) bool block mask, a FlexAttention BlockMask, or None
     position_ids: torch.Tensor | None  # (U, L) with a block mask, else None (0..L-1)
     gather: torch.Tensor  # (N,) flat indices into the (U * L) hidden states predicting each response token
     targets: torch.Tensor  # (N,)
@@ -156,6 +170,94 @@ def collate(
         position_ids=position_ids,
         gather=torch.cat(gather).to(device),
         targets=torch.cat(targets).to(device),
+        resp_mask=resp_mask.to(device),
+        weight=weight,
+        units=len(units),
+    )
+
+
+def plan_packed(lengths: Sequence[int], budget_tokens: int) -> list[list[int]]:
+    """Unit indices in packed rows of at most ``budget_tokens`` tokens (no padding: a row costs its lengths' sum).
+
+    Longest first into the first row with room (first-fit decreasing); a unit longer than the budget goes alone.
+    Deterministic (ties broken by index).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fit is None:
+            rows.append([i])
+            room.append(budget_tokens - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
+
+
+def collate_packed(
+    units: Sequence[Unit],
+    prompts: Sequence[torch.Tensor],
+    responses: Sequence[torch.Tensor],
+    device: torch.device,
+    weight: float = 1.0,
+    *,
+    block: bool = True,
+) -> MicroBatch:
+    """``units`` back to back in one row (the module doc's packed rows) under a FlexAttention block mask, or with
+    ``block`` off the same mask dense, (1, 1, L, L) bool, which sdpa and eager attention take (at the row's square
+    cost: for tests and short rows)."""
+    tokens: list[torch.Tensor] = []
+    segment: list[torch.Tensor] = []
+    prompt_of: list[torch.Tensor] = []
+    positions: list[torch.Tensor] = []
+    gather: list[torch.Tensor] = []
+    rows: list[int] = []
+    resp_lens: list[int] = []
+    offset = seg = 0
+    for unit in units:
+        prompt = prompts[unit.samples[0]]
+        p, head = len(prompt), seg
+        tokens.append(prompt)
+        segment.append(torch.full((p,), head))
+        prompt_of.append(torch.full((p,), head))
+        positions.append(torch.arange(p))
+        start = offset + p
+        for i in unit.samples:
+            resp = responses[i]
+            n = len(resp)
+            seg += 1
+            tokens.append(resp)
+            segment.append(torch.full((n,), seg))
+            prompt_of.append(torch.full((n,), head))
+            positions.append(torch.arange(p, p + n))
+            gather += [torch.tensor([offset + p - 1]), torch.arange(start, start + n - 1)]
+            rows.append(i)
+            resp_lens.append(n)
+            start += n
+        offset, seg = start, seg + 1
+    segment_ids = torch.cat(segment).to(device)
+    prompt_ids = torch.cat(prompt_of).to(device)
+
+    def allowed(b, h, q, k):  # FlexAttention's mask_mod: batch, head, query, key indices
+        return (k <= q) & ((segment_ids[k] == segment_ids[q]) | (segment_ids[k] == prompt_ids[q]))
+
+    length = offset
+    if block:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        mask = create_block_mask(allowed, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    else:
+        idx = torch.arange(length, device=device)
+        mask = allowed(0, 0, idx[:, None], idx[None, :])[None, None]
+    resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
+    return MicroBatch(
+        rows=rows,
+        input_ids=torch.cat(tokens)[None].to(device),
+        attention_mask=mask,
+        position_ids=torch.cat(positions)[None].to(device),
+        gather=torch.cat(gather).to(device),
+        targets=torch.cat([responses[i] for i in rows]).to(device),
         resp_mask=resp_mask.to(device),
         weight=weight,
         units=len(units),

@@ -10,7 +10,8 @@ One ``train_step`` takes a :class:`prorl_async.learner.batch.GroupBatch` of whol
 2. proximal log-probs: with one mini-batch they are the gradient pass's own values, detached (one forward);
    with several, a no-grad pass over the batch first, so that every mini-batch sees the same old policy;
 3. per mini-batch: rows sorted by length into micro-batches of at most ``micro_batch_tokens`` padded
-   tokens (rows x longest row, so padding stays small), reference log-probs without gradient, policy
+   tokens (rows x longest row, so padding stays small; with ``learner.attention = "flex_attention"`` one
+   packed row of whole units, no padding), reference log-probs without gradient, policy
    log-probs with gradient, the ProRL loss over the mini-batch's token count, backward per micro-batch
    (gradient accumulation), clipping, warm-up then constant learning rate, AdamW;
 4. the reset policy (:mod:`prorl_async.learner.reset`) may then hard-reset the reference and the optimizer.
@@ -65,8 +66,18 @@ from prorl_async.algo.loss import (
     stats_to_sums,
     token_logprobs,
 )
+from prorl_async.errors import UserError
 from prorl_async.learner.checkpoint import full_tensor as _full
-from prorl_async.learner.packing import MicroBatch, Unit, additive_mask, collate, packing_supported, plan_units
+from prorl_async.learner.packing import (
+    MicroBatch,
+    Unit,
+    additive_mask,
+    collate,
+    collate_packed,
+    packing_supported,
+    plan_packed,
+    plan_units,
+)
 from prorl_async.learner.phases import PhaseTimes
 from prorl_async.learner.reset import ResetPolicy
 from prorl_async.learner.staleness import token_staleness
@@ -151,7 +162,8 @@ class LogprobModel(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         body = getattr(self.lm, self.lm.base_model_prefix)
-        if attention_mask is not None and attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and \
+                self.lm.config._attn_implementation == "eager":
             attention_mask = additive_mask(attention_mask, torch.float32)  # eager adds the mask to the scores
         hidden = body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -225,6 +237,13 @@ class Learner:
         if self.share_prompt and (why := packing_supported(self.policy.lm.config)) is not None:
             warnings.warn(f"learner.share_prompt is on but {why}: every sample gets its own row", stacklevel=2)
             self.share_prompt = False
+        self.pack_rows: str | None = "block" if cfg.learner.attention == "flex_attention" else None
+        """``"block"``: micro-batches are packed rows of whole units, no padding (:func:`collate_packed`), under
+        FlexAttention's block mask, which makes them cheap. ``"dense"``: the same rows under a dense mask, which any
+        attention takes (tests check the packing on a CPU with it). None: padded rows of one unit each."""
+        if self.pack_rows and self.device.type != "cuda":
+            raise UserError("learner.attention = 'flex_attention' trains on CUDA only (PyTorch has no FlexAttention "
+                             "backward on a CPU): use 'sdpa' there")
         if self.world > 1:
             self._fully_shard()
         o = cfg.optim
@@ -251,7 +270,7 @@ class Learner:
         start = time.perf_counter()
         version_before = self.policy_version
         with self.phases("prepare"):
-            data = _Prepared(batch, self.cfg, self.device, self.share_prompt, self.phases)
+            data = _Prepared(batch, self.cfg, self.device, self.share_prompt, self.phases, self.pack_rows)
         groups, n = batch.num_groups, batch.group_size
         splits = [g.tolist() for g in torch.arange(groups).tensor_split(min(self.cfg.learner.mini_batches, groups))]
         minis = [[g * n + j for g in gs for j in range(n)] for gs in splits]
@@ -309,7 +328,7 @@ class Learner:
     @torch.no_grad()
     def logprobs(self, batch: GroupBatch) -> list[torch.Tensor]:
         """Log-probs (float32, CPU) of each sample's response tokens under the current policy, no gradient."""
-        data = _Prepared(batch, self.cfg, self.device, self.share_prompt)
+        data = _Prepared(batch, self.cfg, self.device, self.share_prompt, pack_rows=self.pack_rows)
         out: dict[int, torch.Tensor] = {}
         for mb in self._micro_batches(data, list(range(batch.num_samples)), shard=False):
             logp, _ = self._forward(self.policy, mb)
@@ -367,7 +386,8 @@ class Learner:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.learner.master_dtype))
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, self.cfg.learner.master_dtype),
+                                                  attn_implementation=self.cfg.learner.attention)
         for module in lm.modules():  # RL needs the same log-probs in every pass: no dropout anywhere
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
@@ -404,7 +424,8 @@ class Learner:
         wanted = set(indices)
         units = [u for u in data.units if u.samples[0] in wanted]
         local = _local_share(units, self.rank, self.world) if shard else units
-        plans = plan_micro_batches([u.length for u in local], self.cfg.learner.micro_batch_tokens)
+        plan = plan_packed if data.packed else plan_micro_batches
+        plans = plan([u.length for u in local], self.cfg.learner.micro_batch_tokens)
         micro = [data.collate([local[j] for j in plan]) for plan in plans]
         if self.world > 1 and shard:
             count = torch.tensor([len(micro)])
@@ -499,7 +520,7 @@ class _Prepared:
     """
 
     def __init__(self, batch: GroupBatch, cfg: Config, device: torch.device, share_prompt: bool,
-                 phases: PhaseTimes | None = None) -> None:
+                 phases: PhaseTimes | None = None, pack_rows: str | None = None) -> None:
         self.device = device
         n = batch.group_size
         group_prompts = batch.prompts()
@@ -516,8 +537,18 @@ class _Prepared:
             self.advantages = adv.to(device)
         self.units = plan_units(batch.prompt_lens.tolist(), self.resp_lens, share=share_prompt,
                                 budget_tokens=cfg.learner.micro_batch_tokens)
+        self.pack_rows = pack_rows
+        """None: padded rows of one unit each; ``"block"`` / ``"dense"``: packed rows under a FlexAttention block
+        mask / a dense bool mask (see ``Learner.pack_rows``)."""
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_rows is not None
 
     def collate(self, units: list[Unit], weight: float = 1.0) -> MicroBatch:
+        if self.pack_rows is not None:
+            block = self.pack_rows == "block"
+            return collate_packed(units, self.prompts, self.responses, self.device, weight, block=block)
         return collate(units, self.prompts, self.responses, self.device, weight)
 
 

@@ -93,31 +93,62 @@ def test_shared_gradients_equal_unshared(pair, budget):
     ids=["one-mini-batch", "proximal-pass-and-small-budget"],
 )
 def test_train_step_is_the_same_with_and_without_sharing(tiny_model_dir, learner_fields):
-    from prorl_async.learner.trainer import _Prepared
 
     shared, unshared = learners(**learner_fields)
-    batch = on_policy(unshared, grouped_batch([6, 14, 3, 21], 4, seed=5), noise=0.3)
-    steps = []
-    for learner in (shared, unshared):
-        _perturb_reference(learner)
-        data = _Prepared(batch, learner.cfg, learner.device, learner.share_prompt)
-        proximal = learner._proximal_logprobs(data, [list(range(batch.num_samples))])
-        metrics = learner.train_step(batch)
-        steps.append((metrics, proximal, {n: p.grad.clone() for n, p in learner.policy.lm.named_parameters()}))
-    (m_shared, old_shared, g_shared), (m_unshared, old_unshared, g_unshared) = steps
-    for key in ("loss", "pg_loss", "kl", "entropy", "approx_kl", "ess", "clip_frac_low", "clip_frac_high"):
-        assert getattr(m_shared, key) == pytest.approx(getattr(m_unshared, key), rel=1e-4, abs=1e-7), key
-    assert m_shared.kl > 0 and m_shared.grad_norm == pytest.approx(m_unshared.grad_norm, rel=1e-4)
+    m_shared, m_unshared = _same_step(shared, unshared)
     assert m_shared.total_tokens == m_unshared.total_tokens == m_unshared.forward_tokens
     assert m_shared.forward_tokens < m_unshared.forward_tokens  # the groups' prompts ran fewer times
-    assert old_shared.keys() == old_unshared.keys() == set(range(batch.num_samples))
-    for i in old_unshared:
-        torch.testing.assert_close(old_shared[i], old_unshared[i], rtol=1e-5, atol=1e-5)
-    if shared.optimizer_step == 1:
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "one-sample-per-unit"])
+def test_packed_rows_make_the_same_step(tiny_model_dir, share):
+    """Packed rows (``learner.attention = "flex_attention"``): a micro-batch is one row of whole units back to back,
+    no padding, under one mask; log-probs, loss, gradients and the proximal pass are those of padded rows."""
+    from prorl_async.learner.trainer import _Prepared
+
+    fields = {"micro_batch_tokens": 64, "mini_batches": 2}
+    packed = Learner(tiny_config(learner={**fields, "share_prompt": share}))
+    packed.pack_rows = "dense"  # FlexAttention has no backward on a CPU: its mask, dense (the GPU test: the kernel)
+    plain = Learner(tiny_config(learner={**fields, "share_prompt": False}))
+    m_packed, m_plain = _same_step(packed, plain)
+    assert (m_packed.forward_tokens < m_plain.forward_tokens) == share
+    data = _Prepared(_batch(plain), packed.cfg, packed.device, packed.share_prompt, pack_rows="dense")
+    micro = packed._micro_batches(data, list(range(16)))
+    assert all(mb.input_ids.shape[0] == 1 for mb in micro)  # one row each
+    assert sum(mb.input_ids.shape[1] for mb in micro) == m_packed.forward_tokens  # not a token of padding
+    assert all(mb.input_ids.shape[1] <= 64 for mb in micro) and len(micro) < len(data.units)
+
+
+def _batch(learner: Learner) -> GroupBatch:
+    return on_policy(learner, grouped_batch([6, 14, 3, 21], 4, seed=5), noise=0.3)
+
+
+def _same_step(learner: Learner, baseline: Learner):
+    """Both learners take one step on the same batch, from the same weights and reference: the metrics, the
+    proximal log-probs and (after one optimizer step) the gradients agree. Returns both steps' metrics."""
+    from prorl_async.learner.trainer import _Prepared
+
+    batch = _batch(baseline)
+    steps = []
+    for one in (learner, baseline):
+        _perturb_reference(one)
+        data = _Prepared(batch, one.cfg, one.device, one.share_prompt)
+        proximal = one._proximal_logprobs(data, [list(range(batch.num_samples))])
+        metrics = one.train_step(batch)
+        steps.append((metrics, proximal, {n: p.grad.clone() for n, p in one.policy.lm.named_parameters()}))
+    (m_got, old_got, g_got), (m_want, old_want, g_want) = steps
+    for key in ("loss", "pg_loss", "kl", "entropy", "approx_kl", "ess", "clip_frac_low", "clip_frac_high"):
+        assert getattr(m_got, key) == pytest.approx(getattr(m_want, key), rel=1e-4, abs=1e-7), key
+    assert m_got.kl > 0 and m_got.grad_norm == pytest.approx(m_want.grad_norm, rel=1e-4)
+    assert old_got.keys() == old_want.keys() == set(range(batch.num_samples))
+    for i in old_want:
+        torch.testing.assert_close(old_got[i], old_want[i], rtol=1e-5, atol=1e-5)
+    if learner.optimizer_step == 1:
         # The last mini-batch's gradients. After an optimizer step the two paths' weights differ, by up to 2 lr:
         # Adam's first step is ~lr * sign(g) even where g ~ 1e-9 and rounding decides the sign.
-        for name in g_unshared:
-            torch.testing.assert_close(g_shared[name], g_unshared[name], rtol=1e-4, atol=1e-7, msg=name)
+        for name in g_want:
+            torch.testing.assert_close(g_got[name], g_want[name], rtol=1e-4, atol=1e-7, msg=name)
+    return m_got, m_want
 
 
 def _perturb_reference(learner: Learner) -> None:
@@ -125,7 +156,7 @@ def _perturb_reference(learner: Learner) -> None:
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in learner.reference.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(p.device))
 
 
 def test_eager_attention_takes_the_block_mask_as_an_additive_mask(pair):
@@ -184,3 +215,39 @@ def test_block_mask_never_leaves_a_row_empty():
     assert mask.shape == (2, 1, 7, 7) and bool(mask.diagonal(dim1=-2, dim2=-1).all())
     assert not bool(mask[0, 0, 3, 2])  # response 2 does not see response 1
     assert not bool(mask[0, 0, :5, 5:].any())  # nothing but padding attends to padding
+
+
+def test_flex_attention_block_mask_gives_the_dense_masks_logprobs(pair):
+    """The FlexAttention kernel under the block mask (forward only: PyTorch has none backward on a CPU; the GPU
+    test trains through it) gives the log-probs of the padded, dense-mask rows."""
+    shared, unshared = pair
+    batch = grouped_batch([7, 2, 12], 3, seed=3)
+    want = unshared.logprobs(batch)
+    config = shared.policy.lm.config
+    impl, rows = config._attn_implementation, shared.pack_rows
+    config._attn_implementation, shared.pack_rows = "flex_attention", "block"
+    try:
+        got = shared.logprobs(batch)
+    finally:
+        config._attn_implementation, shared.pack_rows = impl, rows
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_on_a_cpu_is_refused_with_a_clear_error(tiny_model_dir):
+    from prorl_async.errors import UserError
+
+    with pytest.raises(UserError, match="CUDA only"):
+        Learner(tiny_config(learner={"attention": "flex_attention"}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [True, False], ids=["shared-prompts", "one-sample-per-unit"])
+def test_flex_attention_trains_packed_rows_on_cuda_as_padded_rows(tiny_model_dir, share):
+    """The FlexAttention kernel, forward and backward, on packed rows: the step of padded sdpa rows (fp32)."""
+    fields = {"micro_batch_tokens": 64, "mini_batches": 2, "device": "cuda", "autocast": "off"}
+    flex = Learner(tiny_config(learner={**fields, "share_prompt": share, "attention": "flex_attention"}))
+    plain = Learner(tiny_config(learner={**fields, "share_prompt": False}))
+    assert flex.pack_rows == "block"
+    _same_step(flex, plain)
+
