@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         SHARING_PATHS))
     scale = parser.add_argument_group("--scale: real architectures at long sequences, MFU (bench/_learner_scale.py)")
     scale.add_argument("--scale", action="store_true", help="time the GPU-scale matrix instead")
-    scale.add_argument("--archs", help="only these architectures (qwen3-0.6b, r1-distill-qwen-1.5b)")
+    scale.add_argument("--archs", help="only these architectures (qwen3-0.6b, r1-distill-qwen-1.5b; none: no case, "
+                       "only --paper-fit)")
     scale.add_argument("--seqs", help="only these row lengths (16384, 65536)")
     scale.add_argument("--layouts", help="only these layouts (sequence, packed)")
     scale.add_argument("--setups", help="only these loss setups (bare, prorl)")
