@@ -276,6 +276,7 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
     device_name = torch.cuda.get_device_name(learner.device) if cuda else None
     peak = peak_tflops(device_name, peak_override)
     split = {k: sum(p.get(k, 0.0) for p in phases) / steps for k in {k for p in phases for k in p}}
+    head = head_probe(learner, min(sum(shared_rows[0][1]), 16384))
     return {
         "device": device_name or "cpu",
         "params_m": sum(p.numel() for p in learner.policy.parameters()) / 1e6,
@@ -294,6 +295,7 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
         "peak_memory_gib": (torch.cuda.max_memory_allocated(learner.device) if cuda
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "phases_s": split,
+        "head_s_per_1k_tokens": head,
         "load_s": load_s,
         "loss": metrics[-1].loss,
         "config": {"gradient_checkpointing": cfg.learner.gradient_checkpointing,
@@ -302,6 +304,44 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
                    "autocast": learner.autocast, "share_prompt": learner.share_prompt,
                    "attention": learner.policy.lm.config._attn_implementation},
     }
+
+
+def head_probe(learner: Any, tokens: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds per 1,000 response tokens of the log-probs' vocabulary projection alone, forward and backward (with
+    its checkpointed recompute), as the learner runs it: float32 products, and on CUDA also TF32 (``learner.tf32``).
+
+    The step's split cannot show it: the projection is inside the policy forward and the backward."""
+    import torch
+
+    from prorl_async.algo.loss import token_logprobs
+
+    weight = learner.policy.lm.get_output_embeddings().weight
+    cuda = weight.device.type == "cuda"
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    hidden = torch.randn(tokens, weight.shape[1], device=weight.device, generator=gen, requires_grad=True)
+    targets = torch.randint(0, weight.shape[0], (tokens,), device=weight.device, generator=gen)
+    chunk = learner.cfg.learner.logprob_chunk_tokens
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision if cuda else None
+    out: dict[str, float] = {}
+    for precision in ("ieee", "tf32") if cuda else ("ieee",):
+        if cuda:
+            matmul.fp32_precision = precision
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            logp, _ = token_logprobs(hidden, weight, targets, chunk_tokens=chunk, with_entropy=True)
+            logp.sum().backward()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out["float32" if precision == "ieee" else "tf32"] = min(times[1:]) / tokens * 1000
+    if cuda:
+        matmul.fp32_precision = before
+    learner.optimizer.zero_grad(set_to_none=True)
+    return out
 
 
 def _shared_rows(rows: list[tuple[int, list[int]]], share: bool, budget: int) -> list[tuple[int, list[int]]]:
@@ -333,7 +373,8 @@ def format_phases(r: dict[str, Any]) -> str:
     split = r["phases_s"]
     parts = [f"{k} {split[k]:.2f}" for k in PHASES if k in split]
     other = r["step_time_s"] - sum(v for k, v in split.items() if k != "advantage")  # advantage is inside prepare
-    return "    split (s): " + ", ".join(parts) + f", other {other:.2f}"
+    head = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in r.get("head_s_per_1k_tokens", {}).items())
+    return "    split (s): " + ", ".join(parts) + f", other {other:.2f}; head per 1k tokens fwd+bwd: {head}"
 
 
 def dump(path: str, doc: dict[str, Any]) -> None:

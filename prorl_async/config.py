@@ -442,6 +442,15 @@ class LearnerConfig(_Section):
     ``flex_attention``: a micro-batch is one packed row of whole units, no padding, under a block-sparse mask that
     skips the tiles no token may see (:mod:`prorl_async.learner.packing`); compiled by ``torch.compile`` on first
     use (seconds; on a CPU tens of seconds). ``eager``: the reference implementation, for tests."""
+    tf32: bool = False
+    """CUDA: float32 matrix products on TF32 tensor cores (10-bit mantissa inputs, float32 sums), process-wide.
+
+    Under bf16 autocast the only float32 products left are the vocabulary projection of the log-probs (kept in
+    float32 for the ratio's sake, ``prorl_async.algo.loss.token_logprobs``), which at fp32's speed can cost more
+    than the layers (2 x 151,936 x 1,024 FLOPs a token for Qwen3-0.6B, a third of its forward). The cost in
+    accuracy, emulated on a CPU by rounding SmolLM2-135M's hidden states and head to TF32: log-probs off by 4e-4
+    nats on average and 6e-3 at most (bf16 inputs: 1.5e-3 and 3.5e-2). Without autocast it also covers every layer.
+    No effect on a CPU."""
     logprob_chunk_tokens: int = Field(1024, ge=16)
     """Tokens per chunk of the vocabulary projection when computing log-probs."""
     device: str = "auto"

@@ -241,6 +241,8 @@ class Learner:
         """``"block"``: micro-batches are packed rows of whole units, no padding (:func:`collate_packed`), under
         FlexAttention's block mask, which makes them cheap. ``"dense"``: the same rows under a dense mask, which any
         attention takes (tests check the packing on a CPU with it). None: padded rows of one unit each."""
+        if cfg.learner.tf32 and self.device.type == "cuda":
+            _enable_tf32()
         if self.pack_rows and self.device.type != "cuda":
             raise UserError("learner.attention = 'flex_attention' trains on CUDA only (PyTorch has no FlexAttention "
                              "backward on a CPU): use 'sdpa' there")
@@ -573,6 +575,15 @@ def _local_share(units: list[Unit], rank: int, world: int) -> list[Unit]:
         if r == rank:
             mine.add(k)
     return [u for k, u in enumerate(units) if k in mine]
+
+
+def _enable_tf32() -> None:
+    """float32 matrix products on TF32 tensor cores, process-wide (``learner.tf32``)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
 
 
 def _pick_device(name: str) -> torch.device:

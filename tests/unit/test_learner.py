@@ -289,3 +289,17 @@ def test_a_cuda_step_matches_the_cpu_step(tiny_model_dir, ops):
         torch.testing.assert_close(g_cuda[name].cpu(), g, rtol=1e-3, atol=1e-6)
     assert [n for n, _ in cuda.weights()] == [n for n, _ in cpu.weights()]
     assert all(t.is_cuda for _, t in cuda.weights())
+
+
+@pytest.mark.gpu
+def test_tf32_log_probs_stay_close_to_float32(tiny_model_dir):
+    """``learner.tf32``: the head's products on TF32 cores move log-probs by far less than bf16 would."""
+    batch = random_batch(seed=7)
+    fp32 = Learner(tiny_config(learner={"device": "cuda", "autocast": "off"})).logprobs(batch)
+    tf32 = Learner(tiny_config(learner={"device": "cuda", "autocast": "off", "tf32": True})).logprobs(batch)
+    try:
+        for a, b in zip(tf32, fp32, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # process-wide: leave the other tests their float32
+
