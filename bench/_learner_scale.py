@@ -28,6 +28,11 @@ Counting (:func:`step_flops`): the model FLOPs a step needs, matrix products onl
   no-grad proximal and reference forwards are counted apart (``all passes``), and recomputation under
   activation checkpointing is not counted at all (it is hardware FLOPs, not model FLOPs).
 
+``6N`` is the same time under prime-rl's count (:func:`six_n_flops`: 6 x every parameter per token, so the head on
+every token, plus causal attention), which reproduces their published figures (Qwen3-0.6B on an H100: 11.9k tokens/s
+at 16k -> 11.1%, 10.15k at 64k -> 26.8%): the column to set beside their table. It is a little higher than ours for
+the same step, since the learner projects only the response tokens onto the vocabulary.
+
 Norms, rotary embeddings, softmax and the loss are left out (well under 1% here). MFU divides by the card's
 dense bf16 peak (989 TFLOP/s for H100 and H200 SXM, from NVIDIA's data sheets; ``--peak-tflops`` elsewhere).
 """
@@ -149,6 +154,14 @@ def step_flops(shape: Shape, rows: list[tuple[int, list[int]]], extra_forwards: 
     for prompt, responses in rows:
         forward += forward_flops(shape, prompt + sum(responses), sum(responses), causal_pairs(prompt, responses))
     return {"forward": forward, "train": 3 * forward, "all_passes": (3 + extra_forwards) * forward}
+
+
+def six_n_flops(shape: Shape, params: int, row_lengths: list[int]) -> int:
+    """The FLOPs of a forward and backward as prime-rl's trainer bench counts them (torchtitan's formula with causal
+    attention): ``6 x all parameters + 6 x layers x heads x head_dim x row length`` per token. It counts the head
+    (and an untied model's embedding) as a product on every token; :func:`step_flops` counts what the learner runs."""
+    attention = 6 * shape.layers * shape.heads * shape.head_dim
+    return sum(length * (6 * params + attention * length) for length in row_lengths)
 
 
 def peak_tflops(device_name: str | None, override: float | None) -> float | None:
@@ -275,11 +288,13 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
         raise RuntimeError(f"rows of {forward_tokens} tokens counted, the learner ran {metrics[0].forward_tokens}")
     device_name = torch.cuda.get_device_name(learner.device) if cuda else None
     peak = peak_tflops(device_name, peak_override)
+    params = sum(p.numel() for p in learner.policy.parameters())
+    flops_6n = six_n_flops(shape, params, [p + sum(r) for p, r in shared_rows])
     split = {k: sum(p.get(k, 0.0) for p in phases) / steps for k in {k for p in phases for k in p}}
     head = head_probe(learner, min(sum(shared_rows[0][1]), 16384))
     return {
         "device": device_name or "cpu",
-        "params_m": sum(p.numel() for p in learner.policy.parameters()) / 1e6,
+        "params_m": params / 1e6,
         "steps": steps,
         "tokens_per_step": forward_tokens,
         "sample_tokens_per_step": tokens,
@@ -292,6 +307,7 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
         "peak_tflops": peak,
         "mfu": flops["train"] / step_s / 1e12 / peak if peak else None,
         "mfu_all_passes": flops["all_passes"] / step_s / 1e12 / peak if peak else None,
+        "mfu_6n": flops_6n / step_s / 1e12 / peak if peak else None,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(learner.device) if cuda
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "phases_s": split,
@@ -358,13 +374,14 @@ def _shared_rows(rows: list[tuple[int, list[int]]], share: bool, budget: int) ->
 def format_row(r: dict[str, Any]) -> str:
     mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "    -"
     mfu_all = f"{100 * r['mfu_all_passes']:5.1f}%" if r["mfu_all_passes"] is not None else "    -"
+    mfu_6n = f"{100 * r['mfu_6n']:5.1f}%" if r.get("mfu_6n") is not None else "    -"
     return (f"{r['arch']:30s} {r['layout']:8s} {r['setup']:5s} {r['seq']:6d} {r['tokens_per_step']:8.0f} "
-            f"{r['step_time_s']:7.2f} {r['tokens_per_s']:9.0f} {r['achieved_tflops']:7.2f} {mfu} {mfu_all} "
+            f"{r['step_time_s']:7.2f} {r['tokens_per_s']:9.0f} {r['achieved_tflops']:7.2f} {mfu} {mfu_all} {mfu_6n} "
             f"{r['peak_memory_gib']:7.1f}")
 
 
 HEADER = (f"{'architecture':30s} {'layout':8s} {'loss':5s} {'seq':>6s} {'tok/step':>8s} {'step s':>7s} "
-          f"{'tok/s':>9s} {'TFLOP/s':>7s} {'MFU':>6s} {'all':>6s} {'peak GiB':>7s}")
+          f"{'tok/s':>9s} {'TFLOP/s':>7s} {'MFU':>6s} {'all':>6s} {'6N':>6s} {'peak GiB':>7s}")
 
 
 def format_phases(r: dict[str, Any]) -> str:

@@ -68,6 +68,18 @@ def test_a_step_counts_three_forwards_and_the_extra_passes() -> None:
     assert flops == {"forward": forward, "train": 3 * forward, "all_passes": 5 * forward}
 
 
+def test_the_6n_count_reproduces_prime_rls_published_mfu() -> None:
+    """prime-rl's trainer bench, Qwen3-0.6B on one H100 (989.4 TFLOP/s): 11.90k tokens/s at 16,384 -> 11.1% MFU,
+    10.15k at 65,536 -> 26.8%. Their count is :func:`six_n_flops`; ours, with the bench's 512-token prompt left out of
+    the vocabulary projection, would call their 16k run 11.05%."""
+    shape = scale.Shape.of(scale.model_config("qwen3-0.6b"))
+    for seq, tokens_per_s, mfu in ((16384, 11_900, 0.111), (65536, 10_150, 0.268)):
+        per_token = scale.six_n_flops(shape, 596_049_920, [seq]) / seq
+        assert per_token * tokens_per_s / 989.4e12 == pytest.approx(mfu, abs=0.0006)
+    ours = scale.step_flops(shape, [(512, [16384 - 512])], extra_forwards=0)["train"] / 16384
+    assert ours * 11_900 / 989.4e12 == pytest.approx(0.1105, abs=0.0002)
+
+
 def test_the_scale_bench_runs_end_to_end_on_shrunk_models(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     proc = subprocess.run(
