@@ -215,6 +215,9 @@ class Learner:
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         self.device = _pick_device(cfg.learner.device)
+        if cfg.learner.attention == "flex_attention" and self.device.type != "cuda":
+            raise UserError("learner.attention = 'flex_attention' trains on CUDA only (PyTorch has no FlexAttention "
+                            "backward on a CPU): use 'sdpa' there")
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.learner.num_threads or max(1, available_cores() // self.world))
         torch.manual_seed(cfg.run.seed)
@@ -243,9 +246,6 @@ class Learner:
         attention takes (tests check the packing on a CPU with it). None: padded rows of one unit each."""
         if cfg.learner.tf32 and self.device.type == "cuda":
             _enable_tf32()
-        if self.pack_rows and self.device.type != "cuda":
-            raise UserError("learner.attention = 'flex_attention' trains on CUDA only (PyTorch has no FlexAttention "
-                             "backward on a CPU): use 'sdpa' there")
         if self.world > 1:
             self._fully_shard()
         o = cfg.optim
@@ -426,8 +426,8 @@ class Learner:
         wanted = set(indices)
         units = [u for u in data.units if u.samples[0] in wanted]
         local = _local_share(units, self.rank, self.world) if shard else units
-        plan = plan_packed if data.packed else plan_micro_batches
-        plans = plan([u.length for u in local], self.cfg.learner.micro_batch_tokens)
+        planner = plan_packed if data.packed else plan_micro_batches
+        plans = planner([u.length for u in local], self.cfg.learner.micro_batch_tokens)
         micro = [data.collate([local[j] for j in plan]) for plan in plans]
         if self.world > 1 and shard:
             count = torch.tensor([len(micro)])

@@ -66,7 +66,7 @@ def test_overrides_are_parsed_as_toml_values_and_type_checked() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["optim.lrr=1"], "unknown key 'optim.lrr' (allowed: betas, grad_clip, lr, warmup_steps, weight_decay)"),
+        (["optim.lrr=1"], "unknown key 'optim.lrr' (allowed: betas, fused, grad_clip, lr, warmup_steps, weight_decay)"),
         (["nosuch.key=1"], "unknown key 'nosuch'"),
         (["optim.lr=fast"], "optim.lr: Input should be a valid number"),
         (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
