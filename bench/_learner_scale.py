@@ -28,10 +28,12 @@ Counting (:func:`step_flops`): the model FLOPs a step needs, matrix products onl
   no-grad proximal and reference forwards are counted apart (``all passes``), and recomputation under
   activation checkpointing is not counted at all (it is hardware FLOPs, not model FLOPs).
 
-``6N`` is the same time under prime-rl's count (:func:`six_n_flops`: 6 x every parameter per token, so the head on
-every token, plus causal attention), which reproduces their published figures (Qwen3-0.6B on an H100: 11.9k tokens/s
-at 16k -> 11.1%, 10.15k at 64k -> 26.8%): the column to set beside their table. It is a little higher than ours for
-the same step, since the learner projects only the response tokens onto the vocabulary.
+``6N`` is the same time under prime-rl's count (:func:`six_n_flops`: 6 x the matrix weights per token, the head on
+every token, plus their attention term), which reproduces their published figures (Qwen3-0.6B on an H100: 11.9k
+tokens/s at 16k -> 11.1%, 10.15k at 64k -> 26.8%): the column to set beside their table. For Qwen3-0.6B it is a
+little higher than ours for the same step (the learner projects only response tokens onto the vocabulary); for
+R1-Distill it counts attention twice. Their tokens/s also divided by a whole loop iteration (weight broadcast
+included, ~0.76 s of a 2.75 s step at 16k), ours by ``train_step`` alone: at equal kernels ours reads higher.
 
 Norms, rotary embeddings, softmax and the loss are left out (well under 1% here). MFU divides by the card's
 dense bf16 peak (989 TFLOP/s for H100 and H200 SXM, from NVIDIA's data sheets; ``--peak-tflops`` elsewhere).
@@ -156,12 +158,16 @@ def step_flops(shape: Shape, rows: list[tuple[int, list[int]]], extra_forwards: 
     return {"forward": forward, "train": 3 * forward, "all_passes": (3 + extra_forwards) * forward}
 
 
-def six_n_flops(shape: Shape, params: int, row_lengths: list[int]) -> int:
-    """The FLOPs of a forward and backward as prime-rl's trainer bench counts them (torchtitan's formula with causal
-    attention): ``6 x all parameters + 6 x layers x heads x head_dim x row length`` per token. It counts the head
-    (and an untied model's embedding) as a product on every token; :func:`step_flops` counts what the learner runs."""
-    attention = 6 * shape.layers * shape.heads * shape.head_dim
-    return sum(length * (6 * params + attention * length) for length in row_lengths)
+def six_n_flops(shape: Shape, row_lengths: list[int]) -> int:
+    """The FLOPs of a forward and backward as prime-rl's trainer counted them for its published bench
+    (``prime_rl/trainer/perf.py`` at the commit that holds the baselines): per token ``6 N + 12 l h q t`` with N the
+    matrix weights (every layer's projections and the head once, no embedding), t the row length, and q taken as
+    ``hidden / heads`` rather than the model's head_dim. No causal halving, but for Qwen3-0.6B (head_dim 128, hidden /
+    heads 64) the two slips cancel and the attention term equals causal attention's; for R1-Distill (128 = 1536 / 12)
+    it is twice it. It counts the head on every token; :func:`step_flops` counts what the learner runs."""
+    matrices = shape.layers * shape.linear_params + shape.vocab * shape.hidden
+    attention = 12 * shape.layers * shape.heads * (shape.hidden // shape.heads)
+    return sum(length * (6 * matrices + attention * length) for length in row_lengths)
 
 
 def peak_tflops(device_name: str | None, override: float | None) -> float | None:
@@ -289,7 +295,7 @@ def measure(cfg: Any, rows: list[tuple[int, list[int]]], steps: int, peak_overri
     device_name = torch.cuda.get_device_name(learner.device) if cuda else None
     peak = peak_tflops(device_name, peak_override)
     params = sum(p.numel() for p in learner.policy.parameters())
-    flops_6n = six_n_flops(shape, params, [p + sum(r) for p, r in shared_rows])
+    flops_6n = six_n_flops(shape, [p + sum(r) for p, r in shared_rows])
     split = {k: sum(p.get(k, 0.0) for p in phases) / steps for k in {k for p in phases for k in p}}
     head = head_probe(learner, min(sum(shared_rows[0][1]), 16384))
     return {
