@@ -344,11 +344,14 @@ def head_probe(learner: Any, tokens: int, repeats: int = 3) -> dict[str, float]:
     targets = torch.randint(0, weight.shape[0], (tokens,), device=weight.device, generator=gen)
     chunk = learner.cfg.learner.logprob_chunk_tokens
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision if cuda else None
+    modern = hasattr(matmul, "fp32_precision")  # torch >= 2.9; before it, allow_tf32
+    before = (matmul.fp32_precision if modern else matmul.allow_tf32) if cuda else None
     out: dict[str, float] = {}
     for precision in ("ieee", "tf32") if cuda else ("ieee",):
-        if cuda:
+        if cuda and modern:
             matmul.fp32_precision = precision
+        elif cuda:
+            matmul.allow_tf32 = precision == "tf32"
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             if cuda:
@@ -360,8 +363,10 @@ def head_probe(learner: Any, tokens: int, repeats: int = 3) -> dict[str, float]:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         out["float32" if precision == "ieee" else "tf32"] = min(times[1:]) / tokens * 1000
-    if cuda:
+    if cuda and modern:
         matmul.fp32_precision = before
+    elif cuda:
+        matmul.allow_tf32 = before
     learner.optimizer.zero_grad(set_to_none=True)
     return out
 

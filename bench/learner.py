@@ -96,9 +96,10 @@ def scale_main(args: argparse.Namespace, machine: dict) -> int:
         results.append(r)
         print(scale.format_row(r), flush=True)
         print(scale.format_phases(r), flush=True)
-    machine["load_avg_1m_end"] = os.getloadavg()[0]
-    if args.json:
-        scale.dump(args.json, {"machine": machine, "overrides": args.set, "shrunk": args.shrink, "results": results})
+        if args.json:  # after every case: a run cut short keeps what it measured
+            machine["load_avg_1m_end"] = os.getloadavg()[0]
+            scale.dump(args.json, {"machine": machine, "overrides": args.set, "shrunk": args.shrink,
+                                   "results": results})
     return 0 if len(results) == len(jobs) else 1
 
 

@@ -461,13 +461,14 @@ class LearnerConfig(_Section):
     """Recompute activations in backward to save memory."""
     autocast: Literal["auto", "off", "bfloat16"] = "auto"
     """Mixed precision of forward/backward over fp32 master weights: ``auto`` is bf16 on CUDA, off on CPU."""
-    master_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    master_dtype: Literal["float32", "bfloat16"] = "float32"
     """Dtype of the policy's and the reference's parameters and of AdamW's state, whatever ``model.dtype`` is.
 
     float32 unless memory forces otherwise: an AdamW update is about ``optim.lr`` per weight, and at ProRL's 2e-6
     that is far below bf16's resolution (~1e-4 for a weight of 0.02), so bf16 parameters lose almost every update
     (measured: 4% of the tiny model's weights moved in a step). bfloat16 halves the parameters' and AdamW's memory
-    for runs whose updates are large enough to survive it."""
+    for runs whose updates are large enough to survive it. (No float16: AdamW's eps of 1e-8 is 0 there, and a zero
+    gradient gives 0 / 0.)"""
     num_threads: int = Field(0, ge=0)
     """CPU threads of the learner's torch ops; 0 uses every core this process may run on."""
     temperature_scaled_logprobs: bool = True

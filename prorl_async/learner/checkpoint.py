@@ -123,17 +123,23 @@ def _optimizer_tensors(learner: Learner) -> dict[str, torch.Tensor]:
 
 
 def _load_optimizer(learner: Learner, tensors: dict[str, torch.Tensor]) -> None:
+    """AdamW state back onto its parameters: moments in the parameter's dtype (a checkpoint of other master weights,
+    say bf16 ones, resumes) and place; the step count on the CPU, or beside the parameter for the fused kernel,
+    which reads it there (as torch's own ``Optimizer.load_state_dict`` arranges)."""
     learner.optimizer.state.clear()
+    fused = any(group.get("fused") or group.get("capturable") for group in learner.optimizer.param_groups)
     for name, p in learner.policy.lm.named_parameters():
         state: dict[str, torch.Tensor] = {}
         for key in sorted(k.rpartition("/")[2] for k in tensors if k.rpartition("/")[0] == name):
             value = tensors[f"{name}/{key}"]
-            if hasattr(p, "device_mesh") and value.shape == p.shape:  # a DTensor parameter: shard like it
+            if key == "step":
+                value = value.to(p.device if fused else "cpu")
+            elif hasattr(p, "device_mesh") and value.shape == p.shape:  # a DTensor parameter: shard like it
                 from torch.distributed.tensor import distribute_tensor
 
-                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-            elif value.dim() > 0:
-                value = value.to(p.device)
+                value = distribute_tensor(value.to(p.device_mesh.device_type, p.dtype), p.device_mesh, p.placements)
+            else:
+                value = value.to(p.device, p.dtype)
             state[key] = value
         if state:
             learner.optimizer.state[p] = state

@@ -47,13 +47,9 @@ def figures(version: int, stats: Any) -> dict[str, Any]:
 
 
 def snapshot(learner: Learner) -> list[tuple[str, Any]]:
-    """A copy of ``learner.weights()``; a tied weight comes under two names: one copy, so the sender aliases it."""
-    named = list(learner.weights())
-    copies: dict[int, Any] = {}
-    for _, tensor in named:
-        if id(tensor) not in copies:
-            copies[id(tensor)] = tensor.clone()
-    return [(name, copies[id(tensor)]) for name, tensor in named]
+    """A copy of ``learner.weights()`` (one copy, not two, when the generators' dtype differs from the master
+    weights'); a tied weight comes under two names as one tensor, so the sender aliases it."""
+    return list(learner.weights(copy=True))
 
 
 class WeightHandoff:

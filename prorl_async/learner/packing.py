@@ -246,7 +246,9 @@ def collate_packed(
     if block:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        mask = create_block_mask(allowed, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+        # Compiled on CUDA, it evaluates the rule tile by tile; uncompiled it would build the L x L mask first.
+        mask = create_block_mask(allowed, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device,
+                                 _compile=torch.device(device).type == "cuda")
     else:
         idx = torch.arange(length, device=device)
         mask = allowed(0, 0, idx[:, None], idx[None, :])[None, None]

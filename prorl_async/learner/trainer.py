@@ -237,7 +237,10 @@ class Learner:
             self.reference = self._load(Path(reference_dir) if reference_dir is not None else self.model_dir)
             self.reference.requires_grad_(False).eval()
         self.share_prompt = cfg.learner.share_prompt
-        if self.share_prompt and (why := packing_supported(self.policy.lm.config)) is not None:
+        why = packing_supported(self.policy.lm.config)
+        if cfg.learner.attention == "flex_attention" and why is not None:
+            raise UserError(f"learner.attention = 'flex_attention' packs rows under a custom mask, but {why}")
+        if self.share_prompt and why is not None:
             warnings.warn(f"learner.share_prompt is on but {why}: every sample gets its own row", stacklevel=2)
             self.share_prompt = False
         self.pack_rows: str | None = "block" if cfg.learner.attention == "flex_attention" else None
@@ -342,7 +345,7 @@ class Learner:
         plateau trigger."""
         self.reset_policy.observe_validation(self.policy_version if step is None else step, reward)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(Hugging Face name, tensor) of every policy parameter, as vLLM's ``load_weights`` expects.
 
         A tied head appears under both names (``model.embed_tokens.weight`` and ``lm_head.weight``): vLLM's
@@ -350,14 +353,24 @@ class Learner:
         own name is in the stream (without it, log-probs after a reload were off by ~0.2). The tensors are
         the live parameters, detached (gathered in full under FSDP, a collective every rank must join), or
         their copies in ``model.dtype`` when the master weights (``learner.master_dtype``) differ from it:
-        copy them, don't modify them.
+        don't modify them. ``copy``: never the live parameters (a cast or a gather is already a copy; the
+        rest are cloned), for a snapshot that outlives the next step.
         """
         dtype = getattr(torch, self.cfg.model.dtype)
-        gathered: dict[int, torch.Tensor] = {}
-        for name, p in self.policy.lm.named_parameters(remove_duplicate=False):
-            if id(p) not in gathered:
-                gathered[id(p)] = _full(p.detach()).to(dtype)
-            yield name, gathered[id(p)]
+        named = list(self.policy.lm.named_parameters(remove_duplicate=False))
+        seen = [id(p) for _, p in named]
+        tied: dict[int, torch.Tensor] = {}  # only what comes again under another name is kept
+        for name, p in named:
+            if id(p) in tied:
+                yield name, tied[id(p)]
+                continue
+            live = p.detach()
+            out = _full(live.to(dtype))  # cast before the gather: half the traffic for bf16 generators
+            if copy and out.data_ptr() == live.data_ptr():
+                out = out.clone()
+            if seen.count(id(p)) > 1:
+                tied[id(p)] = out
+            yield name, out
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         """Write policy (HF layout), reference, optimizer, version and RNG states into ``directory``."""

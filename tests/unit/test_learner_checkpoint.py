@@ -67,3 +67,31 @@ def test_checkpoint_layout_and_transformers_load(tiny_model_dir, tmp_path):
     assert reference.keys() == initial.keys() and all(torch.equal(reference[k], initial[k]) for k in initial)
     moments = load_file(ckpt / "optimizer.safetensors")
     assert "model.norm.weight/exp_avg" in moments and "model.norm.weight/step" in moments
+
+
+def test_a_bf16_checkpoint_resumes_with_float32_master_weights(tiny_model_dir, tmp_path):
+    """Checkpoints of configs/prorl-1.5b.toml written before ``learner.master_dtype`` hold bf16 weights and AdamW
+    state; resumed with float32 master weights, the state takes the parameters' dtype (as torch's own
+    ``Optimizer.load_state_dict`` does), and the step's count where the parameter lives."""
+    old = Learner(tiny_config(learner={"master_dtype": "bfloat16"}))
+    old.train_step(random_batch(seed=25))
+    old.save_checkpoint(tmp_path / "ckpt")
+    resumed = Learner.load_checkpoint(tmp_path / "ckpt", tiny_config())
+    for p in resumed.policy.parameters():
+        state = resumed.optimizer.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == p.dtype == torch.float32
+        assert state["step"].device == torch.device("cpu") or state["step"].device == p.device
+    assert resumed.train_step(random_batch(seed=26)).grad_norm > 0
+
+
+def test_the_weights_handed_to_generators_are_copies_only_where_needed(tiny_model_dir):
+    learner = Learner(tiny_config())
+    params = dict(learner.policy.lm.named_parameters())
+    live = dict(learner.weights())
+    assert all(live[n].data_ptr() == p.data_ptr() for n, p in params.items())
+    copies = dict(learner.weights(copy=True))
+    assert all(copies[n].data_ptr() != p.data_ptr() for n, p in params.items())
+    assert copies["lm_head.weight"] is copies["model.embed_tokens.weight"]
+    bf16 = Learner(tiny_config(model={"dtype": "bfloat16"}))
+    cast = dict(bf16.weights(copy=True))  # the cast is the copy: no second one
+    assert all(t.dtype == torch.bfloat16 for t in cast.values())

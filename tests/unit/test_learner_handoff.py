@@ -73,9 +73,10 @@ class FakeLearner:
         self.log.add("train_end", version)
         return FakeStep(version, self.step_s)
 
-    def weights(self):
-        yield "model.embed_tokens.weight", self.w
-        yield "lm_head.weight", self.w
+    def weights(self, copy=False):  # as Learner.weights: a tied weight is one tensor under two names
+        w = self.w.clone() if copy else self.w
+        yield "model.embed_tokens.weight", w
+        yield "lm_head.weight", w
 
 
 @dataclass
