@@ -211,8 +211,10 @@ class LeadingLearner:
     def train_step(self, batch: GroupBatch) -> StepMetrics:
         return self._run(Command.TRAIN, {"batch": pack_batch(batch)}, lambda: self.learner.train_step(batch))
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self._run(Command.WEIGHTS, {}, lambda: list(self.learner.weights())))
+    def weights(self, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """``Learner.weights`` on every rank (the FSDP gathers are collectives); the followers' own copies are
+        dropped as they come."""
+        return iter(self._run(Command.WEIGHTS, {}, lambda: list(self.learner.weights(copy=copy))))
 
     def save_checkpoint(self, directory: str | Path) -> Path:
         return self._run(Command.SAVE, {"path": str(directory)}, lambda: self.learner.save_checkpoint(directory))
