@@ -116,6 +116,45 @@ def plan_units(
     return units
 
 
+@dataclass
+class _LaidOut:
+    """One unit as a run of tokens: its prompt, then each response (see the module doc)."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor  # prompt 0..p-1, every response p..p+n-1
+    segment: torch.Tensor  # 0 for the prompt, j + 1 for response j
+    gather: torch.Tensor  # indices into the run of the positions predicting each response token
+    samples: tuple[int, ...]
+    resp_lens: list[int]
+
+
+def _lay_out(unit: Unit, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> _LaidOut:
+    prompt = prompts[unit.samples[0]]
+    p = len(prompt)
+    resps = [responses[i] for i in unit.samples]
+    lens = [len(r) for r in resps]
+    gather: list[torch.Tensor] = []
+    offset = p
+    for n in lens:
+        # Token 0 is predicted by the prompt's last position, token t by the response's position t - 1.
+        gather += [torch.tensor([p - 1]), torch.arange(offset, offset + n - 1)]
+        offset += n
+    return _LaidOut(
+        tokens=torch.cat([prompt, *resps]),
+        positions=torch.cat([torch.arange(p), *(torch.arange(p, p + n) for n in lens)]),
+        segment=torch.cat([torch.zeros(p, dtype=torch.long), *(torch.full((n,), j + 1) for j, n in enumerate(lens))]),
+        gather=torch.cat(gather),
+        samples=unit.samples,
+        resp_lens=lens,
+    )
+
+
+def _response_mask(laid: Sequence[_LaidOut]) -> torch.Tensor:
+    """(R, Tr) bool: True at each sample's response tokens, samples in the units' order."""
+    lens = torch.tensor([n for x in laid for n in x.resp_lens])
+    return torch.arange(int(lens.max()))[None, :] < lens[:, None]
+
+
 def collate(
     units: Sequence[Unit],
     prompts: Sequence[torch.Tensor],
@@ -128,34 +167,16 @@ def collate(
     ``prompts[i]`` and ``responses[i]`` are sample i's (a group's samples may hold the same prompt tensor).
     """
     width = max(u.length for u in units)
+    laid = [_lay_out(u, prompts, responses) for u in units]
     input_ids = torch.zeros(len(units), width, dtype=torch.long)
     segment = torch.full((len(units), width), -1, dtype=torch.long)  # 0 prompt, j + 1 response j, -1 padding
     positions = torch.zeros(len(units), width, dtype=torch.long)
-    gather: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    rows: list[int] = []
-    resp_lens: list[int] = []
-    for r, unit in enumerate(units):
-        prompt = prompts[unit.samples[0]]
-        p = len(prompt)
-        base = r * width
-        input_ids[r, :p] = prompt
-        segment[r, :p] = 0
-        positions[r, :p] = torch.arange(p)
-        offset = p
-        for j, i in enumerate(unit.samples):
-            resp = responses[i]
-            n = len(resp)
-            input_ids[r, offset : offset + n] = resp
-            segment[r, offset : offset + n] = j + 1
-            positions[r, offset : offset + n] = torch.arange(p, p + n)
-            # Token 0 is predicted by the prompt's last position, token t by the response's position t - 1.
-            gather += [torch.tensor([base + p - 1]), torch.arange(base + offset, base + offset + n - 1)]
-            targets.append(resp)
-            rows.append(i)
-            resp_lens.append(n)
-            offset += n
-    resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
+    for r, x in enumerate(laid):
+        length = len(x.tokens)
+        input_ids[r, :length] = x.tokens
+        segment[r, :length] = x.segment
+        positions[r, :length] = x.positions
+    rows = [i for x in laid for i in x.samples]
     if any(len(u.samples) > 1 for u in units):
         # Built where it is used: (U, L, L) is 0.6 GB at a 25k-token row, 3 s of two CPU cores and a host copy.
         attention: torch.Tensor | None = block_attention_mask(segment.to(device))
@@ -168,9 +189,9 @@ def collate(
         input_ids=input_ids.to(device),
         attention_mask=None if attention is None else attention.to(device),
         position_ids=position_ids,
-        gather=torch.cat(gather).to(device),
-        targets=torch.cat(targets).to(device),
-        resp_mask=resp_mask.to(device),
+        gather=torch.cat([x.gather + r * width for r, x in enumerate(laid)]).to(device),
+        targets=torch.cat([responses[i] for i in rows]).to(device),
+        resp_mask=_response_mask(laid).to(device),
         weight=weight,
         units=len(units),
     )
@@ -207,42 +228,19 @@ def collate_packed(
     """``units`` back to back in one row (the module doc's packed rows) under a FlexAttention block mask, or with
     ``block`` off the same mask dense, (1, 1, L, L) bool, which sdpa and eager attention take (at the row's square
     cost: for tests and short rows)."""
-    tokens: list[torch.Tensor] = []
-    segment: list[torch.Tensor] = []
-    prompt_of: list[torch.Tensor] = []
-    positions: list[torch.Tensor] = []
-    gather: list[torch.Tensor] = []
-    rows: list[int] = []
-    resp_lens: list[int] = []
-    offset = seg = 0
-    for unit in units:
-        prompt = prompts[unit.samples[0]]
-        p, head = len(prompt), seg
-        tokens.append(prompt)
-        segment.append(torch.full((p,), head))
-        prompt_of.append(torch.full((p,), head))
-        positions.append(torch.arange(p))
-        start = offset + p
-        for i in unit.samples:
-            resp = responses[i]
-            n = len(resp)
-            seg += 1
-            tokens.append(resp)
-            segment.append(torch.full((n,), seg))
-            prompt_of.append(torch.full((n,), head))
-            positions.append(torch.arange(p, p + n))
-            gather += [torch.tensor([offset + p - 1]), torch.arange(start, start + n - 1)]
-            rows.append(i)
-            resp_lens.append(n)
-            start += n
-        offset, seg = start, seg + 1
-    segment_ids = torch.cat(segment).to(device)
-    prompt_ids = torch.cat(prompt_of).to(device)
+    laid = [_lay_out(u, prompts, responses) for u in units]
+    starts = [0]
+    heads = [0]  # the segment number of each unit's prompt: units' segments are numbered on, row-wide
+    for x in laid:
+        starts.append(starts[-1] + len(x.tokens))
+        heads.append(heads[-1] + len(x.resp_lens) + 1)
+    segment_ids = torch.cat([x.segment + h for x, h in zip(laid, heads, strict=False)]).to(device)
+    prompt_ids = torch.cat([torch.full((len(x.tokens),), h) for x, h in zip(laid, heads, strict=False)]).to(device)
 
     def allowed(b, h, q, k):  # FlexAttention's mask_mod: batch, head, query, key indices
         return (k <= q) & ((segment_ids[k] == segment_ids[q]) | (segment_ids[k] == prompt_ids[q]))
 
-    length = offset
+    length = starts[-1]
     if block:
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -252,15 +250,15 @@ def collate_packed(
     else:
         idx = torch.arange(length, device=device)
         mask = allowed(0, 0, idx[:, None], idx[None, :])[None, None]
-    resp_mask = torch.arange(max(resp_lens))[None, :] < torch.tensor(resp_lens)[:, None]
+    rows = [i for x in laid for i in x.samples]
     return MicroBatch(
         rows=rows,
-        input_ids=torch.cat(tokens)[None].to(device),
+        input_ids=torch.cat([x.tokens for x in laid])[None].to(device),
         attention_mask=mask,
-        position_ids=torch.cat(positions)[None].to(device),
-        gather=torch.cat(gather).to(device),
+        position_ids=torch.cat([x.positions for x in laid])[None].to(device),
+        gather=torch.cat([x.gather + s for x, s in zip(laid, starts, strict=False)]).to(device),
         targets=torch.cat([responses[i] for i in rows]).to(device),
-        resp_mask=resp_mask.to(device),
+        resp_mask=_response_mask(laid).to(device),
         weight=weight,
         units=len(units),
     )

@@ -45,8 +45,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -358,7 +358,7 @@ class Learner:
         """
         dtype = getattr(torch, self.cfg.model.dtype)
         named = list(self.policy.lm.named_parameters(remove_duplicate=False))
-        seen = [id(p) for _, p in named]
+        repeated = {k for k, count in Counter(id(p) for _, p in named).items() if count > 1}
         tied: dict[int, torch.Tensor] = {}  # only what comes again under another name is kept
         for name, p in named:
             if id(p) in tied:
@@ -368,7 +368,7 @@ class Learner:
             out = _full(live.to(dtype))  # cast before the gather: half the traffic for bf16 generators
             if copy and out.data_ptr() == live.data_ptr():
                 out = out.clone()
-            if seen.count(id(p)) > 1:
+            if id(p) in repeated:
                 tied[id(p)] = out
             yield name, out
 
@@ -547,7 +547,7 @@ class _Prepared:
         # (G * n,) float32, the advantages' input the loss tests pin (group_advantage computes in float64 anyway)
         self.rewards = batch.rewards.reshape(-1).to(torch.float32)
         loss = cfg.loss
-        with phases("advantage") if phases is not None else nullcontext():
+        with (phases or PhaseTimes(device))("advantage"):
             adv = group_advantage(self.rewards, n, loss.advantage_eps, loss.advantage_std_normalize)
             self.advantages = adv.to(device)
         self.units = plan_units(batch.prompt_lens.tolist(), self.resp_lens, share=share_prompt,
